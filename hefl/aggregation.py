@@ -1,0 +1,167 @@
+"""The aggregation seam: how client deltas become one averaged delta.
+
+An aggregator has three halves, one per party, so that plaintext and encrypted aggregation differ
+only in which aggregator is plugged in:
+
+    client:      payload   = agg.encode(client_id, delta, weight)    # e.g. encrypt weight*delta
+    server:      aggregate = agg.aggregate({client_id: payload})     # e.g. add ciphertexts
+    key holder:  mean, total_weight = agg.decode(aggregate)          # e.g. decrypt and divide
+
+``aggregate`` validates every payload and leaves out (with the reason) those that fail, so one bad
+client never stops the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from hefl.errors import RoundError, UpdateRejected
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What the server holds after summing contributions.
+
+    Attributes:
+        payload: the summed (possibly encrypted) weighted delta and weight.
+        contributors: ids whose payloads were summed.
+        rejected: id -> reason, for payloads left out.
+    """
+
+    payload: Any
+    contributors: tuple[Hashable, ...]
+    rejected: Mapping[Hashable, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.contributors)
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """Client / server / key-holder halves of secure or plain aggregation."""
+
+    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> Any:
+        """Client side: turn a delta and its weight into what is sent to the server."""
+        ...
+
+    def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
+        """Server side: validate and sum payloads; never needs a secret."""
+        ...
+
+    def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
+        """Key-holder side: the weighted mean delta and the total weight."""
+        ...
+
+    def nbytes(self, payload: Any) -> int:
+        """Bytes one client uploads for this payload (its serialized size)."""
+        ...
+
+
+def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: float) -> np.ndarray:
+    """Validate one client's delta and weight; return the delta as float64.
+
+    Raises:
+        UpdateRejected: wrong shape, NaN/Inf, or a negative/non-finite weight.
+    """
+    d = np.asarray(delta)
+    if d.ndim != 1 or d.shape[0] != size:
+        raise UpdateRejected(
+            f"update has shape {d.shape}, expected ({size},); it was made for another model",
+            client_id=client_id,
+            stage="aggregate",
+        )
+    if not np.issubdtype(d.dtype, np.floating):
+        raise UpdateRejected(
+            f"update has dtype {d.dtype}, expected floating point", client_id=client_id,
+            stage="aggregate",
+        )
+    if not np.isfinite(d).all():
+        bad = int((~np.isfinite(d)).sum())
+        raise UpdateRejected(
+            f"update contains {bad} NaN/Inf values; lower the client learning rate or clip",
+            client_id=client_id,
+            stage="aggregate",
+        )
+    if not (np.isfinite(weight) and weight >= 0):
+        raise UpdateRejected(
+            f"weight {weight!r} is not a finite non-negative number", client_id=client_id,
+            stage="aggregate",
+        )
+    return d.astype(np.float64, copy=False)
+
+
+@dataclass(frozen=True)
+class PlainPayload:
+    """A plaintext contribution: the weighted delta and its weight."""
+
+    weighted_delta: np.ndarray
+    weight: float
+
+
+class PlainAggregator:
+    """Weighted mean in the clear (the server sees each update).
+
+    Example:
+        >>> import numpy as np
+        >>> agg = PlainAggregator(size=3)
+        >>> p = {c: agg.encode(c, np.asarray(v, float), 2.0) for c, v in
+        ...      {1: [1.5, 1.5, 1.5], 2: [5.5, 5.5, 5.5]}.items()}
+        >>> mean, w = agg.decode(agg.aggregate(p))
+        >>> mean.tolist(), w
+        ([3.5, 3.5, 3.5], 4.0)
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> PlainPayload:
+        d = check_update(client_id, delta, self.size, weight)
+        return PlainPayload(d * weight, float(weight))
+
+    def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
+        total = np.zeros(self.size)
+        weight = 0.0
+        ok: list[Hashable] = []
+        rejected: dict[Hashable, str] = {}
+        for cid, p in payloads.items():
+            try:
+                if not isinstance(p, PlainPayload):
+                    raise UpdateRejected(
+                        f"expected a plaintext payload, got {type(p).__name__}",
+                        client_id=cid, stage="aggregate",
+                    )
+                d = check_update(cid, p.weighted_delta, self.size, p.weight)
+            except UpdateRejected as e:
+                rejected[cid] = e.reason
+                continue
+            total += d
+            weight += p.weight
+            ok.append(cid)
+        return Aggregate(PlainPayload(total, weight), tuple(ok), rejected)
+
+    def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
+        p = aggregate.payload
+        return mean_from_sum(p.weighted_delta, p.weight, aggregate.count)
+
+    def nbytes(self, payload: Any) -> int:
+        """float32 on the wire, plus the weight."""
+        return int(payload.weighted_delta.size) * 4 + 8
+
+
+def mean_from_sum(weighted_sum: np.ndarray, weight: float, count: int) -> tuple[np.ndarray, float]:
+    """Divide a weighted sum by its total weight.
+
+    Raises:
+        RoundError: no contributor, or total weight 0 (nothing to average).
+    """
+    if count == 0 or weight <= 0:
+        raise RoundError(
+            f"no usable client updates this round ({count} contributors, total weight {weight}); "
+            "sample more clients per round or check why updates were rejected"
+        )
+    return np.asarray(weighted_sum, dtype=np.float64) / weight, float(weight)

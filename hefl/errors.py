@@ -1,0 +1,76 @@
+"""One exception tree for hefl.
+
+    HeflError                      base of everything hefl raises on purpose
+    ├── ConfigError                a setting is invalid (unknown algorithm, bad rate, ...)
+    ├── DataError                  a data set cannot be found, read or split
+    ├── ParamsError                parameters do not match the model's ParamSpec
+    ├── ClientError                one client's contribution was refused (carries id and stage)
+    │   └── UpdateRejected         its update failed validation (NaN/Inf, wrong size, ...)
+    ├── RoundError                 a round could not complete (e.g. no participating clients)
+    ├── CryptoError                encryption, decryption or key handling failed
+    │   ├── ContextMismatch        a ciphertext was made under another context or key
+    │   └── KeyCustodyError        an operation needs a key this party must not hold
+    └── TransportError             a message could not be sent, received or parsed
+
+Every message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class HeflError(Exception):
+    """Base class of every error hefl raises on purpose."""
+
+
+class ConfigError(HeflError, ValueError):
+    """A setting is invalid."""
+
+
+class DataError(HeflError):
+    """A data set cannot be found, read or split."""
+
+
+class ParamsError(HeflError, ValueError):
+    """Parameters do not match the expected ParamSpec."""
+
+
+class ClientError(HeflError):
+    """One client's contribution was refused.
+
+    Attributes:
+        client_id: the client concerned.
+        stage: the round stage where it failed ("fit", "encode", "aggregate", ...).
+    """
+
+    def __init__(self, message: str, *, client_id: object = None, stage: str = "") -> None:
+        prefix = f"client {client_id!r}" if client_id is not None else "client"
+        if stage:
+            prefix += f" at stage {stage!r}"
+        super().__init__(f"{prefix}: {message}")
+        self.client_id = client_id
+        self.stage = stage
+        self.reason = message
+
+
+class UpdateRejected(ClientError):
+    """A client's update failed validation and was left out of the aggregate."""
+
+
+class RoundError(HeflError):
+    """A round could not complete."""
+
+
+class CryptoError(HeflError):
+    """Encryption, decryption or key handling failed."""
+
+
+class ContextMismatch(CryptoError):
+    """A ciphertext was made under another context, key or parameter set."""
+
+
+class KeyCustodyError(CryptoError):
+    """An operation needs a key that this party must not hold."""
+
+
+class TransportError(HeflError):
+    """A message could not be sent, received or parsed."""

@@ -1,0 +1,6 @@
+"""Model adapters: local training, evaluation and flat-vector get/set."""
+
+from hefl.models.linear import LogisticRegressionModel
+from hefl.models.torch import TorchModel
+
+__all__ = ["LogisticRegressionModel", "TorchModel"]

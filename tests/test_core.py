@@ -1,0 +1,160 @@
+"""Core contracts: flat vectors, the textbook FedAvg example, algorithms, partitions."""
+
+import numpy as np
+import pytest
+
+import hefl
+from hefl.aggregation import PlainAggregator
+from hefl.algorithms import make_algorithm
+from hefl.data import dirichlet, iid
+from hefl.errors import ConfigError, ParamsError, RoundError
+from hefl.params import ParamSpec
+
+
+class MeanClient:
+    """Flower-style user client: its local model is the mean of its data."""
+
+    def __init__(self, data):
+        self.data = np.asarray(data, float)
+
+    def fit(self, params, config):
+        return np.array([self.data.mean()]), len(self.data), {}
+
+    def evaluate(self, params, config):
+        return float(((self.data - params[0]) ** 2).mean()), len(self.data), {}
+
+
+def test_textbook_fedavg_three_devices():
+    clients = {0: MeanClient([1, 2]), 1: MeanClient([3, 4]), 2: MeanClient([5, 6])}
+    res = hefl.run(clients, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=3)
+    # local means 1.5, 3.5, 5.5 -> (1.5*2 + 3.5*2 + 5.5*2) / 6 = 3.5 = mean of all data
+    assert res.params[0] == pytest.approx(3.5)
+    assert res.history.records[0].contributors == 3
+
+
+def test_weighted_by_sample_count():
+    clients = {"a": MeanClient([0.0]), "b": MeanClient([3.0, 3.0, 3.0])}
+    res = hefl.run(clients, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=2)
+    assert res.params[0] == pytest.approx(9.0 / 4)
+
+
+def test_params_round_trip_exact_and_sum_contract():
+    rng = np.random.default_rng(0)
+    a = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    b = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    spec = ParamSpec.of(a)
+    back = spec.unflatten(spec.flatten(a))
+    for k in a:
+        assert back[k].dtype == a[k].dtype and np.array_equal(back[k], a[k])
+    summed = spec.unflatten(spec.flatten(a) + spec.flatten(b))
+    for k in a:
+        np.testing.assert_allclose(summed[k], a[k] + b[k], rtol=1e-6)
+
+
+def test_params_shape_mismatch_is_clear():
+    spec = ParamSpec.of({"w": np.zeros((2, 2))})
+    with pytest.raises(ParamsError, match="shape"):
+        spec.flatten({"w": np.zeros((3, 2))})
+    with pytest.raises(ParamsError, match="missing"):
+        spec.flatten({"v": np.zeros((2, 2))})
+    with pytest.raises(ParamsError, match="expected \\(4,\\)"):
+        spec.unflatten(np.zeros(5))
+
+
+def test_nan_update_rejected_round_goes_on():
+    class Bad(MeanClient):
+        def fit(self, params, config):
+            return np.array([np.nan]), 2, {}
+
+    clients = {0: MeanClient([1, 2]), 1: Bad([0, 0]), 2: MeanClient([5, 6])}
+    res = hefl.run(clients, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=3)
+    rec = res.history.records[0]
+    assert res.params[0] == pytest.approx(3.5)
+    assert rec.contributors == 2 and "NaN" in rec.rejected["1"]
+
+
+def test_wrong_shape_and_raising_client_rejected():
+    class WrongShape(MeanClient):
+        def fit(self, params, config):
+            return np.zeros(3), 2, {}
+
+    class Crashes(MeanClient):
+        def fit(self, params, config):
+            raise RuntimeError("disk full")
+
+    clients = {0: MeanClient([1, 2]), 1: WrongShape([0]), 2: Crashes([0])}
+    res = hefl.run(clients, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=3)
+    rec = res.history.records[0]
+    assert res.params[0] == pytest.approx(1.5)
+    assert "shape" in rec.rejected["1"] and "disk full" in rec.rejected["2"]
+
+
+def test_round_with_no_usable_update_keeps_model():
+    class Empty(MeanClient):
+        def fit(self, params, config):
+            return params, 0, {}
+
+    res = hefl.run({0: Empty([])}, np.ones(1), hefl.fedavg(), rounds=2, clients_per_round=1)
+    assert res.params[0] == 1.0
+    assert all(r.skipped for r in res.history)
+
+
+def test_zero_clients_per_round_and_no_clients_are_config_errors():
+    with pytest.raises(ConfigError, match="clients per round"):
+        hefl.run({0: MeanClient([1])}, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=0)
+    with pytest.raises(ConfigError, match="no clients"):
+        hefl.run({}, np.zeros(1), hefl.fedavg(), rounds=1, clients_per_round=1)
+
+
+def test_mean_from_empty_aggregate_raises():
+    agg = PlainAggregator(2)
+    with pytest.raises(RoundError, match="no usable"):
+        agg.decode(agg.aggregate({}))
+
+
+def test_unknown_algorithm_lists_choices():
+    with pytest.raises(ConfigError, match="fedadam"):
+        make_algorithm("fedsgdx")
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_move_towards_delta(name):
+    algo = make_algorithm(name, server_lr=0.1)
+    p = np.zeros(4)
+    state = algo.server.init(p)
+    delta = np.array([1.0, -1.0, 0.5, 0.0])
+    new, state = algo.server.apply(p, delta, state)
+    assert np.all(np.sign(new) == np.sign(delta))
+
+
+def test_fedadam_matches_reddi_update():
+    algo = hefl.fedadam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    p = np.array([1.0])
+    s = algo.server.init(p)
+    new, (m, v) = algo.server.apply(p, np.array([2.0]), s)
+    m_ref = 0.1 * 2.0
+    v_ref = 0.99 * 1e-6 + 0.01 * 4.0
+    assert m[0] == pytest.approx(m_ref) and v[0] == pytest.approx(v_ref)
+    assert new[0] == pytest.approx(1.0 + 0.1 * m_ref / (np.sqrt(v_ref) + 1e-3))
+
+
+def test_dirichlet_is_w1_procedure_and_deterministic():
+    y = np.repeat(np.arange(10), 50)
+    parts = dirichlet(y, 20, 0.5, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(500))
+    again = dirichlet(y, 20, 0.5, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    # first class, first client: the hand-written W1 steps
+    rng = np.random.default_rng(0)
+    idx = np.flatnonzero(y == 0)
+    rng.shuffle(idx)
+    p = rng.dirichlet(0.5 * np.ones(20))
+    first = np.split(idx, (np.cumsum(p) * len(idx)).astype(int)[:-1])[0]
+    assert np.array_equal(parts[0][: len(first)], first)
+
+
+def test_iid_partition_covers_all():
+    parts = iid(103, 10, seed=1)
+    assert sum(map(len, parts)) == 103 and max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ConfigError):
+        iid(10, 0)
