@@ -61,6 +61,14 @@ class Aggregator(Protocol):
         """Bytes one client uploads for this payload (its serialized size)."""
         ...
 
+    def dumps(self, payload: Any) -> bytes:
+        """Serialize a payload for the wire (never pickle)."""
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """Parse wire bytes; raises ``UpdateRejected`` for anything malformed."""
+        ...
+
 
 def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: float) -> np.ndarray:
     """Validate one client's delta and weight; return the delta as float64.
@@ -151,6 +159,24 @@ class PlainAggregator:
     def nbytes(self, payload: Any) -> int:
         """float32 on the wire, plus the weight."""
         return int(payload.weighted_delta.size) * 4 + 8
+
+    def dumps(self, payload: PlainPayload) -> bytes:
+        """Little-endian float64 weight, then the weighted delta as float32."""
+        head = np.float64(payload.weight).astype("<f8").tobytes()
+        return head + np.asarray(payload.weighted_delta, "<f4").tobytes()
+
+    def loads(self, data: bytes) -> PlainPayload:
+        expected = 8 + 4 * self.size
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != expected:
+            got = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else type(data)
+            raise UpdateRejected(
+                f"plaintext payload has {got} bytes, expected {expected} for {self.size} "
+                "parameters; it was truncated, padded, or made for another model",
+                stage="decode",
+            )
+        weight = float(np.frombuffer(data[:8], "<f8")[0])
+        delta = np.frombuffer(data[8:], "<f4").astype(np.float64)
+        return PlainPayload(delta, weight)
 
 
 def mean_from_sum(weighted_sum: np.ndarray, weight: float, count: int) -> tuple[np.ndarray, float]:

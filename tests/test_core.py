@@ -158,3 +158,15 @@ def test_iid_partition_covers_all():
     assert sum(map(len, parts)) == 103 and max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ConfigError):
         iid(10, 0)
+
+
+def test_plain_payload_wire_round_trip_and_truncation():
+    from hefl.errors import UpdateRejected
+
+    agg = PlainAggregator(5)
+    p = agg.encode("c", np.arange(5.0), 2.0)
+    back = agg.loads(agg.dumps(p))
+    assert back.weight == 2.0 and np.allclose(back.weighted_delta, p.weighted_delta)
+    assert len(agg.dumps(p)) == agg.nbytes(p)
+    with pytest.raises(UpdateRejected, match="truncated"):
+        agg.loads(agg.dumps(p)[:-3])
