@@ -103,19 +103,44 @@ def test_each_client_result_matches_and_empty_client_reports_zero():
         assert vec[cid].metrics["loss"] == pytest.approx(seq[cid].metrics["loss"], rel=1e-5)
 
 
-def test_sequence_model_with_padding_tokens_ignored():
-    """Next-token model (3-D logits) with ignore_index=0: padded tokens and padded rows both
-    contribute nothing, the mean is over real tokens, like TorchModel."""
+class _NextToken(torch.nn.Module):
+    """A small next-token model with 3-D logits (batch, seq, vocab), vmap-friendly."""
+
+    def __init__(self, vocab: int = 12) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 5)
+        self.head = torch.nn.Linear(5, vocab)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+def _tokens() -> FederatedData:
     rng = np.random.default_rng(0)
     x = rng.integers(1, 12, size=(23, 7))
     y = rng.integers(1, 12, size=(23, 7))
     y[:, 5:] = 0  # padding at the end of every sequence
-    y[3] = 0  # one sequence with no real token at all... in a batch with real ones
-    data = FederatedData.from_indices(x, y, [range(0, 9), range(9, 23)])
-    model = TorchModel(lambda: CharLSTM(12, embed=4, hidden=8, layers=1), seed=0, ignore_index=0)
+    y[3] = 0  # one sequence with no real token, in a batch with real ones
+    return FederatedData.from_indices(x, y, [range(0, 9), range(9, 23)])
+
+
+def test_sequence_model_with_padding_tokens_ignored():
+    """3-D logits with ignore_index=0: padded tokens and padded rows both contribute nothing,
+    the mean is over the batch's real tokens, like TorchModel."""
+    model = TorchModel(_NextToken, seed=0, ignore_index=0)
     algo = fedavg(client_lr=0.5, batch_size=4)
-    seq, vec = _both(model, data, algo, rounds=2, per_round=2)
+    seq, vec = _both(model, _tokens(), algo, rounds=2, per_round=2)
     assert np.abs(seq.params - vec.params).max() < ATOL
+
+
+def test_lstm_falls_back_because_vmap_would_loop(monkeypatch):
+    lstm = TorchModel(lambda: CharLSTM(12, embed=4, hidden=8, layers=1), ignore_index=0)
+    with pytest.warns(RuntimeWarning, match="no vmap batching rule"):
+        assert isinstance(make_runner(lstm, _tokens(), "vectorized"), SequentialRunner)
+    # the probe step finds ops without a batching rule even when the static check does not
+    monkeypatch.setattr("hefl.backends.vectorized.cannot_vectorize", lambda m: None)
+    with pytest.raises(ConfigError, match="batching rule"):
+        VectorizedRunner(lstm, _tokens())
 
 
 def test_unvectorizable_models_fall_back_with_a_warning():
