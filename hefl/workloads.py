@@ -96,6 +96,7 @@ def femnist(
     client_lr: float = 0.06,
     batch_size: int = 20,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Workload:
     """W2: LEAF FEMNIST, one client per writer, the LEAF/TFF CNN (``zoo.femnist_cnn``), 10 writers
     per round, 1 local epoch, batch 20, SGD lr 0.06, FedAvg (Caldas et al., "LEAF: A Benchmark
@@ -104,6 +105,7 @@ def femnist(
     Args:
         path: the FEMNIST data (see ``hefl.data.load_femnist``), e.g.
             ``../shared/data/femnist_leaf``.
+        device: where the model adapter trains and evaluates (``"cpu"``, ``"cuda"``).
 
     Example:
         >>> w = femnist("../shared/data/femnist_leaf")  # doctest: +SKIP
@@ -117,7 +119,7 @@ def femnist(
     data = load_femnist(path)
     return Workload(
         name="femnist",
-        model=TorchModel(femnist_cnn, seed=seed),
+        model=TorchModel(femnist_cnn, seed=seed, device=device),
         data=data,
         test=_pooled_test(data),
         client_lr=client_lr,
@@ -137,6 +139,7 @@ def shakespeare(
     seq_len: int = 80,
     seed: int = 0,
     test_limit: int | None = None,
+    device: str = "cpu",
 ) -> Workload:
     """W3: TFF Shakespeare, one client per speaking role, next-character prediction over
     sequences of 80, ``zoo.CharLSTM`` (embedding 8, 2-layer LSTM 256), padding (id 0) left out of
@@ -149,6 +152,7 @@ def shakespeare(
             ``../shared/data/shakespeare_tff``.
         test_limit: evaluate on the first ``test_limit`` test sequences only (the full set is
             4,606 sequences of 80 characters: seconds per evaluation on a CPU).
+        device: where the model adapter trains and evaluates (``"cpu"``, ``"cuda"``).
 
     Example:
         >>> w = shakespeare("../shared/data/shakespeare_tff")  # doctest: +SKIP
@@ -166,7 +170,9 @@ def shakespeare(
     data = load_shakespeare(path, seq_len=seq_len)
     return Workload(
         name="shakespeare",
-        model=TorchModel(partial(CharLSTM, SHAKESPEARE_VOCAB), seed=seed, ignore_index=PAD),
+        model=TorchModel(
+            partial(CharLSTM, SHAKESPEARE_VOCAB), seed=seed, ignore_index=PAD, device=device
+        ),
         data=data,
         test=_pooled_test(data, test_limit),
         client_lr=client_lr,

@@ -107,25 +107,34 @@ def cannot_vectorize(model: Any) -> str | None:
 
 def _batch_plan(
     sizes: Sequence[int], seeds: Sequence[int], offsets: Sequence[int], batch: int, epochs: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[int, int]]]:
     """Gather indices and masks for every local step of K clients (already sorted by steps,
     descending): ``idx[t, k, :]`` are rows of the pooled data, ``mask`` marks the real ones;
-    also each client's number of steps and, per step, how many clients are still training."""
+    also each client's number of steps and, per step, how many clients are still training and
+    the widest real batch among them."""
     steps = [epochs * -(-n // batch) for n in sizes]
     total = steps[0] if steps else 0
-    idx = torch.zeros((total, len(sizes), batch), dtype=torch.int64)
-    mask = torch.zeros((total, len(sizes), batch), dtype=torch.bool)
+    idx = np.zeros((total, len(sizes), batch), dtype=np.int64)
+    mask = np.zeros((total, len(sizes), batch), dtype=bool)
     for k, (n, seed, off, s) in enumerate(zip(sizes, seeds, offsets, steps, strict=True)):
         gen = torch.Generator().manual_seed(seed)
-        padded = torch.full((epochs, s // epochs * batch), -1, dtype=torch.int64)
+        per_epoch = s // epochs * batch
+        padded = np.full(s * batch, -1, dtype=np.int64)
         for e in range(epochs):  # same draws, in the same order, as TorchModel.fit
-            padded[e, :n] = torch.randperm(n, generator=gen)
-        rows = padded.view(s, batch)
+            padded[e * per_epoch : e * per_epoch + n] = torch.randperm(n, generator=gen).numpy()
+        rows = padded.reshape(s, batch)
         real = rows >= 0
-        idx[:s, k] = torch.where(real, rows + off, off)
+        idx[:s, k] = np.where(real, rows + off, off)
         mask[:s, k] = real
     active = [sum(1 for s in steps if s > t) for t in range(total)]
-    return idx, mask, steps, active
+    # real rows come first in every padded batch: step t needs only its widest real batch
+    width = mask.sum(axis=2).max(axis=1).tolist() if total else []
+    return (
+        torch.from_numpy(idx),
+        torch.from_numpy(mask),
+        steps,
+        list(zip(active, width, strict=True)),
+    )
 
 
 class VectorizedRunner:
@@ -275,15 +284,15 @@ class VectorizedRunner:
         prox = anchor if cfg.prox_mu > 0 else None
         loss_sum = torch.zeros(k_all, device=self.device)
         names = list(stacked)
-        for t, k in enumerate(active):
-            rows = idx[t, :k]
+        for t, (k, width) in enumerate(active):
+            rows = idx[t, :k, :width]
             live = {n: stacked[n][:k] for n in names}
             grads, loss = self._step(
-                live, self._x[rows], self._y[rows], mask[t, :k], prox, cfg.prox_mu
+                live, self._x[rows], self._y[rows], mask[t, :k, :width], prox, cfg.prox_mu
             )
             torch._foreach_add_([live[n] for n in names], [grads[n] for n in names], alpha=-cfg.lr)
             loss_sum[:k] += loss
-        new = flat.to("cpu", torch.float64).numpy()
+        new = flat.cpu().numpy().astype(np.float64)
         losses = (loss_sum.cpu().double() / torch.tensor(steps, dtype=torch.float64)).tolist()
         return {cid: FitRes(new[i], sizes[i], {"loss": losses[i]}) for i, cid in enumerate(cids)}
 
