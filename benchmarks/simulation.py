@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -43,8 +44,9 @@ def _workload(args: argparse.Namespace):
 
     if args.workload == "w1":
         return workloads.w1(args.config)
-    data = Path(args.data or ROOT.parent / "shared" / "data" / DATA[args.workload])
-    device = args.device if args.backend == "sequential" else "cpu"  # the adapter's device
+    shared = Path(os.environ.get("HEFL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    data = Path(args.data or shared / DATA[args.workload])
+    device = "cpu" if args.backend == "ray" else args.device  # the model adapter's device
     if args.workload == "w2":
         return workloads.femnist(data, device=device)
     return workloads.shakespeare(data, device=device, test_limit=args.test_limit)
@@ -70,12 +72,19 @@ def child_hefl(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     runner = make_runner(wl.model, wl.data, args.backend, **options)
     setup = time.perf_counter() - t0
-    every = 1 if args.workload == "w1" else rounds
+    every = args.eval_every or (1 if args.workload == "w1" else rounds)
     done = {"n": 0}
+    curve: list[tuple[int, float]] = []
 
     def evaluate(params):
         done["n"] += 1
-        return wl.model.evaluate(params, wl.test) if done["n"] % every == 0 else {}
+        if done["n"] % every and done["n"] != rounds:
+            return {}
+        m = wl.model.evaluate(params, wl.test)
+        curve.append((done["n"], m["accuracy"]))
+        if args.workload != "w1":
+            print(f"round {done['n']}: accuracy {m['accuracy']:.4f}", file=sys.stderr, flush=True)
+        return m
 
     t0 = time.perf_counter()
     res = hefl.run(
@@ -97,6 +106,7 @@ def child_hefl(args: argparse.Namespace) -> dict:
         "setup_s": setup,
         "final_accuracy": res.history.records[-1].metrics["test_accuracy"],
         "runner": type(runner).__name__,
+        "accuracy_curve": curve if args.workload != "w1" else None,
     }
 
 
@@ -117,6 +127,7 @@ def measure(impl: str, args: argparse.Namespace, backend: str) -> dict:
         "clients_per_round",
         "data",
         "test_limit",
+        "eval_every",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -160,6 +171,7 @@ def main() -> None:
     ap.add_argument("--clients-per-round", type=int, help="default: the workload's")
     ap.add_argument("--data", help="W2/W3 data folder (default ../shared/data/...)")
     ap.add_argument("--test-limit", type=int, help="W3: evaluate on this many test sequences")
+    ap.add_argument("--eval-every", type=int, help="default: every round (W1), last round (W2/W3)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=["hefl", "handwritten"], help=argparse.SUPPRESS)
@@ -198,6 +210,10 @@ def main() -> None:
     }
     if main_job[0] != "hefl":
         out["impl"] = main_job[0]
+    else:
+        out["runner"] = runs[main_job][0]["runner"]  # which runner really ran (fallbacks)
+        if args.workload != "w1":
+            out["accuracy_curve"] = runs[main_job][0]["accuracy_curve"]
     others = [j for j in jobs[1:] if j[0] == "hefl"]
     if others:
         out["backends"] = {b: med[(i, b)] for i, b in others}

@@ -84,6 +84,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _default_cohort(num_params: int, device: torch.device) -> int:
+    """Clients stacked at once: each costs about 3 float32 copies of the parameters (stacked
+    parameters, gradients, autograd's saved tensors)."""
+    budget = 1 << 30
+    if device.type == "cuda":
+        budget = max(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    return max(1, budget // (12 * max(num_params, 1)))
+
+
 def cannot_vectorize(model: Any) -> str | None:
     """Why ``model`` cannot be trained by ``VectorizedRunner``, or None if it can."""
     module = getattr(model, "module", None)
@@ -146,7 +155,8 @@ class VectorizedRunner:
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``) for the cohort's training.
         max_cohort: at most this many clients are stacked at once (bounds memory: each stacked
             client costs about 3 copies of the parameters); larger cohorts run in chunks.
-            Default: as many as fit in about 1 GiB of parameters, gradients and anchors.
+            Default: as many as fit in 1 GiB of stacked parameters and gradients on the CPU, in
+            a quarter of the free memory on a GPU.
 
     Raises:
         ConfigError: the model cannot be vectorized (``vectorized_runner`` falls back instead),
@@ -171,7 +181,7 @@ class VectorizedRunner:
         self.spec = model.spec
         self.ignore_index = int(getattr(model, "ignore_index", -100))
         self.module = copy.deepcopy(model.module).to(self.device).train()
-        self.max_cohort = max_cohort or max(1, (1 << 30) // (12 * max(self.spec.size, 1)))
+        self.max_cohort = max_cohort or _default_cohort(self.spec.size, self.device)
         self.sequential: SequentialRunner = make_runner(model, data, "sequential")
         self._sizes = {cid: len(d) for cid, d in data.train.items()}
         offsets = np.cumsum([0, *self._sizes.values()])
