@@ -1,0 +1,498 @@
+"""CKKS batch scoring: encrypt records, evaluate a model on ciphertexts, decrypt scores.
+
+CKKS (Cheon, Kim, Kim, Song 2017, "Homomorphic encryption for arithmetic of approximate
+numbers") through the SEAL API that TenSEAL bundles (``tenseal.sealapi``): this module is the only
+one in ``hefl.inference`` that touches the HE library. Nothing here implements a primitive; it
+chooses parameters, packs data and calls SEAL's encoder, encryptor, evaluator and decryptor.
+
+Packing: **one ciphertext per feature, records across the slots.** A batch of ``R`` records and
+``d`` features is ``d`` ciphertexts; ciphertext ``j`` holds feature ``j`` of every record. Then a
+linear layer is ``sum_j w_j * ct_j + b``: ``d`` plaintext-scalar multiplications and additions, no
+rotation (so no Galois keys) and every slot is used. Packing one record per ciphertext would
+waste slots or need ``log2(d)`` rotations per record to sum the products.
+
+For logistic regression the slots are also used as complex numbers (record ``i`` in the real part,
+record ``i + N/2`` in the imaginary part): a real scalar times a complex slot scales both parts,
+so one ciphertext carries ``N`` records instead of ``N/2``. The server returns the encrypted
+logit, unrescaled; the data owner decrypts and applies the sigmoid.
+
+The MLP (``x -> W1 x + b1 -> c2 z^2 + c1 z + c0 -> v . h + b2``) uses real packing (squaring a
+complex slot would mix the two records) and needs relinearization keys, uploaded once.
+
+Keys: the data owner holds the secret key and is the only party that encrypts and decrypts, so
+records are encrypted with SEAL's *symmetric* encryption: faster than public-key encryption and
+serialized seeded (half the bytes). The model owner receives parameters and, for the MLP,
+relinearization keys only.
+
+Parameters (all at >= 128-bit security, checked against the HomomorphicEncryption.org table and
+again by SEAL itself):
+
+- logistic regression: ``N = 4096``, coefficient modulus ``[50, 39, 20]`` (109 bits, the N=4096
+  maximum). Inputs at scale 2^40, weights at 2^25; no rescale is needed, so the 89 data bits
+  leave 24 bits of headroom for the logit. ``N = 2048`` (54 bits) cannot hold a 2^40-scaled input
+  times a weight, so 4096 is the smallest ring that fits.
+- MLP (multiplicative depth 3: layer 1, square, output layer): ``N = 8192``, ``[50, 35, 35, 35,
+  50]`` (205 <= 218 bits); ``N = 4096`` cannot hold four data primes at a useful scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from hefl.errors import ConfigError, ContextMismatch, CryptoError, TransportError
+
+#: HomomorphicEncryption.org standard, 128-bit classical security, ternary secret:
+#: ring degree N -> largest total coefficient modulus in bits.
+MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters for one scoring job.
+
+    Attributes:
+        poly_modulus_degree: ring degree N (N/2 complex slots).
+        coeff_mod_bit_sizes: prime sizes; the last is SEAL's special (key-switching) prime.
+        scale_bits: inputs are encoded at scale 2**scale_bits.
+        weight_scale_bits: plaintext weights of the last (unrescaled) product, 2**bits.
+        complex_packing: two records per slot (real and imaginary part); linear models only.
+    """
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+    weight_scale_bits: int = 0
+    complex_packing: bool = False
+
+    def __post_init__(self) -> None:
+        limit = MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
+        if limit is None:
+            raise ConfigError(
+                f"poly_modulus_degree {self.poly_modulus_degree} is not one of "
+                f"{sorted(MAX_COEFF_BITS_128)}"
+            )
+        total = sum(self.coeff_mod_bit_sizes)
+        if total > limit:
+            raise ConfigError(
+                f"coefficient modulus of {total} bits at N={self.poly_modulus_degree} is below "
+                f"128-bit security (at most {limit} bits); use fewer/smaller primes or a larger N"
+            )
+        if len(self.coeff_mod_bit_sizes) < 2:
+            raise ConfigError("give at least one data prime and the special prime")
+
+    @property
+    def records_per_ciphertext(self) -> int:
+        """Records one ciphertext carries: N with complex packing, N/2 otherwise."""
+        n = self.poly_modulus_degree
+        return n if self.complex_packing else n // 2
+
+    @property
+    def data_bits(self) -> tuple[int, ...]:
+        """The data-level primes (all but the special prime)."""
+        return self.coeff_mod_bit_sizes[:-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
+            "scale_bits": self.scale_bits,
+            "weight_scale_bits": self.weight_scale_bits,
+            "complex_packing": self.complex_packing,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CkksParams:
+        try:
+            return cls(
+                int(d["poly_modulus_degree"]),
+                tuple(int(b) for b in d["coeff_mod_bit_sizes"]),
+                int(d["scale_bits"]),
+                int(d.get("weight_scale_bits", 0)),
+                bool(d.get("complex_packing", False)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed CKKS parameters {d!r}: {e}") from e
+
+
+#: Logistic regression: depth 0 after the plaintext multiply (no rescale), complex packing.
+LR_PARAMS = CkksParams(4096, (50, 39, 20), scale_bits=40, weight_scale_bits=25,
+                       complex_packing=True)
+#: One-hidden-layer MLP with a quadratic activation: three rescales.
+MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35)
+
+
+# --------------------------------------------------------------------------- SEAL plumbing
+
+_CONTEXTS: dict[CkksParams, seal.SEALContext] = {}
+_LOCK = threading.Lock()
+_TMP = Path(tempfile.mkdtemp(prefix="hefl-seal-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                             else None))
+
+
+def seal_context(params: CkksParams) -> seal.SEALContext:
+    """The (cached) SEAL context for ``params``; SEAL re-checks 128-bit security."""
+    with _LOCK:
+        ctx = _CONTEXTS.get(params)
+        if ctx is None:
+            p = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+            p.set_poly_modulus_degree(params.poly_modulus_degree)
+            p.set_coeff_modulus(
+                seal.CoeffModulus.Create(params.poly_modulus_degree,
+                                         list(params.coeff_mod_bit_sizes))
+            )
+            ctx = seal.SEALContext(p, True, seal.SEC_LEVEL_TYPE.TC128)
+            if not ctx.parameters_set():
+                raise ConfigError(f"SEAL rejects {params}: {ctx.parameters_error_message()}")
+            _CONTEXTS[params] = ctx
+        return ctx
+
+
+def _to_bytes(save: Callable[[str], None]) -> bytes:
+    """SEAL's Python binding serializes to paths only: go through a private tmpfs file."""
+    path = _TMP / uuid.uuid4().hex
+    try:
+        save(str(path))
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _from_bytes(data: bytes, load: Callable[[str], None]) -> None:
+    path = _TMP / uuid.uuid4().hex
+    try:
+        path.write_bytes(data)
+        load(str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def load_ciphertext(ctx: seal.SEALContext, data: bytes) -> seal.Ciphertext:
+    """Parse one serialized ciphertext under ``ctx``.
+
+    Raises:
+        ContextMismatch: made under other parameters, or corrupt.
+    """
+    ct = seal.Ciphertext()
+    try:
+        _from_bytes(bytes(data), lambda p: ct.load(ctx, p))
+    except (RuntimeError, ValueError) as e:
+        raise ContextMismatch(
+            f"a ciphertext does not load under this session's CKKS parameters ({e}); it was "
+            "made under other parameters or keys, or is corrupt: re-encrypt with this session"
+        ) from e
+    if ct.size() != 2:
+        raise ContextMismatch(f"expected a fresh 2-component ciphertext, got {ct.size()}")
+    return ct
+
+
+def save_ciphertext(ct: seal.Ciphertext) -> bytes:
+    return _to_bytes(ct.save)
+
+
+# --------------------------------------------------------------------------- key bundles
+
+_BUNDLE_MAGIC = b"HEFLEVK1"
+
+
+@dataclass(frozen=True)
+class EvaluationKeys:
+    """What the data owner sends the model owner once per session: no secret key.
+
+    Attributes:
+        params: CKKS parameters.
+        key_id: random id of the data owner's secret key; every batch carries it.
+        relin_keys: serialized relinearization keys (MLP only), else empty.
+    """
+
+    params: CkksParams
+    key_id: str
+    relin_keys: bytes = b""
+
+    def dumps(self) -> bytes:
+        head = json.dumps({"params": self.params.to_dict(), "key_id": self.key_id}).encode()
+        return _BUNDLE_MAGIC + struct.pack("<I", len(head)) + head + self.relin_keys
+
+    @classmethod
+    def loads(cls, data: bytes) -> EvaluationKeys:
+        """Parse a key bundle.
+
+        Raises:
+            TransportError: not a hefl key bundle.
+        """
+        if not data.startswith(_BUNDLE_MAGIC) or len(data) < len(_BUNDLE_MAGIC) + 4:
+            raise TransportError("not a hefl evaluation-key bundle (bad magic); send the "
+                                 "output of Keyring.evaluation_keys().dumps()")
+        (n,) = struct.unpack_from("<I", data, len(_BUNDLE_MAGIC))
+        start = len(_BUNDLE_MAGIC) + 4
+        try:
+            head = json.loads(data[start : start + n])
+            params = CkksParams.from_dict(head["params"])
+            key_id = str(head["key_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TransportError(f"malformed evaluation-key bundle header: {e}") from e
+        return cls(params, key_id, bytes(data[start + n :]))
+
+
+# --------------------------------------------------------------------------- data owner
+
+
+class Keyring:
+    """The data owner's keys: encrypts records, decrypts scores. Never leaves the data owner.
+
+    Example:
+        >>> import numpy as np
+        >>> kr = Keyring.generate(LR_PARAMS)
+        >>> ev = Evaluator(kr.evaluation_keys())
+        >>> x = np.array([[1.0, 2.0], [3.0, -1.0]])
+        >>> cts = kr.encrypt_batch(x)
+        >>> z = kr.decrypt_scores(ev.linear(cts, np.array([0.5, 1.0]), 0.25), len(x))
+        >>> np.round(z, 6).tolist()
+        [2.75, 0.75]
+    """
+
+    def __init__(self, params: CkksParams, relin: bool) -> None:
+        self.params = params
+        self._ctx = seal_context(params)
+        keygen = seal.KeyGenerator(self._ctx)
+        self._sk = keygen.secret_key()
+        self._relin = _to_bytes(keygen.create_relin_keys().save) if relin else b""
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        self._encryptor = seal.Encryptor(self._ctx, self._sk)
+        self._decryptor = seal.Decryptor(self._ctx, self._sk)
+        self.key_id = secrets.token_hex(16)
+
+    @classmethod
+    def generate(cls, params: CkksParams, relin: bool = False) -> Keyring:
+        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product)."""
+        return cls(params, relin)
+
+    def evaluation_keys(self) -> EvaluationKeys:
+        """The public half for the model owner (parameters, key id, relinearization keys)."""
+        return EvaluationKeys(self.params, self.key_id, self._relin)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Keyring(key_id={self.key_id!r}, params={self.params})"
+
+    def encrypt_batch(self, x: np.ndarray) -> list[bytes]:
+        """Encrypt up to ``records_per_ciphertext`` records: one serialized ciphertext per column.
+
+        Raises:
+            ConfigError: more records than one batch holds (use ``split_batches``), or NaN/Inf.
+        """
+        x = np.asarray(x, np.float64)
+        cap = self.params.records_per_ciphertext
+        if x.ndim != 2 or len(x) > cap:
+            raise ConfigError(f"a batch is a 2-D array of at most {cap} records, got shape "
+                              f"{x.shape}; split it with split_batches")
+        if not np.isfinite(x).all():
+            raise ConfigError("records contain NaN/Inf after preprocessing; impute them first")
+        half = self.params.poly_modulus_degree // 2
+        scale = 2.0**self.params.scale_bits
+        out = []
+        for col in x.T:
+            col = np.pad(col, (0, cap - len(col)))
+            values = (col[:half] + 1j * col[half:]) if self.params.complex_packing else col
+            pt = seal.Plaintext()
+            self._encoder.encode(values.tolist(), scale, pt)
+            out.append(_to_bytes(self._encryptor.encrypt_symmetric(pt).save))
+        return out
+
+    def decrypt_scores(self, data: bytes, n: int) -> np.ndarray:
+        """Decrypt one result ciphertext into ``n`` scores (logits).
+
+        Raises:
+            ContextMismatch: the ciphertext was not made under this key (the decrypted values
+                are out of range), or does not load under these parameters.
+        """
+        ct = load_ciphertext(self._ctx, data) if isinstance(data, bytes | bytearray) else data
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        if self.params.complex_packing:
+            v = np.asarray(self._encoder.decode_complex(pt))
+            values = np.concatenate([v.real, v.imag])
+        else:
+            values = np.asarray(self._encoder.decode_double(pt))
+        # Headroom check: a ciphertext under another key decrypts to noise spread over the whole
+        # modulus; honest scores stay far inside it.
+        level_bits = self._level_bits(ct)
+        bound = 2.0 ** (level_bits - np.log2(ct.scale) - 5)
+        if not np.all(np.abs(values) < bound):
+            raise ContextMismatch(
+                f"decrypted scores reach {np.max(np.abs(values)):.3g}, beyond the {bound:.3g} a "
+                "model output can take: the result was computed on ciphertexts made under other "
+                "keys (or another session); score again with this session's keys"
+            )
+        return values[:n]
+
+    def _level_bits(self, ct: seal.Ciphertext) -> float:
+        cd = self._ctx.get_context_data(ct.parms_id())
+        if cd is None:
+            raise ContextMismatch("result ciphertext is at no level of this key's parameters")
+        return float(sum(np.log2(float(m.value())) for m in cd.parms().coeff_modulus()))
+
+
+def split_batches(n: int, capacity: int) -> list[slice]:
+    """Row slices of at most ``capacity`` records covering ``range(n)`` (oversized batches are
+    split, never refused)."""
+    if capacity < 1:
+        raise ConfigError(f"batch capacity must be >= 1, got {capacity}")
+    return [slice(s, min(s + capacity, n)) for s in range(0, n, capacity)]
+
+
+# --------------------------------------------------------------------------- model owner
+
+
+class Evaluator:
+    """The model owner's side: evaluates models on a data owner's ciphertexts; holds no secret."""
+
+    def __init__(self, keys: EvaluationKeys) -> None:
+        self.keys = keys
+        self.params = keys.params
+        self._ctx = seal_context(keys.params)
+        self._eval = seal.Evaluator(self._ctx)
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        self._relin: seal.RelinKeys | None = None
+        if keys.relin_keys:
+            rk = seal.RelinKeys()
+            try:
+                _from_bytes(keys.relin_keys, lambda p: rk.load(self._ctx, p))
+            except (RuntimeError, ValueError) as e:
+                raise ContextMismatch(
+                    f"relinearization keys do not load under {keys.params}: {e}"
+                ) from e
+            self._relin = rk
+
+    def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
+        """Parse a batch of ``expected`` feature ciphertexts.
+
+        Raises:
+            ContextMismatch: wrong count for this model, or a ciphertext under other parameters.
+        """
+        if len(blobs) != expected:
+            raise ContextMismatch(
+                f"batch has {len(blobs)} feature ciphertexts, this model takes {expected}; "
+                "preprocess records with the model's preprocessing before encrypting"
+            )
+        cts = [load_ciphertext(self._ctx, b) for b in blobs]
+        first = self._ctx.first_parms_id()
+        scale = 2.0**self.params.scale_bits
+        for ct in cts:
+            if list(ct.parms_id()) != list(first) or abs(ct.scale / scale - 1) > 1e-9:
+                raise ContextMismatch("a ciphertext is not a fresh encryption at this session's "
+                                      "level and scale; encrypt with Keyring.encrypt_batch")
+        return cts
+
+    def _const(self, value: float, ct: seal.Ciphertext, scale: float) -> seal.Plaintext:
+        pt = seal.Plaintext()
+        if self.params.complex_packing:
+            self._encoder.encode(complex(value, value), ct.parms_id(), scale, pt)
+        else:
+            self._encoder.encode(float(value), ct.parms_id(), scale, pt)
+        return pt
+
+    def _real_scalar(self, value: float, ct: seal.Ciphertext, scale: float) -> seal.Plaintext:
+        pt = seal.Plaintext()
+        self._encoder.encode(float(value), ct.parms_id(), scale, pt)
+        return pt
+
+    def _dot(self, cts: Sequence[seal.Ciphertext], w: np.ndarray, scale: float
+             ) -> seal.Ciphertext:
+        """sum_j w_j * ct_j with weights encoded at ``scale`` (no rescale)."""
+        acc: seal.Ciphertext | None = None
+        for ct, wj in zip(cts, w, strict=True):
+            if wj == 0.0:
+                continue
+            prod = seal.Ciphertext()
+            self._eval.multiply_plain(ct, self._real_scalar(float(wj), ct, scale), prod)
+            if acc is None:
+                acc = prod
+            else:
+                self._eval.add_inplace(acc, prod)
+        if acc is None:  # all-zero weights: 0 * ct keeps the level and scale right
+            acc = seal.Ciphertext()
+            self._eval.multiply_plain(cts[0], self._real_scalar(0.0, cts[0], scale), acc)
+        return acc
+
+    def linear(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], coef: np.ndarray,
+               intercept: float) -> bytes:
+        """Encrypted logits ``X @ coef + intercept`` for one batch (logistic regression)."""
+        coef = np.asarray(coef, np.float64).reshape(-1)
+        cts = self._ensure_loaded(cts, len(coef))
+        acc = self._dot(cts, coef, 2.0**self.params.weight_scale_bits)
+        self._eval.add_plain_inplace(acc, self._const(intercept, acc, acc.scale))
+        return save_ciphertext(acc)
+
+    def poly_mlp(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], w1: np.ndarray,
+                 b1: np.ndarray, act: tuple[float, float, float], w2: np.ndarray,
+                 b2: float) -> bytes:
+        """Encrypted logits of ``w2 . f(w1 x + b1) + b2`` with ``f(z) = c2 z^2 + c1 z + c0``.
+
+        Depth 3 with one rescale after each product, weights encoded at the prime they are
+        rescaled by so that scales come back exactly to the input scale.
+        """
+        if self._relin is None:
+            raise CryptoError("the MLP needs relinearization keys; generate the keyring with "
+                              "relin=True")
+        if self.params.complex_packing:
+            raise ConfigError("the MLP needs real packing (squaring mixes complex slots)")
+        w1 = np.asarray(w1, np.float64)
+        w2 = np.asarray(w2, np.float64).reshape(-1)
+        b1 = np.asarray(b1, np.float64).reshape(-1)
+        c2, c1, c0 = (float(c) for c in act)
+        cts = self._ensure_loaded(cts, w1.shape[1])
+        ev = self._eval
+        q = self._primes(cts[0])  # data primes at the fresh level, q[-1] is dropped first
+        delta = cts[0].scale
+        z_cts, u_cts = [], []
+        for k in range(w1.shape[0]):
+            z = self._dot(cts, w1[k], q[-1])  # scale delta * q_L
+            ev.add_plain_inplace(z, self._real_scalar(b1[k], z, z.scale))
+            ev.rescale_to_next_inplace(z)  # scale ~ delta
+            u = seal.Ciphertext()
+            ev.square(z, u)
+            ev.relinearize_inplace(u, self._relin)
+            ev.rescale_to_next_inplace(u)  # scale ~ delta^2 / q_{L-1}
+            ev.mod_switch_to_next_inplace(z)  # same level as u, scale unchanged
+            z_cts.append(z)
+            u_cts.append(u)
+        q1 = float(self._primes(u_cts[0])[-1])
+        target = q1 * delta
+        acc: seal.Ciphertext | None = None
+        for k in range(w1.shape[0]):
+            for ct, coeff in ((u_cts[k], w2[k] * c2), (z_cts[k], w2[k] * c1)):
+                prod = seal.Ciphertext()
+                ev.multiply_plain(ct, self._real_scalar(coeff, ct, target / ct.scale), prod)
+                prod.scale = target  # equal up to float rounding of target / scale * scale
+                if acc is None:
+                    acc = prod
+                else:
+                    ev.add_inplace(acc, prod)
+        assert acc is not None
+        const = float(b2 + c0 * w2.sum())
+        ev.add_plain_inplace(acc, self._real_scalar(const, acc, acc.scale))
+        ev.rescale_to_next_inplace(acc)
+        return save_ciphertext(acc)
+
+    def _primes(self, ct: seal.Ciphertext) -> list[int]:
+        cd = self._ctx.get_context_data(ct.parms_id())
+        return [m.value() for m in cd.parms().coeff_modulus()]
+
+    def _ensure_loaded(self, cts, expected: int) -> list[seal.Ciphertext]:
+        if cts and isinstance(cts[0], bytes | bytearray):
+            return self.load(cts, expected)
+        if len(cts) != expected:
+            raise ContextMismatch(f"batch has {len(cts)} feature ciphertexts, model takes "
+                                  f"{expected}")
+        return list(cts)
