@@ -33,7 +33,15 @@ import numpy as np
 
 from hefl.aggregation import Aggregator, PlainAggregator
 from hefl.algorithms import Algorithm
-from hefl.client import Client, EvaluateRes, FitConfig, FitRes, ModelClient, as_evaluate_res, as_fit_res
+from hefl.client import (
+    Client,
+    EvaluateRes,
+    FitConfig,
+    FitRes,
+    ModelClient,
+    as_evaluate_res,
+    as_fit_res,
+)
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ClientError, ConfigError, HeflError, RoundError, UpdateRejected
 from hefl.history import History

@@ -82,6 +82,7 @@ def read_csv(
     sep: str = ",",
     header: Sequence[str] | None = None,
     drop: Iterable[str] = (),
+    no_header: bool = False,
 ) -> Table:
     """Read a delimited text file (``.gz`` allowed) into a ``Table`` of strings.
 
@@ -90,6 +91,8 @@ def read_csv(
         sep: field separator (``" "`` splits on runs of spaces).
         header: column names when the file has no header line.
         drop: columns to leave out (e.g. ``duration`` in the bank data, which leaks the label).
+        no_header: the file has no header line and no ``header`` is given: name the columns
+            ``c1, c2, ...``.
 
     Raises:
         DataError: file missing or empty, or a row whose field count differs from the header
@@ -103,16 +106,22 @@ def read_csv(
             lines = (ln.split() for ln in f if ln.strip())
         else:
             lines = (r for r in csv.reader(f, delimiter=sep) if r)
-        names = list(header) if header is not None else next(lines, None)
+        first_row = None
+        if header is not None:
+            names = list(header)
+        else:
+            names = next(lines, None)
+            if no_header and names:
+                first_row, names = names, [f"c{i}" for i in range(1, len(names) + 1)]
         if not names:
             raise DataError(f"{str(p)!r} is empty: expected a header line and rows")
         names = [n.strip() for n in names]
-        rows = []
-        first = 1 if header is None else 0
+        rows = [] if first_row is None else [[v.strip() for v in first_row]]
+        first_line = 2 if header is None else 1  # line number of the loop's first row
         for i, r in enumerate(lines):
             if len(r) != len(names):
                 raise DataError(
-                    f"{p.name} line {i + 1 + first}: {len(r)} fields, the header has "
+                    f"{p.name} line {i + first_line}: {len(r)} fields, the header has "
                     f"{len(names)}; check the separator (--sep) and quoting"
                 )
             rows.append([v.strip() for v in r])
@@ -216,7 +225,7 @@ class Preprocessor:
                 f"target column {target!r} is not in the data (columns: "
                 f"{', '.join(table.names)}); pass --target with one of them"
             )
-        positive = positive if positive is not None else _default_positive(labels)
+        positive = positive if positive is not None else default_positive(labels)
         if positive not in set(labels):
             raise DataError(f"positive label {positive!r} does not occur in column {target!r}")
         names = [c for c in (columns or table.names) if c != target]
@@ -334,7 +343,7 @@ def _check_finite(name: str, num: np.ndarray) -> None:
         )
 
 
-def _default_positive(labels: np.ndarray) -> str:
+def default_positive(labels: np.ndarray) -> str:
     values = sorted(set(labels))
     if len(values) != 2:
         raise DataError(f"target has {len(values)} distinct values {values[:5]}; need exactly 2")
