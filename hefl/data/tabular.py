@@ -131,7 +131,7 @@ def read_csv(
     return table.drop(*drop) if drop else table
 
 
-def _as_float(values: np.ndarray) -> np.ndarray | None:
+def as_float(values: np.ndarray) -> np.ndarray | None:
     """Parse a string column as float, or None if any non-missing value is not a number."""
     out = np.empty(len(values))
     for i, v in enumerate(values):
@@ -232,12 +232,12 @@ class Preprocessor:
         cols = []
         for name in names:
             raw = table[name]
-            num = _as_float(raw)
+            num = as_float(raw)
             if num is None:
                 levels = tuple(sorted(str(v) for v in set(raw)))
                 cols.append(Column(name, "categorical", categories=levels))
                 continue
-            _check_finite(name, num)
+            check_finite(name, num)
             if stats and name in stats:
                 mean, std = stats[name]
             else:
@@ -280,14 +280,14 @@ class Preprocessor:
         for c in self.columns:
             raw = table[c.name]
             if c.kind == "numeric":
-                num = _as_float(raw)
+                num = as_float(raw)
                 if num is None:
-                    bad = [i for i, v in enumerate(raw) if _as_float(np.array([v])) is None]
+                    bad = [i for i, v in enumerate(raw) if as_float(np.array([v])) is None]
                     raise DataError(
                         f"column {c.name!r} must be numeric but rows {bad[:5]} hold "
                         f"{[raw[i] for i in bad[:5]]}; fix those values"
                     )
-                _check_finite(c.name, num)
+                check_finite(c.name, num)
                 parts.append(((num - c.mean) / c.std)[:, None])
             else:
                 index = {v: i for i, v in enumerate(c.categories)}
@@ -334,7 +334,7 @@ class Preprocessor:
             raise DataError(f"malformed preprocessing JSON: {e!r}") from e
 
 
-def _check_finite(name: str, num: np.ndarray) -> None:
+def check_finite(name: str, num: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(num))
     if len(bad):
         raise DataError(
@@ -352,7 +352,7 @@ def default_positive(labels: np.ndarray) -> str:
                                ("good", "bad")):
         if set(lower) == {negative, positive}:
             return lower[positive]
-    nums = _as_float(np.array(values))
+    nums = as_float(np.array(values))
     if nums is not None and np.isfinite(nums).all():
         return values[int(np.argmax(nums))]
     return values[1]
