@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hefl.data.tabular import load_bank
+from hefl.data.tabular import load_bank, shared_data
 from hefl.inference.pipeline import PipelineConfig, run_pipeline
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bank_marketing" \
-    / "bank-full.csv.gz"
+DEFAULT = shared_data("bank_marketing", "bank-full.csv.gz")
 
 
 def encrypted_aggregator():

@@ -1,8 +1,6 @@
 """Encrypted-ready federated statistics: pooled == federated, selection equal, bad input."""
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +15,10 @@ from hefl.analytics import (
     woe_iv,
 )
 from hefl.data.partition import by_key
-from hefl.data.tabular import Table, load_bank
+from hefl.data.tabular import Table, load_bank, shared_data
 from hefl.errors import ConfigError, DataError, RoundError
 
-
-def _shared() -> Path:
-    if os.environ.get("HEFL_SHARED_DATA"):
-        return Path(os.environ["HEFL_SHARED_DATA"])
-    root = Path(__file__).resolve().parents[1]
-    for base in (root.parent, root.parent.parent):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    return root.parent / "shared" / "data"
-
-
-BANK = _shared() / "bank_marketing" / "bank-full.csv.gz"
+BANK = shared_data("bank_marketing", "bank-full.csv.gz")
 
 
 def _table(n=900, seed=0):

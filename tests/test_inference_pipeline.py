@@ -1,28 +1,15 @@
 """The bank pipeline end to end on a subset: selection, federated LR, encrypted scoring."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hefl.aggregation import PlainAggregator
 from hefl.analytics import VariableSpec, pooled_stats, select_variables
-from hefl.data.tabular import load_bank, stratified_split
+from hefl.data.tabular import load_bank, shared_data, stratified_split
 from hefl.inference.pipeline import PipelineConfig, run_pipeline
 
-
-def _shared() -> Path:
-    if os.environ.get("HEFL_SHARED_DATA"):
-        return Path(os.environ["HEFL_SHARED_DATA"])
-    root = Path(__file__).resolve().parents[1]
-    for base in (root.parent, root.parent.parent):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    return root.parent / "shared" / "data"
-
-
-BANK = _shared() / "bank_marketing" / "bank-full.csv.gz"
+BANK = shared_data("bank_marketing", "bank-full.csv.gz")
 pytestmark = pytest.mark.skipif(not BANK.is_file(), reason=f"bank marketing data not at {BANK}")
 
 

@@ -2,8 +2,6 @@
 
 import gzip
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +13,10 @@ from hefl.data.tabular import (
     load_german,
     load_taiwan,
     read_csv,
+    shared_data,
     stratified_split,
 )
 from hefl.errors import DataError
-
-
-def shared_data() -> Path:
-    """``$HEFL_SHARED_DATA``, else ``../shared/data`` from the repo root (or from a worktree's
-    parent folder)."""
-    if os.environ.get("HEFL_SHARED_DATA"):
-        return Path(os.environ["HEFL_SHARED_DATA"])
-    root = Path(__file__).resolve().parents[1]
-    for base in (root.parent, root.parent.parent):
-        if (base / "shared" / "data").is_dir():
-            return base / "shared" / "data"
-    return root.parent / "shared" / "data"
-
 
 SHARED = shared_data()
 

@@ -387,3 +387,18 @@ def load_taiwan(path: str | Path) -> Table:
     """UCI default of credit card clients (``UCI_Credit_Card.csv``; target ``Y``), without
     ``ID``."""
     return read_csv(path, drop=("ID",))
+
+
+def shared_data(*parts: str) -> Path:
+    """Where the project's shared data sets live: ``$HEFL_SHARED_DATA``, else ``shared/data``
+    beside the repository (or beside the folder holding a git worktree). The path may not exist:
+    callers skip or fail with a clear message."""
+    import os
+
+    if os.environ.get("HEFL_SHARED_DATA"):
+        return Path(os.environ["HEFL_SHARED_DATA"], *parts)
+    root = Path(__file__).resolve().parents[2]
+    for base in (root.parent, root.parent.parent):
+        if (base / "shared" / "data").is_dir():
+            return base.joinpath("shared", "data", *parts)
+    return root.parent.joinpath("shared", "data", *parts)

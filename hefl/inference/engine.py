@@ -55,6 +55,8 @@ class Timing:
     server_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
 
     @property
     def us_per_record(self) -> float:
@@ -63,6 +65,15 @@ class Timing:
     @property
     def server_us_per_record(self) -> float:
         return 1e6 * self.server_s / max(self.records, 1)
+
+    @property
+    def cpu_us_per_record(self) -> float:
+        """CPU time (this process) per record: the cost without other tenants' load."""
+        return 1e6 * (self.client_cpu_s + self.server_cpu_s) / max(self.records, 1)
+
+    @property
+    def server_cpu_us_per_record(self) -> float:
+        return 1e6 * self.server_cpu_s / max(self.records, 1)
 
     @property
     def bytes_per_record(self) -> float:
@@ -92,15 +103,17 @@ def score_encrypted(
     out = np.empty(len(x))
     t = Timing(records=len(x))
     for rows in split_batches(len(x), size):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         blobs = keyring.encrypt_batch(x[rows])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         result = evaluate(evaluator, model, blobs)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         z = keyring.decrypt_scores(result, rows.stop - rows.start)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         t.client_s += (t1 - t0) + (t3 - t2)
         t.server_s += t2 - t1
+        t.client_cpu_s += (c1 - c0) + (c3 - c2)
+        t.server_cpu_s += c2 - c1
         t.bytes_up += sum(len(b) for b in blobs)
         t.bytes_down += len(result)
         out[rows] = z
