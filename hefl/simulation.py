@@ -133,7 +133,11 @@ def run(
         progress: show a rich progress bar.
         on_round: called with each round's record as it completes.
     """
-    runner = clients if hasattr(clients, "fit") and hasattr(clients, "ids") else SequentialRunner(clients)  # type: ignore[arg-type]
+    runner = (
+        clients
+        if hasattr(clients, "fit") and hasattr(clients, "ids")
+        else SequentialRunner(clients)
+    )  # type: ignore[arg-type]
     ids = list(runner.ids)
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}")
