@@ -209,7 +209,9 @@ def merge_cells(hist: np.ndarray, bins: int) -> list[tuple[int, int]]:
     population; returns ``[(first cell, last cell + 1)]``."""
     total = hist.sum()
     target = total / bins
-    groups, start, acc = [], None, 0.0
+    groups: list[tuple[int, int]] = []
+    start: int | None = None
+    acc = 0.0
     for i, h in enumerate(hist.sum(axis=1)):
         if h == 0:
             continue

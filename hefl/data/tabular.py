@@ -107,6 +107,7 @@ def read_csv(
         else:
             lines = (r for r in csv.reader(f, delimiter=sep) if r)
         first_row = None
+        names: list[str] | None
         if header is not None:
             names = list(header)
         else:

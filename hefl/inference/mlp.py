@@ -21,7 +21,8 @@ class QuadraticActivation(nn.Module):
 
     def __init__(self, coeffs: tuple[float, float, float] = SOFTPLUS2) -> None:
         super().__init__()
-        self.coeffs = tuple(float(c) for c in coeffs)
+        c2, c1, c0 = (float(c) for c in coeffs)
+        self.coeffs: tuple[float, float, float] = (c2, c1, c0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c2, c1, c0 = self.coeffs
@@ -37,6 +38,8 @@ def poly_mlp_module(n_in: int, hidden: int = 16,
 def from_torch(module: nn.Sequential) -> PolyMLP:
     """Weights of a ``poly_mlp_module`` as a ``PolyMLP``."""
     first, act, last = module[0], module[1], module[2]
+    assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
+    assert isinstance(act, QuadraticActivation)
     return PolyMLP(
         first.weight.detach().double().numpy().copy(),
         first.bias.detach().double().numpy().copy(),
@@ -60,7 +63,9 @@ def train_poly_mlp(
     torch.manual_seed(seed)
     module = poly_mlp_module(x.shape[1], hidden)
     with torch.no_grad():  # small first layer keeps z near 0, where f is well-behaved
-        module[0].weight.mul_(0.5)
+        first = module[0]
+        assert isinstance(first, nn.Linear)
+        first.weight.mul_(0.5)
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     xt = torch.as_tensor(np.asarray(x, np.float32))
     yt = torch.as_tensor(np.asarray(y, np.float32))

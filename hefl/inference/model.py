@@ -121,7 +121,7 @@ class ModelFile:
         pre = self.preprocessing
         if pre is not None and pre.n_features != self.model.n_features:
             raise ConfigError(
-                f"preprocessing produces {self.preprocessing.n_features} features but the model "
+                f"preprocessing produces {pre.n_features} features but the model "
                 f"takes {self.model.n_features}"
             )
 
