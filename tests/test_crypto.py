@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,15 @@ def test_seal_context_enforces_128_bit_security():
     spec = bfv_spec(10)
     with pytest.raises(Exception, match="128-bit|security"):
         Seal.of(dataclasses.replace(spec, coeff_bits=80))
+
+
+def test_benchmark_json_has_w4_keys_and_baseline_agrees():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "he_aggregation.py"), "--params", "5000",
+           "--clients", "3", "--repeat", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    res = json.loads(out)  # exactly one JSON object
+    keys = {"params", "clients", "bytes_per_param", "expansion_vs_fp32", "encrypt_s",
+            "aggregate_s", "decrypt_s", "max_abs_err"}
+    assert set(res) == keys | {"baseline"} and set(res["baseline"]) == keys
+    assert res["max_abs_err"] < bfv_spec(5000).error_bound and res["baseline"]["max_abs_err"] < 1e-5
+    assert res["expansion_vs_fp32"] < res["baseline"]["expansion_vs_fp32"]
