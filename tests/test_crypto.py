@@ -362,3 +362,18 @@ def test_benchmark_json_has_w4_keys_and_baseline_agrees():
     assert set(res) == keys | {"baseline"} and set(res["baseline"]) == keys
     assert res["max_abs_err"] < bfv_spec(5000).error_bound and res["baseline"]["max_abs_err"] < 1e-5
     assert res["expansion_vs_fp32"] < res["baseline"]["expansion_vs_fp32"]
+
+
+def test_parallel_encryption_matches_serial():
+    spec = bfv_spec(20_000)
+    c = key_ceremony(spec)
+    x = np.random.default_rng(0).uniform(-1, 1, 20_000)
+    serial = EncryptingClient(c.shares[0], seed=5)
+    parallel = EncryptingClient(c.shares[0], seed=5, workers=2)
+    try:
+        ups = {0: serial.encode(0, x, 2.0), 1: parallel.encode(1, x, 2.0)}
+    finally:
+        parallel.close()
+    assert len(ups[1].ciphertexts) == spec.n_ciphertexts
+    mean, w = KeyHolder(c.shares[0]).decode(SummingServer(c.public).aggregate(ups))
+    assert w == 4.0 and np.abs(mean - x).max() < spec.error_bound

@@ -139,9 +139,14 @@ class EncryptingClient:
         key: the shared ``KeyShare`` when clients hold the key (symmetric spec), else the
             ``PublicContext`` with the public key (key-holder custody).
         seed: seeds stochastic rounding (None: fresh OS entropy).
+        workers: encrypt ciphertexts in this many processes (1: in this process). The worker
+            processes are this client's own children and receive its key once, at start, over a
+            local pipe; call ``close()`` (or let the client be collected) to stop them.
     """
 
-    def __init__(self, key: PublicContext | KeyShare, *, seed: int | None = None) -> None:
+    def __init__(
+        self, key: PublicContext | KeyShare, *, seed: int | None = None, workers: int = 1
+    ) -> None:
         spec = key.spec
         if spec.symmetric and not isinstance(key, KeyShare):
             raise KeyCustodyError(
@@ -163,6 +168,33 @@ class EncryptingClient:
         else:
             self._encryptor = self.seal.encryptor(self.seal.load_public_key(key.public_key))
         self._rng = np.random.default_rng(seed)
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        self._key_bytes = key.to_bytes() if workers > 1 else b""
+        self.workers = workers
+        self._pool: Any = None
+
+    def _encrypt_all(self, chunks: np.ndarray) -> tuple[bytes, ...]:
+        if self.workers == 1 or len(chunks) < 2 * self.workers:
+            return tuple(self.seal.encrypt(self._encryptor, c) for c in chunks)
+        if self._pool is None:
+            import multiprocessing
+            import weakref
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self._key_bytes,),
+            )
+            weakref.finalize(self, self._pool.shutdown, False)
+        parts = np.array_split(chunks, self.workers)
+        return tuple(b for part in self._pool.map(_encrypt_part, parts) for b in part)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
         """Encrypt ``weight * clip(delta)`` and the weight.
@@ -182,11 +214,27 @@ class EncryptingClient:
                 client_id=client_id, stage="encode",
             )
         chunks = pack(d, w, spec, self._rng)
-        cts = tuple(self.seal.encrypt(self._encryptor, c) for c in chunks)
-        return EncryptedUpdate(spec.fingerprint, self.key_id, cts)
+        return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
 
     def dumps(self, update: EncryptedUpdate) -> bytes:
         return update.to_bytes()
+
+
+_worker: EncryptingClient | None = None
+
+
+def _init_worker(key_bytes: bytes) -> None:
+    """Runs once in each encryption worker process: rebuild this client's encryptor."""
+    global _worker
+    key = KeyShare.from_bytes(key_bytes) if key_bytes[:8] == b"HEFLSEC1" else (
+        PublicContext.from_bytes(key_bytes)
+    )
+    _worker = EncryptingClient(key)
+
+
+def _encrypt_part(chunks: np.ndarray) -> list[bytes]:
+    assert _worker is not None
+    return [_worker.seal.encrypt(_worker._encryptor, c) for c in chunks]
 
 
 class SummingServer:
