@@ -158,7 +158,7 @@ class EncryptingClient:
                 "in key-holder custody clients must not hold the secret key; give the client "
                 "the PublicContext"
             )
-        if not spec.symmetric and not key.public_key:
+        if isinstance(key, PublicContext) and not key.public_key:
             raise KeyCustodyError("the public context carries no public key to encrypt with")
         self.spec = spec
         self.key_id = key.key_id
