@@ -1,7 +1,8 @@
 """Workload W4 (../shared/bench/WORKLOADS.md): encrypted aggregation cost, ours vs NVFlare-style.
 
 P float32 parameters uniform in [-1, 1] per client, ``--clients`` clients with integer weights
-(sample counts), weighted average. In the same process and run, for our configuration (default:
+(sample counts in 1..1000, capped so their total fits the configuration), weighted average.
+In the same process and run, for our configuration (default:
 ``make_aggregator("bfv", P, custody="clients")``) and for the baseline (TenSEAL CKKS N=8192,
 coeff [60, 40, 60], scale 2^40, server multiplies by the weights):
 
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--custody", default="clients", choices=["clients", "keyholder"])
     ap.add_argument("--bits", type=int, default=None, help="BFV quantization bits (default 16)")
     ap.add_argument("--max-weight", type=int, default=None, help="supported total weight")
+    ap.add_argument("--max-clients", type=int, default=None, help="supported clients per sum")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -92,10 +94,13 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     xs = [rng.uniform(-1, 1, args.params).astype(np.float32) for _ in range(args.clients)]
-    ws = [float(w) for w in rng.integers(1, 1000, args.clients)]
-    options = {k: v for k, v in (("bits", args.bits), ("max_weight", args.max_weight)) if v}
+    options = {k: v for k, v in (("bits", args.bits), ("max_weight", args.max_weight),
+                                 ("max_clients", args.max_clients)) if v}
     ours = make_aggregator(args.scheme, args.params, custody=args.custody,
                            min_clients=min(2, args.clients), seed=args.seed, **options)
+    # sample counts up to 1000, kept within the configuration's supported total weight
+    top = min(1000, ours.spec.max_weight // args.clients)
+    ws = [float(w) for w in rng.integers(1, top + 1, args.clients)]
     base = None if args.no_baseline else NvflareBaseline(args.params)
     runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
     for _ in range(args.repeat):
