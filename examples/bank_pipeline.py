@@ -17,16 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from hefl.data.tabular import load_bank, shared_data
-from hefl.inference.pipeline import PipelineConfig, run_pipeline
+from hefl.inference.pipeline import PipelineConfig, encrypted_aggregator, run_pipeline
 
 DEFAULT = shared_data("bank_marketing", "bank-full.csv.gz")
-
-
-def encrypted_aggregator():
-    """The CKKS aggregator factory (size -> Aggregator) from hefl.crypto."""
-    from hefl.crypto.stats_sum import ckks_sum_aggregator
-
-    return ckks_sum_aggregator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         make = encrypted_aggregator()
     r = run_pipeline(table, make, PipelineConfig())
+    print(f"aggregation: {'plaintext' if args.plain else 'CKKS (hefl.crypto, key holder)'}")
     print(f"parties {r.parties}, train {r.train_rows} rows, held-out {r.test_rows} rows")
     print("information value: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                             sorted(r.iv.items(), key=lambda t: -t[1])))

@@ -131,3 +131,21 @@ def test_bank_by_job_selection_matches_plaintext():
     pooled = pooled_stats(t, spec)
     assert select_variables(fed, 0.1) == select_variables(pooled, 0.1)
     assert fed.iv() == pytest.approx(pooled.iv(), rel=1e-9)
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "bfv"])
+def test_encrypted_aggregation_gives_the_plaintext_selection(scheme):
+    from hefl.inference.pipeline import encrypted_aggregator
+
+    t = _table(n=1200, seed=5)
+    spec = _spec(t)
+    parts = {r: t.take(ix) for r, ix in by_key(t["region"]).items()}
+    enc = federated_stats(parts, spec, encrypted_aggregator(clip=1.0, scheme=scheme))
+    plain = pooled_stats(t, spec)
+    assert select_variables(enc, 0.02) == select_variables(plain, 0.02)
+    assert set(enc.contributors) == set(parts)
+    tol = 1e-6 if scheme == "ckks" else 2e-3  # BFV quantizes to 16 bits by default
+    assert enc.variables["age"].mean == pytest.approx(plain.variables["age"].mean, rel=tol)
+    assert enc.iv() == pytest.approx(plain.iv(), rel=tol, abs=tol)
+    if scheme == "ckks":  # pooled counts come back exact after rounding
+        assert all(enc.variables[k].counts == v.counts for k, v in plain.variables.items())

@@ -7,20 +7,10 @@ import pytest
 from hefl.aggregation import PlainAggregator
 from hefl.analytics import VariableSpec, pooled_stats, select_variables
 from hefl.data.tabular import load_bank, shared_data, stratified_split
-from hefl.inference.pipeline import PipelineConfig, run_pipeline
+from hefl.inference.pipeline import PipelineConfig, encrypted_aggregator, run_pipeline
 
 BANK = shared_data("bank_marketing", "bank-full.csv.gz")
 pytestmark = pytest.mark.skipif(not BANK.is_file(), reason=f"bank marketing data not at {BANK}")
-
-
-def _encrypted_factory():
-    try:
-        from hefl.crypto import make_aggregator
-    except ImportError:
-        return None
-    # per-row-mean statistics lie in [-1, 1]; 24 bits keep pooled counts exact after rounding
-    return lambda size: make_aggregator("bfv", size, custody="keyholder", min_clients=2,
-                                        bits=24, clip=1.0, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +43,8 @@ def test_pipeline_encrypted_scoring_equals_plaintext(plain_run):
     assert r.accuracy_plain >= 0.88
 
 
-@pytest.mark.slow
 def test_pipeline_with_encrypted_aggregation(bank, plain_run):
-    make = _encrypted_factory()
-    if make is None:
-        pytest.skip("hefl.crypto.make_aggregator (encrypted aggregation) is not available")
-    r = run_pipeline(bank, make, PipelineConfig(rounds=5))
+    r = run_pipeline(bank, encrypted_aggregator(), PipelineConfig(rounds=5))
     assert r.selected == plain_run.selected
     assert r.accuracy_encrypted == r.accuracy_plain
     assert abs(r.auc_encrypted - r.auc_plain) < 1e-5

@@ -38,24 +38,18 @@ again by SEAL itself):
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import struct
-import tempfile
 import threading
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tenseal.sealapi as seal
 
+from hefl.crypto import seal as seal_io  # SEAL bytes <-> objects (private tmpfs files)
+from hefl.crypto.spec import MAX_COEFF_BITS_128  # HomomorphicEncryption.org, 128-bit
 from hefl.errors import ConfigError, ContextMismatch, CryptoError, TransportError
-
-#: HomomorphicEncryption.org standard, 128-bit classical security, ternary secret:
-#: ring degree N -> largest total coefficient modulus in bits.
-MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
 @dataclass(frozen=True)
@@ -137,8 +131,6 @@ MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35)
 
 _CONTEXTS: dict[CkksParams, seal.SEALContext] = {}
 _LOCK = threading.Lock()
-_TMP = Path(tempfile.mkdtemp(prefix="hefl-seal-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                             else None))
 
 
 def seal_context(params: CkksParams) -> seal.SEALContext:
@@ -159,35 +151,15 @@ def seal_context(params: CkksParams) -> seal.SEALContext:
         return ctx
 
 
-def _to_bytes(save: Callable[[str], None]) -> bytes:
-    """SEAL's Python binding serializes to paths only: go through a private tmpfs file."""
-    path = _TMP / uuid.uuid4().hex
-    try:
-        save(str(path))
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _from_bytes(data: bytes, load: Callable[[str], None]) -> None:
-    path = _TMP / uuid.uuid4().hex
-    try:
-        path.write_bytes(data)
-        load(str(path))
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def load_ciphertext(ctx: seal.SEALContext, data: bytes) -> seal.Ciphertext:
     """Parse one serialized ciphertext under ``ctx``.
 
     Raises:
         ContextMismatch: made under other parameters, or corrupt.
     """
-    ct = seal.Ciphertext()
     try:
-        _from_bytes(bytes(data), lambda p: ct.load(ctx, p))
-    except (RuntimeError, ValueError) as e:
+        ct = seal_io.load(seal.Ciphertext, ctx, bytes(data))
+    except ContextMismatch as e:
         raise ContextMismatch(
             f"a ciphertext does not load under this session's CKKS parameters ({e}); it was "
             "made under other parameters or keys, or is corrupt: re-encrypt with this session"
@@ -198,7 +170,7 @@ def load_ciphertext(ctx: seal.SEALContext, data: bytes) -> seal.Ciphertext:
 
 
 def save_ciphertext(ct: seal.Ciphertext) -> bytes:
-    return _to_bytes(ct.save)
+    return seal_io.save(ct)
 
 
 # --------------------------------------------------------------------------- key bundles
@@ -267,7 +239,7 @@ class Keyring:
         self._ctx = seal_context(params)
         keygen = seal.KeyGenerator(self._ctx)
         self._sk = keygen.secret_key()
-        self._relin = _to_bytes(keygen.create_relin_keys().save) if relin else b""
+        self._relin = seal_io.save(keygen.create_relin_keys()) if relin else b""
         self._encoder = seal.CKKSEncoder(self._ctx)
         self._encryptor = seal.Encryptor(self._ctx, self._sk)
         self._decryptor = seal.Decryptor(self._ctx, self._sk)
@@ -306,7 +278,7 @@ class Keyring:
             values = (col[:half] + 1j * col[half:]) if self.params.complex_packing else col
             pt = seal.Plaintext()
             self._encoder.encode(values.tolist(), scale, pt)
-            out.append(_to_bytes(self._encryptor.encrypt_symmetric(pt).save))
+            out.append(seal_io.save(self._encryptor.encrypt_symmetric(pt)))
         return out
 
     def decrypt_scores(self, data: bytes, n: int) -> np.ndarray:
@@ -365,14 +337,12 @@ class Evaluator:
         self._encoder = seal.CKKSEncoder(self._ctx)
         self._relin: seal.RelinKeys | None = None
         if keys.relin_keys:
-            rk = seal.RelinKeys()
             try:
-                _from_bytes(keys.relin_keys, lambda p: rk.load(self._ctx, p))
-            except (RuntimeError, ValueError) as e:
+                self._relin = seal_io.load(seal.RelinKeys, self._ctx, keys.relin_keys)
+            except ContextMismatch as e:
                 raise ContextMismatch(
                     f"relinearization keys do not load under {keys.params}: {e}"
                 ) from e
-            self._relin = rk
 
     def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
         """Parse a batch of ``expected`` feature ciphertexts.
