@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="W5 encrypted inference benchmark")
     ap.add_argument("--data", type=Path, default=DEFAULT)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not args.data.is_file():

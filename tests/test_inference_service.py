@@ -160,3 +160,29 @@ def test_cli_bench_json_keys_and_serve_needs_a_certificate(tmp_path):
     assert r.exit_code == 2 and "--self-signed" in r.output
     r = CliRunner().invoke(app, ["bench", "--csv", str(data), "--target", "nope"])
     assert r.exit_code == 2 and "target column 'nope'" in r.output
+
+
+def test_mlp_model_served_with_relin_keys_uploaded_once(tmp_path):
+    from hefl.inference.mlp import train_poly_mlp
+    from hefl.inference.model import ModelFile
+
+    train = read_csv(_csv(tmp_path / "train.csv", 300, seed=5))
+    pre = fit_logistic(train, target="y").preprocessing
+    mlp = train_poly_mlp(pre.transform(train), pre.labels(train), hidden=4, epochs=5)
+    mf = ModelFile(mlp, pre)
+    cert, key = self_signed(tmp_path / "certs")
+    server = make_server(ScoringService(mf), cert, key, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ScoringClient(f"https://127.0.0.1:{server.server_address[1]}", cert)
+        assert client.info()["needs_relin_keys"] is True
+        data = _csv(tmp_path / "new.csv", 40, seed=6, with_target=False)
+        out = tmp_path / "s.csv"
+        s = score_csv(client, data, out, batch_size=16)
+        assert s.batches == 3
+        _, z = _read_scores(out)
+        ref = mlp.logits(pre.transform(read_csv(data)))
+        np.testing.assert_allclose(z, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    finally:
+        server.shutdown()
+        server.server_close()
