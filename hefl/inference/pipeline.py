@@ -59,9 +59,9 @@ class PipelineConfig:
     positive: str = "yes"
     party_column: str = "job"
     min_iv: float = 0.1
-    rounds: int = 10
-    client_lr: float = 0.1
-    epochs: int = 1
+    rounds: int = 20
+    client_lr: float = 0.2
+    epochs: int = 2
     batch_size: int = 64
     seed: int = 0
 
