@@ -126,3 +126,19 @@ def test_model_file_roundtrip(tmp_path):
         '{"format": "hefl-model/1", "kind": "logistic", "coef": [NaN], "intercept": 0}')
     with pytest.raises(ConfigError, match="NaN"):
         ModelFile.load(tmp_path / "nan.json")
+
+
+def test_fast_profile_is_close_and_overflow_is_an_error_not_a_wrong_score():
+    x, y = _data(n=300)
+    model = LinearModel.from_sklearn(LogisticRegression().fit(x, y))
+    z, t_fast = score_encrypted(model, x, profile="fast")
+    np.testing.assert_allclose(z, model.logits(x), atol=1e-4)
+    _, t_precise = score_encrypted(model, x)
+    assert t_fast.bytes_up < t_precise.bytes_up  # one data prime instead of two
+    huge = LinearModel(np.full(x.shape[1], 100.0), 0.0)  # logits in the hundreds
+    with pytest.raises(ContextMismatch, match="overflow"):
+        score_encrypted(huge, x, profile="fast")
+    z, _ = score_encrypted(huge, x)  # the precise parameters have 24 bits of headroom
+    np.testing.assert_allclose(z, huge.logits(x), rtol=1e-6)
+    with pytest.raises(ConfigError, match="profile"):
+        score_encrypted(model, x, profile="turbo")

@@ -39,7 +39,7 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def bench_table(table: Table, target: str, positive: str | None = None, seed: int = 0,
-                save_model: str | Path | None = None) -> dict:
+                save_model: str | Path | None = None, profile: str = "precise") -> dict:
     """Train on 80 %, score the 20 % test split in plaintext and encrypted; the JSON figures."""
     if target not in table.columns:
         raise DataError(f"target column {target!r} is not in the data (columns: "
@@ -52,7 +52,7 @@ def bench_table(table: Table, target: str, positive: str | None = None, seed: in
     test = table.take(te)
     x, y = mf.preprocessing.transform(test), mf.preprocessing.labels(test)  # type: ignore[union-attr]
     plain = mf.model.logits(x)
-    enc, t = score_encrypted(mf.model, x)
+    enc, t = score_encrypted(mf.model, x, profile=profile)
     return {
         "rows": len(table),
         "features": mf.model.n_features,

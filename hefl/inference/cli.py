@@ -33,6 +33,7 @@ def serve(
     port: Annotated[int, typer.Option(help="port (0: any free port)")] = 8443,
     cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM)")] = None,
     key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    profile: Annotated[str, typer.Option(help="CKKS parameters: precise or fast (LR)")] = "precise",
     self_signed: Annotated[
         Path | None, typer.Option(help="write a self-signed cert.pem/key.pem here (local test)")
     ] = None,
@@ -49,7 +50,7 @@ def serve(
         if cert is None or key is None:
             raise HeflError("give --cert and --key, or --self-signed DIR for a local test "
                             "certificate")
-        service = ScoringService(ModelFile.load(model))
+        service = ScoringService(ModelFile.load(model), profile=profile)
         server = make_server(service, cert, key, host, port,
                              log=lambda m: typer.echo(m, err=True))
     except (HeflError, OSError) as e:
@@ -97,6 +98,7 @@ def bench(
     no_header: Annotated[bool, typer.Option(help="no header line: columns c1, c2, ...")] = False,
     drop: Annotated[list[str] | None, typer.Option(help="column to leave out (repeat)")] = None,
     save_model: Annotated[Path | None, typer.Option(help="also write the model file")] = None,
+    profile: Annotated[str, typer.Option(help="CKKS parameters: precise or fast")] = "precise",
 ) -> None:
     """Logistic regression on a stratified 80/20 split (seed 0), test split scored encrypted."""
     from hefl.data.tabular import read_csv
@@ -104,7 +106,8 @@ def bench(
 
     try:
         table = read_csv(csv, sep=sep, drop=drop or (), no_header=no_header)
-        res = bench_table(table, target, positive=positive, save_model=save_model)
+        res = bench_table(table, target, positive=positive, save_model=save_model,
+                          profile=profile)
     except HeflError as e:
         raise _fail(e) from e
     if json_out:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hefl.crypto.scoring import (
+    LR_FAST_PARAMS,
     LR_PARAMS,
     MLP_PARAMS,
     CkksParams,
@@ -26,17 +27,29 @@ from hefl.crypto.scoring import (
     Keyring,
     split_batches,
 )
+from hefl.errors import ConfigError
 from hefl.inference.model import LinearModel, Model, PolyMLP
 
-
-def params_for(model: Model) -> CkksParams:
-    """CKKS parameters sized to the model's multiplicative depth."""
-    return LR_PARAMS if isinstance(model, LinearModel) else MLP_PARAMS
+PROFILES = ("precise", "fast")
 
 
-def new_keyring(model: Model) -> Keyring:
+def params_for(model: Model, profile: str = "precise") -> CkksParams:
+    """CKKS parameters sized to the model's multiplicative depth.
+
+    Args:
+        profile: ``"precise"`` (default) or ``"fast"`` (logistic regression only: one data prime,
+            ~40 % cheaper, logits limited to +-128).
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown parameter profile {profile!r}; choose one of {PROFILES}")
+    if isinstance(model, LinearModel):
+        return LR_FAST_PARAMS if profile == "fast" else LR_PARAMS
+    return MLP_PARAMS
+
+
+def new_keyring(model: Model, profile: str = "precise") -> Keyring:
     """A data owner's fresh keys for scoring ``model`` (relinearization keys for the MLP)."""
-    return Keyring.generate(params_for(model), relin=isinstance(model, PolyMLP))
+    return Keyring.generate(params_for(model, profile), relin=isinstance(model, PolyMLP))
 
 
 def evaluate(evaluator: Evaluator, model: Model, blobs: Sequence[bytes]) -> bytes:
@@ -86,6 +99,7 @@ def score_encrypted(
     keyring: Keyring | None = None,
     batch_size: int | None = None,
     on_batch: Callable[[slice, np.ndarray], None] | None = None,
+    profile: str = "precise",
 ) -> tuple[np.ndarray, Timing]:
     """Encrypted logits of every row of ``x``, and the time each side spent.
 
@@ -95,8 +109,9 @@ def score_encrypted(
         keyring: the data owner's keys (fresh ones by default).
         batch_size: records per batch (default and maximum: one full ciphertext).
         on_batch: called with each batch's row slice and logits as soon as it is decrypted.
+        profile: parameter profile when no keyring is given (see ``params_for``).
     """
-    keyring = keyring or new_keyring(model)
+    keyring = keyring or new_keyring(model, profile)
     evaluator = Evaluator(keyring.evaluation_keys())
     cap = keyring.params.records_per_ciphertext
     size = min(batch_size or cap, cap)

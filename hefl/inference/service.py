@@ -55,11 +55,13 @@ class ScoringService:
     Args:
         model_file: the model and its preprocessing.
         max_sessions: least recently used sessions beyond this are dropped.
+        profile: CKKS parameter profile (``params_for``): ``"precise"`` or ``"fast"``.
     """
 
-    def __init__(self, model_file: ModelFile, max_sessions: int = 32) -> None:
+    def __init__(self, model_file: ModelFile, max_sessions: int = 32,
+                 profile: str = "precise") -> None:
         self.model_file = model_file
-        self.params = params_for(model_file.model)
+        self.params = params_for(model_file.model, profile)
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Evaluator] = OrderedDict()
         self._lock = threading.Lock()
