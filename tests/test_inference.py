@@ -93,7 +93,12 @@ def test_ciphertext_under_other_keys_is_detected(lr_keys):
 def test_evaluation_keys_roundtrip_and_hold_no_secret(lr_keys):
     ek = lr_keys.evaluation_keys()
     back = EvaluationKeys.loads(ek.dumps())
-    assert back == ek and back.relin_keys == b""  # LR needs no key at all on the server
+    assert back == ek and back.relin_keys == back.galois_keys == b""  # LR: no key on the server
+    mlp = Keyring.generate(MLP_PARAMS, relin=True).evaluation_keys()
+    back = EvaluationKeys.loads(mlp.dumps())
+    assert back == mlp and back.relin_keys and back.galois_keys  # relinearization + conjugation
+    with pytest.raises(TransportError, match="truncated"):
+        EvaluationKeys.loads(mlp.dumps()[: -len(mlp.galois_keys) - 10])
     assert "secret" not in repr(lr_keys)
     with pytest.raises(TransportError):
         EvaluationKeys.loads(b"not a bundle")

@@ -11,13 +11,18 @@ linear layer is ``sum_j w_j * ct_j + b``: ``d`` plaintext-scalar multiplications
 rotation (so no Galois keys) and every slot is used. Packing one record per ciphertext would
 waste slots or need ``log2(d)`` rotations per record to sum the products.
 
-For logistic regression the slots are also used as complex numbers (record ``i`` in the real part,
-record ``i + N/2`` in the imaginary part): a real scalar times a complex slot scales both parts,
-so one ciphertext carries ``N`` records instead of ``N/2``. The server returns the encrypted
-logit, unrescaled; the data owner decrypts and applies the sigmoid.
+Both real and imaginary parts of every slot carry a record (record ``i`` in the real part,
+record ``i + N/2`` in the imaginary part), so one ciphertext carries ``N`` records. A real scalar
+times a complex slot scales both parts, so linear layers work unchanged. For logistic regression
+the server returns the encrypted logit, unrescaled; the data owner decrypts and applies the
+sigmoid.
 
-The MLP (``x -> W1 x + b1 -> c2 z^2 + c1 z + c0 -> v . h + b2``) uses real packing (squaring a
-complex slot would mix the two records) and needs relinearization keys, uploaded once.
+The MLP (``x -> W1 x + b1 -> c2 z^2 + c1 z + c0 -> v . h + b2``) cannot square a complex slot
+directly (``(a + ib)^2`` mixes the two records), so with ``w = conj(z)`` (one Galois key):
+``P = z w = a^2 + b^2`` and ``Q = z^2 + w^2 = 2(a^2 - b^2)`` are real, and
+``P (1 + i)/2 + Q (1 - i)/4 = a^2 + i b^2``. The complex constants are folded into the output
+layer's weights, so the depth stays three. The MLP needs relinearization keys and the
+conjugation key, uploaded once per session.
 
 Keys: the data owner holds the secret key and is the only party that encrypts and decrypts, so
 records are encrypted with SEAL's *symmetric* encryption: faster than public-key encryption and
@@ -65,7 +70,7 @@ class CkksParams:
         coeff_mod_bit_sizes: prime sizes; the last is SEAL's special (key-switching) prime.
         scale_bits: inputs are encoded at scale 2**scale_bits.
         weight_scale_bits: plaintext weights of the last (unrescaled) product, 2**bits.
-        complex_packing: two records per slot (real and imaginary part); linear models only.
+        complex_packing: two records per slot (real and imaginary part).
     """
 
     poly_modulus_degree: int
@@ -130,8 +135,8 @@ LR_PARAMS = CkksParams(4096, (50, 39, 20), scale_bits=40, weight_scale_bits=25,
 #: Logistic regression, one data prime: cheaper, logits limited to +-128 (checked on decryption).
 LR_FAST_PARAMS = CkksParams(4096, (60, 49), scale_bits=30, weight_scale_bits=21,
                             complex_packing=True)
-#: One-hidden-layer MLP with a quadratic activation: three rescales.
-MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35)
+#: One-hidden-layer MLP with a quadratic activation: three rescales, complex packing.
+MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35, complex_packing=True)
 
 
 # --------------------------------------------------------------------------- SEAL plumbing
@@ -193,15 +198,19 @@ class EvaluationKeys:
         params: CKKS parameters.
         key_id: random id of the data owner's secret key; every batch carries it.
         relin_keys: serialized relinearization keys (MLP only), else empty.
+        galois_keys: serialized conjugation key (MLP with complex packing), else empty.
     """
 
     params: CkksParams
     key_id: str
     relin_keys: bytes = b""
+    galois_keys: bytes = b""
 
     def dumps(self) -> bytes:
-        head = json.dumps({"params": self.params.to_dict(), "key_id": self.key_id}).encode()
-        return _BUNDLE_MAGIC + struct.pack("<I", len(head)) + head + self.relin_keys
+        head = json.dumps({"params": self.params.to_dict(), "key_id": self.key_id,
+                           "relin_bytes": len(self.relin_keys)}).encode()
+        return (_BUNDLE_MAGIC + struct.pack("<I", len(head)) + head + self.relin_keys
+                + self.galois_keys)
 
     @classmethod
     def loads(cls, data: bytes) -> EvaluationKeys:
@@ -219,9 +228,13 @@ class EvaluationKeys:
             head = json.loads(data[start : start + n])
             params = CkksParams.from_dict(head["params"])
             key_id = str(head["key_id"])
+            n_relin = int(head.get("relin_bytes", 0))
         except (ValueError, KeyError, TypeError) as e:
             raise TransportError(f"malformed evaluation-key bundle header: {e}") from e
-        return cls(params, key_id, bytes(data[start + n :]))
+        keys = bytes(data[start + n :])
+        if not 0 <= n_relin <= len(keys):
+            raise TransportError("evaluation-key bundle is truncated")
+        return cls(params, key_id, keys[:n_relin], keys[n_relin:])
 
 
 # --------------------------------------------------------------------------- data owner
@@ -247,6 +260,9 @@ class Keyring:
         keygen = seal.KeyGenerator(self._ctx)
         self._sk = keygen.secret_key()
         self._relin = seal_io.save(keygen.create_relin_keys()) if relin else b""
+        conj = [2 * params.poly_modulus_degree - 1]  # the Galois element of complex conjugation
+        self._galois = (seal_io.save(keygen.create_galois_keys(conj))
+                        if relin and params.complex_packing else b"")
         self._encoder = seal.CKKSEncoder(self._ctx)
         self._encryptor = seal.Encryptor(self._ctx, self._sk)
         self._decryptor = seal.Decryptor(self._ctx, self._sk)
@@ -259,7 +275,7 @@ class Keyring:
 
     def evaluation_keys(self) -> EvaluationKeys:
         """The public half for the model owner (parameters, key id, relinearization keys)."""
-        return EvaluationKeys(self.params, self.key_id, self._relin)
+        return EvaluationKeys(self.params, self.key_id, self._relin, self._galois)
 
     def __repr__(self) -> str:  # never print key material
         return f"Keyring(key_id={self.key_id!r}, params={self.params})"
@@ -351,6 +367,12 @@ class Evaluator:
                 raise ContextMismatch(
                     f"relinearization keys do not load under {keys.params}: {e}"
                 ) from e
+        self._galois: seal.GaloisKeys | None = None
+        if keys.galois_keys:
+            try:
+                self._galois = seal_io.load(seal.GaloisKeys, self._ctx, keys.galois_keys)
+            except ContextMismatch as e:
+                raise ContextMismatch(f"Galois keys do not load under {keys.params}: {e}") from e
 
     def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
         """Parse a batch of ``expected`` feature ciphertexts.
@@ -417,14 +439,16 @@ class Evaluator:
                  b2: float) -> bytes:
         """Encrypted logits of ``w2 . f(w1 x + b1) + b2`` with ``f(z) = c2 z^2 + c1 z + c0``.
 
-        Depth 3 with one rescale after each product, weights encoded at the prime they are
-        rescaled by so that scales come back exactly to the input scale.
+        Depth 3 with one rescale after each product; weights are encoded at the prime they are
+        rescaled by, so that scales come back exactly to the input scale. The activation's
+        linear and constant terms are folded into the output layer.
         """
         if self._relin is None:
             raise CryptoError("the MLP needs relinearization keys; generate the keyring with "
                               "relin=True")
-        if self.params.complex_packing:
-            raise ConfigError("the MLP needs real packing (squaring mixes complex slots)")
+        cplx = self.params.complex_packing
+        if cplx and self._galois is None:
+            raise CryptoError("the MLP with complex packing needs the conjugation (Galois) key")
         w1 = np.asarray(w1, np.float64)
         w2 = np.asarray(w2, np.float64).reshape(-1)
         b1 = np.asarray(b1, np.float64).reshape(-1)
@@ -433,35 +457,56 @@ class Evaluator:
         ev = self._eval
         q = self._primes(cts[0])  # data primes at the fresh level, q[-1] is dropped first
         delta = cts[0].scale
-        z_cts, u_cts = [], []
+        terms: list[tuple[seal.Ciphertext, complex]] = []
         for k in range(w1.shape[0]):
             z = self._dot(cts, w1[k], q[-1])  # scale delta * q_L
-            ev.add_plain_inplace(z, self._real_scalar(b1[k], z, z.scale))
-            ev.rescale_to_next_inplace(z)  # scale ~ delta
-            u = seal.Ciphertext()
-            ev.square(z, u)
-            ev.relinearize_inplace(u, self._relin)
-            ev.rescale_to_next_inplace(u)  # scale ~ delta^2 / q_{L-1}
-            ev.mod_switch_to_next_inplace(z)  # same level as u, scale unchanged
-            z_cts.append(z)
-            u_cts.append(u)
-        q1 = float(self._primes(u_cts[0])[-1])
+            ev.add_plain_inplace(z, self._const(b1[k], z, z.scale))
+            ev.rescale_to_next_inplace(z)  # scale delta
+            for sq, coeff in self._squares(z):
+                terms.append((sq, coeff * w2[k] * c2))
+            ev.mod_switch_to_next_inplace(z)  # level of the squares, scale unchanged
+            terms.append((z, complex(w2[k] * c1)))
+        q1 = float(self._primes(terms[0][0])[-1])
         target = q1 * delta
         acc: seal.Ciphertext | None = None
-        for k in range(w1.shape[0]):
-            for ct, coeff in ((u_cts[k], w2[k] * c2), (z_cts[k], w2[k] * c1)):
-                prod = seal.Ciphertext()
-                ev.multiply_plain(ct, self._real_scalar(coeff, ct, target / ct.scale), prod)
-                prod.scale = target  # equal up to float rounding of target / scale * scale
-                if acc is None:
-                    acc = prod
-                else:
-                    ev.add_inplace(acc, prod)
+        for ct, coeff in terms:
+            pt = seal.Plaintext()
+            value = coeff if cplx else coeff.real
+            self._encoder.encode(value, ct.parms_id(), target / ct.scale, pt)
+            prod = seal.Ciphertext()
+            ev.multiply_plain(ct, pt, prod)
+            prod.scale = target  # equal up to float rounding of target / scale * scale
+            if acc is None:
+                acc = prod
+            else:
+                ev.add_inplace(acc, prod)
         assert acc is not None
-        const = float(b2 + c0 * w2.sum())
-        ev.add_plain_inplace(acc, self._real_scalar(const, acc, acc.scale))
+        ev.add_plain_inplace(acc, self._const(float(b2 + c0 * w2.sum()), acc, acc.scale))
         ev.rescale_to_next_inplace(acc)
         return save_ciphertext(acc)
+
+    def _squares(self, z: seal.Ciphertext) -> list[tuple[seal.Ciphertext, complex]]:
+        """Ciphertexts and complex weights whose weighted sum is the slot-wise square of each
+        record: ``z^2`` with real packing; ``P (1+i)/2 + Q (1-i)/4`` with complex packing."""
+        ev = self._eval
+
+        def finish(ct: seal.Ciphertext) -> seal.Ciphertext:
+            ev.relinearize_inplace(ct, self._relin)
+            ev.rescale_to_next_inplace(ct)
+            return ct
+
+        if not self.params.complex_packing:
+            u = seal.Ciphertext()
+            ev.square(z, u)
+            return [(finish(u), 1.0 + 0j)]
+        w = seal.Ciphertext()
+        ev.complex_conjugate(z, self._galois, w)
+        p, z2, w2 = seal.Ciphertext(), seal.Ciphertext(), seal.Ciphertext()
+        ev.multiply(z, w, p)  # a^2 + b^2
+        ev.square(z, z2)
+        ev.square(w, w2)
+        ev.add_inplace(z2, w2)  # 2 (a^2 - b^2)
+        return [(finish(p), (1 + 1j) / 2), (finish(z2), (1 - 1j) / 4)]
 
     def _primes(self, ct: seal.Ciphertext) -> list[int]:
         cd = self._ctx.get_context_data(ct.parms_id())
