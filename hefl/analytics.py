@@ -244,8 +244,8 @@ def _numeric_stats(name: str, spec: VariableSpec, scale: float, moments: np.ndar
     labels = tuple(f"[{_cell_edge(a, spec.grid, scale):.6g}, {_cell_edge(b, spec.grid, scale):.6g})"
                    for a, b in groups)
     return VariableStats(name, "numeric", iv, labels, tuple(woe.tolist()),
-                         tuple((int(g), int(b)) for g, b in counts), mean=mu * scale,
-                         var=var_u * scale * scale, corr=float(corr))
+                         tuple((int(g), int(b)) for g, b in counts), mean=float(mu * scale),
+                         var=float(var_u * scale * scale), corr=float(corr))
 
 
 def _categorical_stats(name: str, levels: tuple[str, ...], counts: np.ndarray
@@ -319,6 +319,15 @@ def federated_stats(
     Raises:
         RoundError: no party contributed.
         DataError: a party's data does not follow the plan.
+
+    Example:
+        >>> rows = {"a": [["20", "red", "no"], ["30", "blue", "yes"]],
+        ...         "b": [["40", "red", "no"], ["50", "blue", "yes"], ["60", "red", "yes"]]}
+        >>> parties = {k: Table.from_rows(["age", "color", "y"], v) for k, v in rows.items()}
+        >>> spec = VariableSpec("y", "yes", ("age",), {"color": ("blue", "red")})
+        >>> st = federated_stats(parties, spec)   # PlainAggregator; pass a CKKS one to encrypt
+        >>> st.n, round(st.variables["age"].mean, 6), st.variables["color"].counts
+        (5, 40.0, ((0, 2), (2, 1)))
     """
     if not parties:
         raise ConfigError("no parties given")

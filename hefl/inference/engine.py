@@ -110,6 +110,15 @@ def score_encrypted(
         batch_size: records per batch (default and maximum: one full ciphertext).
         on_batch: called with each batch's row slice and logits as soon as it is decrypted.
         profile: parameter profile when no keyring is given (see ``params_for``).
+
+    Example:
+        >>> import numpy as np
+        >>> from hefl.inference.model import LinearModel
+        >>> model = LinearModel(np.array([1.0, -2.0]), 0.5)
+        >>> x = np.array([[1.0, 1.0], [0.0, -1.0], [2.0, 0.25]])
+        >>> logits, timing = score_encrypted(model, x)
+        >>> np.round(logits, 5).tolist(), timing.records
+        ([-0.5, 2.5, 2.0], 3)
     """
     keyring = keyring or new_keyring(model, profile)
     evaluator = Evaluator(keyring.evaluation_keys())
