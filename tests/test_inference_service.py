@@ -186,3 +186,21 @@ def test_mlp_model_served_with_relin_keys_uploaded_once(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_resume_cuts_a_torn_last_line_and_refuses_another_file(served, tmp_path):
+    data = _csv(tmp_path / "new.csv", 30, seed=7, with_target=False)
+    out = tmp_path / "s.csv"
+    client = ScoringClient(served["url"], served["cert"])
+    score_csv(client, data, out, batch_size=10)
+    text = out.read_text().splitlines()
+    out.write_text("\n".join(text[:21]) + "\n20,0.12")  # crash in the middle of row 20
+    s = score_csv(client, data, out, batch_size=10, resume=True)
+    assert (s.skipped, s.scored) == (20, 10)
+    rows, z = _read_scores(out)
+    assert rows.tolist() == list(range(30))
+    x = served["mf"].preprocessing.transform(read_csv(data))
+    np.testing.assert_allclose(z, served["mf"].model.logits(x), atol=1e-5)
+    small = _csv(tmp_path / "small.csv", 5, seed=8, with_target=False)
+    with pytest.raises(DataError, match="another data file"):
+        score_csv(client, small, out, resume=True)

@@ -289,11 +289,22 @@ class ScoreSummary:
 
 
 def _rows_done(out: Path) -> int:
-    with open(out, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0] != ["row", "logit", "probability"]:
+    """Rows already scored in ``out``; a torn last line (crash mid-write) is cut off."""
+    raw = out.read_bytes()
+    lines = raw.split(b"\n")
+    if lines[0].strip() != b"row,logit,probability":
         raise DataError(f"{out} is not a hefl scores file; remove it or choose another --out")
-    return len(rows) - 1
+    keep, done = len(lines[0]) + 1, 0
+    for line in lines[1:]:
+        parts = line.split(b",")
+        if len(parts) != 3 or parts[0] != str(done).encode():
+            break
+        keep += len(line) + 1
+        done += 1
+    if keep < len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(min(keep, len(raw)))
+    return done
 
 
 def score_csv(
@@ -328,6 +339,9 @@ def score_csv(
         if not resume:
             raise DataError(f"{out} exists; pass --resume to continue it or choose another --out")
         done = _rows_done(out)
+        if done > len(x):
+            raise DataError(f"{out} already holds {done} scores but {data} has {len(x)} rows; "
+                            "it belongs to another data file")
     if keyring is None:  # the parameters are re-checked for 128-bit security here
         keyring = Keyring.generate(CkksParams.from_dict(info["ckks"]),
                                    relin=bool(info["needs_relin_keys"]))
