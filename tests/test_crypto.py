@@ -209,6 +209,11 @@ def test_keyholder_refuses_small_aggregate_and_simulation_skips_round():
         agg.key_holder.decode(one)
     with pytest.raises(RoundError, match="refusing"):
         agg.decode(one)  # simulation: the round is skipped, the run goes on
+    with pytest.raises(KeyCustodyError, match="only sums"):
+        agg.key_holder.decode(agg.encode(0, np.ones(4) * 0.5, 1.0))  # one client's update
+    empty = agg.aggregate({})
+    with pytest.raises(KeyCustodyError, match="aggregate of 0"):
+        agg.key_holder.decode(agg.server.dumps(empty.payload))
 
 
 # ---------------------------------------------------------------- bad input

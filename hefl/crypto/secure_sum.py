@@ -38,6 +38,7 @@ from hefl.aggregation import Aggregate, PlainPayload, check_update
 from hefl.crypto import wire
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
 from hefl.crypto.packing import pack, unpack
+from hefl.crypto.seal import save
 from hefl.crypto.spec import CUSTODY, HeSpec, bfv_spec, ckks_spec
 from hefl.errors import (
     ConfigError,
@@ -127,7 +128,7 @@ def parse_sum(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedSum:
     fp, kid = r.take(16), r.take(16)
     _check_stamp(spec, key_id, fp, kid, "encrypted sum")
     count = r.u32()
-    cts = r.blobs(spec.n_ciphertexts, _blob_limit(spec))
+    cts = r.blobs(spec.n_ciphertexts if count else 0, _blob_limit(spec))
     r.end()
     return EncryptedSum(fp, kid, count, tuple(cts))
 
@@ -269,7 +270,7 @@ class SummingServer:
     def _ciphertexts(self, cid: Hashable, payload: Any) -> list[Any]:
         if isinstance(payload, (bytes, bytearray, memoryview)):
             payload = self.loads(bytes(payload))
-        if isinstance(payload, PlainPayload) or isinstance(payload, np.ndarray):
+        if isinstance(payload, (PlainPayload, np.ndarray)):
             raise UpdateRejected(
                 "received a plaintext update where a ciphertext was expected; the client must "
                 "encrypt", client_id=cid, stage="aggregate",
@@ -317,18 +318,12 @@ class SummingServer:
                 for a, c in zip(acc, cts, strict=True):
                     self.seal.add_inplace(a, c)
             ok.append(cid)
-        blobs = tuple(_save_all(acc)) if acc is not None else ()
+        blobs = tuple(save(c) for c in acc) if acc is not None else ()
         total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok), blobs)
         return Aggregate(total, tuple(ok), rejected)
 
     def dumps(self, total: EncryptedSum) -> bytes:
         return total.to_bytes()
-
-
-def _save_all(cts: list[Any]) -> list[bytes]:
-    from hefl.crypto.seal import save
-
-    return [save(c) for c in cts]
 
 
 class KeyHolder:
@@ -366,7 +361,10 @@ class KeyHolder:
         if isinstance(total, (bytes, bytearray, memoryview)):
             total = self.loads(bytes(total))
         if not isinstance(total, EncryptedSum):
-            raise CryptoError(f"expected an EncryptedSum, got {type(total).__name__}")
+            raise KeyCustodyError(
+                f"the key holder decrypts only sums of updates (EncryptedSum), got "
+                f"{type(total).__name__}"
+            )
         _check_stamp(self.spec, self.share.key_id, total.fingerprint, total.key_id, "encrypted sum")
         if total.count < self.min_clients:
             raise KeyCustodyError(
