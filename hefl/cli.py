@@ -137,7 +137,7 @@ def simulate(
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he: str | None = typer.Option(
-        None, help="encrypt client updates: 'bfv' (quantized, packed) or 'ckks'"
+        None, help="encrypt client updates: bfv (default choice), bfv-packed or ckks"
     ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
