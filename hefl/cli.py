@@ -202,5 +202,13 @@ def demo(
     out.print(f"[bold green]final accuracy: {s['final_accuracy']:.4f}[/]")
 
 
+def _mount() -> None:
+    from hefl.inference.cli import app as infer_app
+
+    app.add_typer(infer_app, name="infer")
+
+
+_mount()
+
 if __name__ == "__main__":  # pragma: no cover
     app()
