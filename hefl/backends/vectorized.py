@@ -25,9 +25,12 @@ What cannot be vectorized falls back to ``SequentialRunner`` with a ``RuntimeWar
 models that are not ``TorchModel`` (e.g. ``LogisticRegressionModel``), modules with buffers
 (BatchNorm running statistics) or active dropout (their sequential result depends on hidden
 state or the global RNG), recurrent modules (``nn.LSTM``/``GRU``/``RNN``: torch has no vmap
-batching rule for their fused kernels, so vmap would loop over clients inside them; measured 6x
-slower than sequential on W3), client data whose shapes cannot be stacked, and modules that
-``torch.func`` cannot transform (checked with one probe step).
+batching rule for their fused kernels; with ``torch.func.grad`` vmap loops over clients inside
+them, measured 6x slower than sequential on W3), client data whose shapes cannot be stacked, and
+modules that ``torch.func`` cannot transform or can only loop over (checked with one probe step).
+On a CPU, convolutions under vmap become grouped convolutions, slower than the sequential
+backend (W2's CNN: about 2x); the vectorized backend pays off there on a GPU, and on a CPU for
+small models and many small clients.
 
 References:
     Horváth et al., "FedJAX: Federated learning simulation with JAX", 2021.
@@ -105,8 +108,9 @@ def cannot_vectorize(model: Any) -> str | None:
         return "the module uses dropout, whose random masks depend on the global RNG"
     if any(isinstance(m, nn.RNNBase) for m in module.modules()):
         return (
-            "torch has no vmap batching rule for the fused RNN/LSTM kernels: vmap would loop over "
-            "clients inside them, slower than the sequential backend"
+            "torch has no vmap batching rule for the fused RNN/LSTM kernels (under autograd vmap "
+            "cannot run them; under torch.func.grad it loops over clients, 6x slower than the "
+            "sequential backend on W3)"
         )
     names = tuple(n for n, _ in module.named_parameters())
     if names != tuple(model.spec.names):
