@@ -255,8 +255,8 @@ def make_runner(model: Any, data: FederatedData, backend: str = "sequential", **
     """The ClientRunner for ``backend`` over ``data`` (each client its own data and test split).
 
     Options: ``"vectorized"`` takes ``device`` ("cpu"/"cuda") and ``max_cohort``
-    (``hefl.backends.vectorized``); ``"ray"`` takes ``address``, ``num_cpus``, ``num_actors``
-    (``hefl.backends.ray``, needs the ``ray`` extra)."""
+    (``hefl.backends.vectorized``); ``"ray"`` takes ``address``, ``num_cpus``, ``num_actors``,
+    ``threads`` (``hefl.backends.ray``, needs the ``ray`` extra)."""
     if backend == "sequential":
         return SequentialRunner(
             {cid: ModelClient(model, d, data.test.get(cid)) for cid, d in data.train.items()}
