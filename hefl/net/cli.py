@@ -1,0 +1,155 @@
+"""Command line of the deployment: ``server``, ``client``, ``certs``, ``keys``, ``status``,
+``split-data``. The top-level ``hefl`` CLI mounts these commands; ``python -m hefl.net.cli``
+runs them directly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hefl.errors import HeflError
+
+app = typer.Typer(help="hefl deployment: server, clients, certificates, status.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def server(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
+) -> None:
+    """Run (or resume) the federated run described by CONFIG; state lives in its state_dir."""
+    from hefl.net.config import load_config
+    from hefl.net.server import FederationServer
+
+    try:
+        srv = FederationServer(load_config(config))
+        srv.start()
+    except HeflError as e:
+        _fail(e)
+    signal.signal(signal.SIGTERM, lambda *_: srv.stopping.set())
+    try:
+        history = srv.run()
+    except HeflError as e:
+        srv.stop()
+        _fail(e)
+    except KeyboardInterrupt:
+        srv.stop()
+        raise typer.Exit(130) from None
+    srv.stop()
+    final = history.final
+    typer.echo(json.dumps({"run_id": srv.run_id, "rounds": len(history),
+                           "metrics": final.get("metrics", {})}))
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option("--server", "-s", help="HOST:PORT of the server")],
+    data: Annotated[Path, typer.Option("--data", "-d", help=".npz with this client's x, y")],
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="HEFL_TOKEN", help="NAME:SECRET (or set HEFL_TOKEN)")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="file holding the token")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate that signed the server's")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client private key (mTLS)")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS (loopback tests only)")] = False,
+    server_name: Annotated[str | None, typer.Option(help="TLS name to verify, if not HOST")] = None,
+    give_up_after: Annotated[float, typer.Option(
+        help="seconds without reaching the server before giving up")] = 300.0,
+    fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
+) -> None:
+    """Join a federation and train on local data until the server ends the run."""
+    from hefl.net.client import ClientSettings, FederationClient
+    from hefl.net.wire import Token
+
+    try:
+        if token_file is not None:
+            token = token_file.read_text().strip()
+        if not token:
+            raise HeflError("pass --token NAME:SECRET, --token-file PATH or set HEFL_TOKEN")
+        settings = ClientSettings(
+            server=server, data=data, token=Token.parse(token), ca=ca, cert=cert, key=key,
+            insecure=insecure, server_name=server_name, give_up_s=give_up_after,
+            fit_delay_s=fit_delay,
+        )
+        summary = FederationClient(settings).run()
+    except (HeflError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary.__dict__))
+
+
+@app.command()
+def certs(
+    clients: Annotated[str, typer.Option(help="comma-separated client names")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write into")] = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option(
+        help="server DNS name or IP (repeat; default localhost and 127.0.0.1)")] = None,
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
+) -> None:
+    """Make a test CA, server and client certificates, client tokens and the registry."""
+    from hefl.certs import make_federation
+
+    try:
+        fed = make_federation(out, [c.strip() for c in clients.split(",") if c.strip()],
+                              hosts=host or ("localhost", "127.0.0.1"), days=days,
+                              overwrite=overwrite)
+    except HeflError as e:
+        _fail(e)
+    typer.echo(f"CA {fed.ca}\nserver {fed.server_cert} {fed.server_key}\n"
+               f"registry {fed.registry} (give the server this)\n"
+               f"clients {fed.client_dir}/NAME.{{token,pem,key}} (give each client its own)")
+
+
+@app.command()
+def status(
+    state: Annotated[Path, typer.Option(help="the server's state_dir")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of the latest run")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="write its metrics as JSON lines")] = None,
+) -> None:
+    """Show the runs in a state directory: rounds, participants, metrics."""
+    from hefl.net.status import render, summarize
+
+    try:
+        info = summarize(state, plot=plot, metrics=metrics)
+    except HeflError as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@app.command("split-data")
+def split_data(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("data"),
+    clients: Annotated[str, typer.Option(help="comma-separated names")] = "alice,bob,carol",
+    partition: Annotated[str, typer.Option(help="dirichlet or iid")] = "dirichlet",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write the W1 digits split as one NAME.npz per client plus test.npz (demo data)."""
+    from hefl.net.data import write_federated
+    from hefl.workloads import digits
+
+    names = [c.strip() for c in clients.split(",") if c.strip()]
+    try:
+        w = digits(num_clients=len(names), partition=partition, seed=seed)
+        paths = write_federated(w.data, out, names, w.test)
+    except HeflError as e:
+        _fail(e)
+    typer.echo("\n".join(str(p) for p in paths) + f"\n{out / 'test.npz'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

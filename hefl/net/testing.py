@@ -1,0 +1,130 @@
+"""Helpers to stand up a federation on loopback: tests, the benchmark and the README demo.
+
+Everything is real: a CA and tokens from ``hefl.certs``, a ``run.toml``, one ``.npz`` per
+client, and server/client *processes* started with ``python -m hefl.net.cli``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hefl.certs import Federation, make_federation
+from hefl.data.federated import ClientData, FederatedData
+from hefl.net.data import write_federated
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(doc: Mapping[str, Mapping[str, Any]]) -> str:
+    """A TOML document of flat tables (enough for run.toml)."""
+    out = []
+    for section, values in doc.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A federation written to disk."""
+
+    root: Path
+    config: Path
+    names: tuple[str, ...]
+    fed: Federation
+    data: Mapping[str, Path]
+    address: str
+    state: Path
+
+    def client_args(self, name: str, *, tls: bool = True) -> list[str]:
+        args = ["--server", self.address, "--data", str(self.data[name]),
+                "--token-file", str(self.fed.token(name))]
+        return args + (["--ca", str(self.fed.ca)] if tls else ["--insecure"])
+
+
+def make_demo(
+    root: Path,
+    data: FederatedData,
+    *,
+    model: Mapping[str, Any],
+    rounds: int,
+    clients_per_round: int,
+    seed: int = 0,
+    algorithm: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
+    tls: bool = True,
+    test: ClientData | None = None,
+    names: Sequence[str] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
+) -> Demo:
+    """Write certs, per-client data and ``run.toml`` under ``root``."""
+    names = tuple(names or [f"c{i}" for i in range(len(data))])
+    fed = make_federation(root / "certs", names)
+    paths = write_federated(data, root / "data", names, test)
+    address = f"127.0.0.1:{free_port()}"
+    srv = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
+           "start_timeout_s": 60.0, "join_timeout_s": 5.0, "heartbeat_s": 2.0}
+    if test is not None:
+        srv["test_data"] = "data/test.npz"
+    srv.update(server or {})
+    doc = {
+        "run": {"name": "t", "rounds": rounds, "clients_per_round": clients_per_round,
+                "seed": seed, "state_dir": "state"},
+        "algorithm": dict(algorithm or {"name": "fedavg", "client_lr": 0.05}),
+        "model": dict(model),
+        "aggregation": dict(aggregation or {"kind": "plain"}),
+        "server": srv,
+        "tls": ({"cert": "certs/server.pem", "key": "certs/server.key"} if tls
+                else {"insecure": True}),
+        "clients": {"registry": "certs/clients.toml"},
+    }
+    cfg = root / "run.toml"
+    cfg.write_text(to_toml(doc))
+    shards = dict(zip(names, paths, strict=True))
+    return Demo(root, cfg, names, fed, shards, address, root / "state")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def spawn(args: Sequence[str], log: Path) -> subprocess.Popen:
+    """``python -m hefl.net.cli ARGS`` with output to ``log``."""
+    f = open(log, "ab")  # noqa: SIM115 - closed when the process is reaped by the caller
+    return subprocess.Popen([sys.executable, "-m", "hefl.net.cli", *args], stdout=f,
+                            stderr=subprocess.STDOUT, env=env(), cwd=str(ROOT))
+
+
+def spawn_server(demo: Demo, tag: str = "") -> subprocess.Popen:
+    return spawn(["server", "--config", str(demo.config)], demo.root / f"server{tag}.log")
+
+
+def spawn_client(demo: Demo, name: str, *extra: str, tls: bool = True) -> subprocess.Popen:
+    return spawn(["client", *demo.client_args(name, tls=tls), *extra],
+                 demo.root / f"client-{name}.log")
