@@ -407,9 +407,7 @@ class FederationServer:
                 if item == "dead" or not context.is_active():
                     return
                 if item is None:
-                    yield pb.ServerFrame(header=pb.TaskHeader(kind=pb.TASK_HEARTBEAT,
-                                                              run_id=self.run_id))
-                    continue
+                    item = pb.TaskHeader(kind=pb.TASK_HEARTBEAT, run_id=self.run_id), b""
                 header, body = item
                 yield from wire.server_frames(header, body)
                 if header.kind == pb.TASK_DONE:

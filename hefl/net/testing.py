@@ -128,3 +128,33 @@ def spawn_server(demo: Demo, tag: str = "") -> subprocess.Popen:
 def spawn_client(demo: Demo, name: str, *extra: str, tls: bool = True) -> subprocess.Popen:
     return spawn(["client", *demo.client_args(name, tls=tls), *extra],
                  demo.root / f"client-{name}.log")
+
+
+def events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The structured events in a log file (non-JSON lines skipped)."""
+    import json
+
+    out = []
+    if not log.exists():
+        return out
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and "event" in e and (name is None or e["event"] == name):
+            out.append(e)
+    return out
+
+
+def wait_event(log: Path, name: str, timeout: float = 60.0, **match: Any) -> dict[str, Any]:
+    """Block until ``log`` holds event ``name`` with the given field values."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in events(log, name):
+            if all(e.get(k) == v for k, v in match.items()):
+                return e
+        time.sleep(0.05)
+    raise TimeoutError(f"no {name} {match} in {log} after {timeout} s")
