@@ -127,13 +127,12 @@ class FederationClient:
 
     def run(self) -> ClientSummary:
         delay, cap = self.s.backoff_s
-        last_ok = time.monotonic()
+        self._last_ok = time.monotonic()
         while True:
             try:
                 with make_channel(self.s) as channel:
                     if self._session(channel):
                         return self.summary
-                    last_ok = time.monotonic()
                     delay = self.s.backoff_s[0]
             except grpc.RpcError as e:
                 code = e.code()  # type: ignore[attr-defined]
@@ -143,7 +142,7 @@ class FederationClient:
                       details=e.details(), delay_s=round(delay, 2))  # type: ignore[attr-defined]
             except TransportError as e:
                 event(self.log, "reconnecting", level=logging.WARNING, error=str(e))
-            if time.monotonic() - last_ok > self.s.give_up_s:
+            if time.monotonic() - self._last_ok > self.s.give_up_s:
                 raise TransportError(
                     f"could not reach the server at {self.s.server} for {self.s.give_up_s:.0f} s"
                 )
@@ -158,6 +157,7 @@ class FederationClient:
             response_deserializer=pb.JoinReply.FromString,
         )(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION), metadata=self.md, timeout=30)
         self._prepare(join)
+        self._last_ok = time.monotonic()
         event(self.log, "joined", run_id=join.run_id, index=join.index, rounds=join.rounds)
         stream = channel.unary_stream(
             wire.method("Subscribe"), request_serializer=pb.SubscribeRequest.SerializeToString,
@@ -169,6 +169,7 @@ class FederationClient:
         )
         try:
             for header, body in _tasks(stream):
+                self._last_ok = time.monotonic()
                 if header.kind == pb.TASK_DONE:
                     event(self.log, "run_finished", run_id=join.run_id,
                           rounds_trained=self.summary.rounds_trained)

@@ -300,6 +300,8 @@ class FederationServer:
                     rejected[n] = task.dropped.get(n) or task.rejected.get(
                         n, "straggler: no answer before the round closed"
                     )
+        if self.stopping.is_set():
+            return None  # shutting down: leave the round to the next server life
         if len(results) < s.min_clients:
             event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
                   reason=f"{len(results)} answers, min_clients={s.min_clients}", rejected=rejected)
@@ -342,7 +344,11 @@ class FederationServer:
         rows = "".join(json.dumps(r.to_dict()) + "\n" for r in history)
         write_atomic(self.cfg.state_dir / "metrics.jsonl", rows)
         if plot and len(history):
-            history.plot(self.cfg.state_dir / "run.png", title=f"hefl run {self.run_id}")
+            import warnings
+
+            with warnings.catch_warnings():  # a run without a test set has no accuracy curve
+                warnings.simplefilter("ignore", UserWarning)
+                history.plot(self.cfg.state_dir / "run.png", title=f"hefl run {self.run_id}")
 
     # ------------------------------------------------------------------ authentication
 

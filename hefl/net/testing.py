@@ -158,3 +158,46 @@ def wait_event(log: Path, name: str, timeout: float = 60.0, **match: Any) -> dic
                 return e
         time.sleep(0.05)
     raise TimeoutError(f"no {name} {match} in {log} after {timeout} s")
+
+
+def run_in_threads(
+    demo: Demo, client_options: Mapping[str, Mapping[str, Any]] | None = None,
+    timeout: float = 120.0,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Run the demo's server and clients as threads of this process (cheap protocol tests).
+
+    Returns (stopped FederationServer, final params, name -> FederationClient).
+    """
+    import threading
+
+    from hefl.net.client import ClientSettings, FederationClient
+    from hefl.net.config import load_config
+    from hefl.net.logs import get_logger
+    from hefl.net.server import FederationServer
+    from hefl.net.wire import Token
+
+    def logger(name: str):
+        return get_logger(f"hefl.test.{demo.root.name}.{name}",
+                          stream=open(demo.root / f"{name}.log", "a"))  # noqa: SIM115
+
+    srv = FederationServer(load_config(demo.config), log=logger("server"))
+    srv.start()
+    runner = threading.Thread(target=srv.run, daemon=True)
+    runner.start()
+    opts = client_options or {}
+    clients = {}
+    for n in opts or demo.names:
+        s = ClientSettings(server=demo.address, data=demo.data[n], ca=demo.fed.ca,
+                           token=Token.parse(demo.fed.token(n).read_text()),
+                           backoff_s=(0.05, 0.5), give_up_s=timeout, **opts.get(n, {}))
+        clients[n] = FederationClient(s, log=logger(n))
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients.values()]
+    for t in threads:
+        t.start()
+    runner.join(timeout)
+    for t in threads:
+        t.join(timeout)
+    params = srv.store.resume_point(srv.run_id)[1]
+    records = srv.store.records(srv.run_id)
+    srv.stop()
+    return records, params, clients
