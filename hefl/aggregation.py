@@ -85,7 +85,8 @@ def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: floa
         )
     if not np.issubdtype(d.dtype, np.floating):
         raise UpdateRejected(
-            f"update has dtype {d.dtype}, expected floating point", client_id=client_id,
+            f"update has dtype {d.dtype}, expected floating point",
+            client_id=client_id,
             stage="aggregate",
         )
     if not np.isfinite(d).all():
@@ -97,7 +98,8 @@ def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: floa
         )
     if not (np.isfinite(weight) and weight >= 0):
         raise UpdateRejected(
-            f"weight {weight!r} is not a finite non-negative number", client_id=client_id,
+            f"weight {weight!r} is not a finite non-negative number",
+            client_id=client_id,
             stage="aggregate",
         )
     return d.astype(np.float64, copy=False)
@@ -141,7 +143,8 @@ class PlainAggregator:
                 if not isinstance(p, PlainPayload):
                     raise UpdateRejected(
                         f"expected a plaintext payload, got {type(p).__name__}",
-                        client_id=cid, stage="aggregate",
+                        client_id=cid,
+                        stage="aggregate",
                     )
                 d = check_update(cid, p.weighted_delta, self.size, p.weight)
             except UpdateRejected as e:

@@ -71,7 +71,8 @@ def as_fit_res(out: Any, client_id: object = None) -> FitRes:
         return FitRes(np.asarray(params, dtype=np.float64), int(n), dict(metrics or {}))
     except (TypeError, ValueError) as e:
         raise ClientError(
-            "fit must return FitRes or (params, num_examples, metrics)", client_id=client_id,
+            "fit must return FitRes or (params, num_examples, metrics)",
+            client_id=client_id,
             stage="fit",
         ) from e
 
@@ -85,7 +86,8 @@ def as_evaluate_res(out: Any, client_id: object = None) -> EvaluateRes:
     except (TypeError, ValueError) as e:
         raise ClientError(
             "evaluate must return EvaluateRes or (loss, num_examples, metrics)",
-            client_id=client_id, stage="evaluate",
+            client_id=client_id,
+            stage="evaluate",
         ) from e
 
 

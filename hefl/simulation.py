@@ -33,7 +33,15 @@ import numpy as np
 
 from hefl.aggregation import Aggregator, PlainAggregator
 from hefl.algorithms import Algorithm
-from hefl.client import Client, EvaluateRes, FitConfig, FitRes, ModelClient, as_evaluate_res, as_fit_res
+from hefl.client import (
+    Client,
+    EvaluateRes,
+    FitConfig,
+    FitRes,
+    ModelClient,
+    as_evaluate_res,
+    as_fit_res,
+)
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ClientError, ConfigError, HeflError, RoundError, UpdateRejected
 from hefl.history import History
@@ -125,7 +133,11 @@ def run(
         progress: show a rich progress bar.
         on_round: called with each round's record as it completes.
     """
-    runner = clients if hasattr(clients, "fit") and hasattr(clients, "ids") else SequentialRunner(clients)  # type: ignore[arg-type]
+    runner = (
+        clients
+        if hasattr(clients, "fit") and hasattr(clients, "ids")
+        else SequentialRunner(clients)
+    )  # type: ignore[arg-type]
     ids = list(runner.ids)
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}")

@@ -40,8 +40,14 @@ def test_weighted_by_sample_count():
 
 def test_params_round_trip_exact_and_sum_contract():
     rng = np.random.default_rng(0)
-    a = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
-    b = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    a = {
+        "w": rng.normal(size=(3, 4)).astype(np.float32),
+        "b": rng.normal(size=4).astype(np.float32),
+    }
+    b = {
+        "w": rng.normal(size=(3, 4)).astype(np.float32),
+        "b": rng.normal(size=4).astype(np.float32),
+    }
     spec = ParamSpec.of(a)
     back = spec.unflatten(spec.flatten(a))
     for k in a:
@@ -117,7 +123,9 @@ def test_unknown_algorithm_lists_choices():
         make_algorithm("fedsgdx")
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+)
 def test_server_optimizers_move_towards_delta(name):
     algo = make_algorithm(name, server_lr=0.1)
     p = np.zeros(4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,8 @@ class FederatedData:
         ((0, 1), (2, 4))
     """
 
-    train: Mapping[Hashable, ClientData]
-    test: Mapping[Hashable, ClientData] = field(default_factory=dict)
+    train: Mapping[Any, ClientData]
+    test: Mapping[Any, ClientData] = field(default_factory=dict)
 
     @property
     def ids(self) -> tuple[Hashable, ...]:

@@ -48,7 +48,9 @@ def load_digits(seed: int = 0) -> Pooled:
 def _existing(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{what} not found at {str(p)!r}; pass the path to the data on this machine")
+        raise DataError(
+            f"{what} not found at {str(p)!r}; pass the path to the data on this machine"
+        )
     return p
 
 
@@ -79,7 +81,9 @@ def load_femnist(path: str | Path) -> FederatedData:
         train, test = {}, {}
         for i, wid in enumerate(ids):
             m = z["client_train"] == i
-            train[wid] = ClientData(_femnist_images(z["x_train"][m]), z["y_train"][m].astype(np.int64))
+            train[wid] = ClientData(
+                _femnist_images(z["x_train"][m]), z["y_train"][m].astype(np.int64)
+            )
             m = z["client_test"] == i
             test[wid] = ClientData(_femnist_images(z["x_test"][m]), z["y_test"][m].astype(np.int64))
     except (OSError, KeyError, ValueError) as e:
@@ -111,7 +115,12 @@ def _load_leaf_json(folder: Path) -> FederatedData:
 SHAKESPEARE_CHARS = list(
     "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
 )
-PAD, OOV, BOS, EOS = 0, len(SHAKESPEARE_CHARS) + 1, len(SHAKESPEARE_CHARS) + 2, len(SHAKESPEARE_CHARS) + 3
+PAD, OOV, BOS, EOS = (
+    0,
+    len(SHAKESPEARE_CHARS) + 1,
+    len(SHAKESPEARE_CHARS) + 2,
+    len(SHAKESPEARE_CHARS) + 3,
+)
 SHAKESPEARE_VOCAB = len(SHAKESPEARE_CHARS) + 4  # pad + chars + oov + bos + eos
 _CHAR_ID = {c: i + 1 for i, c in enumerate(SHAKESPEARE_CHARS)}
 
@@ -127,8 +136,8 @@ def shakespeare_sequences(snippets: list[str], seq_len: int = 80) -> tuple[np.nd
     n = -(-len(ids) // (seq_len + 1)) if ids else 0
     arr = np.zeros(n * (seq_len + 1), np.int64)
     arr[: len(ids)] = ids
-    arr = arr.reshape(n, seq_len + 1)
-    return arr[:, :-1], arr[:, 1:]
+    rows = arr.reshape(n, seq_len + 1)
+    return rows[:, :-1], rows[:, 1:]
 
 
 def load_shakespeare(path: str | Path, seq_len: int = 80) -> FederatedData:

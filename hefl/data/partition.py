@@ -55,7 +55,9 @@ def dirichlet(y: np.ndarray, num_clients: int, alpha: float, seed: int = 0) -> l
 def by_key(keys: np.ndarray) -> dict[Hashable, np.ndarray]:
     """One client per distinct key (e.g. a bank's ``job`` column), in sorted key order."""
     keys = np.asarray(keys)
-    return {k.item() if hasattr(k, "item") else k: np.flatnonzero(keys == k) for k in np.unique(keys)}
+    return {
+        k.item() if hasattr(k, "item") else k: np.flatnonzero(keys == k) for k in np.unique(keys)
+    }
 
 
 PARTITIONS = ("iid", "dirichlet")

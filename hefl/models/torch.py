@@ -45,7 +45,7 @@ class TorchModel:
         self.module = factory().to(device)
         self.device = device
         self.ignore_index = ignore_index
-        self._params = list(self.module.parameters())
+        self._params: list[torch.Tensor] = list(self.module.parameters())
         self.spec = ParamSpec.of(
             {n: p.detach().cpu().numpy() for n, p in self.module.named_parameters()}
         )
@@ -120,9 +120,7 @@ class TorchModel:
             k = int(mask.sum())
             if k == 0:
                 continue
-            loss_sum += float(
-                nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum")
-            )
+            loss_sum += float(nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum"))
             correct += int((logits[mask].argmax(-1) == y[mask]).sum())
             count += k
         return {

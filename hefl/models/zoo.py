@@ -14,9 +14,16 @@ def mlp(n_in: int = 64, hidden: int = 128, n_out: int = 10) -> nn.Module:
 def femnist_cnn(num_classes: int = 62) -> nn.Module:
     """LEAF/TFF CNN: conv5x5(32)-pool-conv5x5(64)-pool-dense(2048)-dense(62)."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 2048), nn.ReLU(), nn.Linear(2048, num_classes),
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, num_classes),
     )
 
 

@@ -1,0 +1,149 @@
+"""Workload W4 (../shared/bench/WORKLOADS.md): encrypted aggregation cost, ours vs NVFlare-style.
+
+P float32 parameters uniform in [-1, 1] per client, ``--clients`` clients with integer weights
+(sample counts in 1..1000, capped so their total fits the configuration), weighted average.
+In the same process and run, for our configuration (default:
+``make_aggregator("bfv", P, custody="clients")``) and for the baseline (TenSEAL CKKS N=8192,
+coeff [60, 40, 60], scale 2^40, server multiplies by the weights):
+
+- bytes one client uploads per parameter, and as a multiple of 4 bytes (fp32);
+- client encrypt seconds (one client, one core; median over clients), including serialization;
+- server aggregate seconds (from the clients' bytes to the serialized sum);
+- decrypt seconds (from the sum's bytes to the mean);
+- max abs error of the mean vs the plaintext weighted mean (float64).
+
+Medians over ``--repeat`` runs (implementations alternate within each run).
+
+    python benchmarks/he_aggregation.py --params 1000000 --clients 10
+    python benchmarks/he_aggregation.py --params 100000 --clients 10 --json
+    python benchmarks/he_aggregation.py --params 100000 --custody keyholder --bits 12 \
+        --max-weight 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KEYS = ("bytes_per_param", "expansion_vs_fp32", "encrypt_s", "aggregate_s", "decrypt_s",
+        "max_abs_err")
+
+
+def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
+    """One run of one aggregator over the clients' updates."""
+    size = xs[0].size
+    blobs, enc = {}, []
+    for i, (x, w) in enumerate(zip(xs, ws, strict=True)):
+        t0 = time.perf_counter()
+        blobs[i] = agg.dumps(agg.encode(i, x, w))
+        enc.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    total = agg.aggregate({i: agg.loads(b) for i, b in blobs.items()})
+    sum_bytes = agg.dumps(total.payload)
+    t1 = time.perf_counter()
+    mean, _ = agg.decode(_reload(agg, total, sum_bytes))
+    t2 = time.perf_counter()
+    ref = sum(x.astype(np.float64) * w for x, w in zip(xs, ws, strict=True)) / sum(ws)
+    nbytes = statistics.median(len(b) for b in blobs.values())
+    return {
+        "bytes_per_param": nbytes / size,
+        "expansion_vs_fp32": nbytes / (4 * size),
+        "encrypt_s": statistics.median(enc),
+        "aggregate_s": t1 - t0,
+        "decrypt_s": t2 - t1,
+        "max_abs_err": float(np.abs(mean - ref).max()),
+    }
+
+
+def _reload(agg, total, sum_bytes):
+    """The aggregate as the key holder receives it: from bytes."""
+    from dataclasses import replace
+
+    from hefl.crypto import EncryptedAggregator
+
+    if isinstance(agg, EncryptedAggregator):
+        return replace(total, payload=agg.key_holder.loads(sum_bytes))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--params", type=int, default=100_000)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--scheme", default="bfv", choices=["bfv", "ckks"])
+    ap.add_argument("--custody", default="clients", choices=["clients", "keyholder"])
+    ap.add_argument("--bits", type=int, default=None, help="BFV quantization bits (default 16)")
+    ap.add_argument("--max-weight", type=int, default=None, help="supported total weight")
+    ap.add_argument("--max-clients", type=int, default=None, help="supported clients per sum")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from hefl.crypto import make_aggregator
+    from hefl.crypto.baseline import NvflareBaseline
+
+    rng = np.random.default_rng(args.seed)
+    xs = [rng.uniform(-1, 1, args.params).astype(np.float32) for _ in range(args.clients)]
+    options = {k: v for k, v in (("bits", args.bits), ("max_weight", args.max_weight),
+                                 ("max_clients", args.max_clients)) if v}
+    ours = make_aggregator(args.scheme, args.params, custody=args.custody,
+                           min_clients=min(2, args.clients), seed=args.seed, **options)
+    # sample counts up to 1000, kept within the configuration's supported total weight
+    top = min(1000, ours.spec.max_weight // args.clients)
+    ws = [float(w) for w in rng.integers(1, top + 1, args.clients)]
+    base = None if args.no_baseline else NvflareBaseline(args.params)
+    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    for _ in range(args.repeat):
+        runs["ours"].append(measure(ours, xs, ws))
+        if base is not None:
+            runs["baseline"].append(measure(base, xs, ws))
+    med = {k: {key: statistics.median(r[key] for r in v) for key in KEYS}
+           for k, v in runs.items() if v}
+    out = {"params": args.params, "clients": args.clients, **med["ours"],
+           "baseline": {"params": args.params, "clients": args.clients, **med["baseline"]}
+           if "baseline" in med else None}
+    if args.json:
+        print(json.dumps(out))
+        return
+    _table(out, repr(ours), args.repeat)
+
+
+def _table(out: dict, ours: str, repeat: int) -> None:
+    rows = [("ours", out)] + ([("NVFlare-style", out["baseline"])] if out["baseline"] else [])
+    head = f"W4: P={out['params']:,} clients={out['clients']} (median of {repeat})\nours: {ours}"
+    cols = ("", "B/param", "x fp32", "encrypt s", "aggregate s", "decrypt s", "max abs err")
+    fmt = "{:<14}{:>9}{:>8}{:>11}{:>13}{:>11}{:>13}"
+    lines = [head, fmt.format(*cols)]
+    for name, r in rows:
+        cells = (f"{r['bytes_per_param']:.2f}", f"{r['expansion_vs_fp32']:.2f}",
+                 f"{r['encrypt_s']:.3f}", f"{r['aggregate_s']:.3f}", f"{r['decrypt_s']:.3f}",
+                 f"{r['max_abs_err']:.1e}")
+        lines.append(fmt.format(name, *cells))
+    if out["baseline"]:
+        b = out["baseline"]
+        lines.append(
+            f"ratio baseline/ours: bytes {b['bytes_per_param'] / out['bytes_per_param']:.1f}x, "
+            f"encrypt {b['encrypt_s'] / out['encrypt_s']:.1f}x, "
+            f"aggregate {b['aggregate_s'] / out['aggregate_s']:.1f}x, "
+            f"decrypt {b['decrypt_s'] / out['decrypt_s']:.1f}x"
+        )
+    try:
+        from rich.console import Console
+
+        Console(soft_wrap=True).print("\n".join(lines), highlight=False, markup=False)
+    except ImportError:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Thin layer over Microsoft SEAL, through TenSEAL's ``sealapi`` bindings.
+
+This module and ``hefl.crypto.baseline`` are the only ones that import TenSEAL. No cryptography is
+implemented here: keys, encryption (including SEAL's seeded symmetric ciphertexts), addition,
+decryption and serialization (SEAL's own format, zstd-compressed) are all SEAL's.
+
+``sealapi`` serializes through file paths only, so bytes pass through a private scratch directory
+(mode 0700, in ``/dev/shm`` where it exists so nothing touches disk); every file is removed as soon
+as it has been read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as sealapi
+
+from hefl.crypto.spec import HeSpec
+from hefl.errors import ContextMismatch, CryptoError
+
+_scratch_lock = threading.Lock()
+_scratch: dict[int, str] = {}
+_names = itertools.count()
+
+
+def _scratch_dir() -> str:
+    pid = os.getpid()
+    with _scratch_lock:
+        if pid not in _scratch:
+            shm = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+            base = "/dev/shm" if shm else None
+            d = tempfile.mkdtemp(prefix="hefl-seal-", dir=base)
+            _scratch[pid] = d
+            atexit.register(shutil.rmtree, d, True)
+        return _scratch[pid]
+
+
+def _path() -> str:
+    return os.path.join(_scratch_dir(), f"{threading.get_ident()}-{next(_names)}")
+
+
+def save(obj: Any) -> bytes:
+    """SEAL's serialization of ``obj`` (anything with ``save(path)``) as bytes."""
+    path = _path()
+    try:
+        obj.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def load(factory: Callable[[], Any], context: Any, data: bytes) -> Any:
+    """Load SEAL bytes into ``factory()`` under ``context``; SEAL validates them.
+
+    Raises:
+        ContextMismatch: SEAL refused the bytes (corrupt, or made under other parameters).
+    """
+    path = _path()
+    obj = factory()
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+        obj.load(context, path)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ContextMismatch(
+            f"SEAL refused the data ({e}); it is corrupt or was made under other HE parameters"
+        ) from e
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return obj
+
+
+@dataclass(frozen=True)
+class Seal:
+    """A SEAL context for a ``HeSpec``, with its encoder and evaluator (no keys)."""
+
+    spec: HeSpec
+    context: Any
+    encoder: Any
+    evaluator: Any
+
+    @classmethod
+    def of(cls, spec: HeSpec) -> Seal:
+        """Build (and let SEAL re-check at 128-bit security) the context for ``spec``."""
+        scheme = sealapi.SCHEME_TYPE.BFV if spec.scheme == "bfv" else sealapi.SCHEME_TYPE.CKKS
+        parms = sealapi.EncryptionParameters(scheme)
+        parms.set_poly_modulus_degree(spec.poly_degree)
+        try:
+            q = sealapi.CoeffModulus.Create(spec.poly_degree, [spec.coeff_bits])
+            parms.set_coeff_modulus(q)
+            if spec.scheme == "bfv":
+                parms.set_plain_modulus(
+                    sealapi.PlainModulus.Batching(spec.poly_degree, spec.plain_bits)
+                )
+        except (RuntimeError, ValueError) as e:
+            raise CryptoError(f"SEAL cannot build parameters for {spec}: {e}") from e
+        context = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
+        if not context.parameters_set():
+            raise CryptoError(
+                f"SEAL rejects the HE parameters ({context.parameter_error_message()}); "
+                "they must meet 128-bit security"
+            )
+        encoder = (
+            sealapi.BatchEncoder(context) if spec.scheme == "bfv" else sealapi.CKKSEncoder(context)
+        )
+        return cls(spec, context, encoder, sealapi.Evaluator(context))
+
+    @property
+    def plain_modulus(self) -> int:
+        return int(self.context.first_context_data().parms().plain_modulus().value())
+
+    # -- keys ------------------------------------------------------------------------------
+    def keygen(self) -> tuple[Any, Any]:
+        """A fresh (secret key, public key)."""
+        gen = sealapi.KeyGenerator(self.context)
+        pk = sealapi.PublicKey()
+        gen.create_public_key(pk)
+        return gen.secret_key(), pk
+
+    def load_secret_key(self, data: bytes) -> Any:
+        return load(sealapi.SecretKey, self.context, data)
+
+    def load_public_key(self, data: bytes) -> Any:
+        return load(sealapi.PublicKey, self.context, data)
+
+    # -- client ----------------------------------------------------------------------------
+    def encryptor(self, key: Any) -> Any:
+        return sealapi.Encryptor(self.context, key)
+
+    def encode(self, values: np.ndarray) -> Any:
+        """One plaintext from ``slot_values`` reals (CKKS) or N slot integers (BFV)."""
+        pt = sealapi.Plaintext()
+        if self.spec.scheme == "bfv":
+            self.encoder.encode(values.astype(np.int64).tolist(), pt)
+        else:
+            z = values[0::2] + 1j * values[1::2]
+            self.encoder.encode(z.tolist(), 2.0**self.spec.scale_bits, pt)
+        return pt
+
+    def encrypt(self, encryptor: Any, values: np.ndarray) -> bytes:
+        """Encrypt one ciphertext's worth of values; seeded when symmetric."""
+        pt = self.encode(values)
+        if self.spec.symmetric:
+            return save(encryptor.encrypt_symmetric(pt))
+        ct = sealapi.Ciphertext()
+        encryptor.encrypt(pt, ct)
+        return save(ct)
+
+    # -- server ----------------------------------------------------------------------------
+    def ciphertext(self, data: bytes) -> Any:
+        """Load and check one fresh ciphertext (2 polynomials, at the data level)."""
+        ct = load(sealapi.Ciphertext, self.context, data)
+        if ct.size() != 2 or ct.parms_id() != self.context.first_parms_id():
+            raise ContextMismatch(
+                f"ciphertext has {ct.size()} polynomials or another level; expected a fresh "
+                "2-polynomial ciphertext under these parameters"
+            )
+        return ct
+
+    def add_inplace(self, acc: Any, ct: Any) -> None:
+        self.evaluator.add_inplace(acc, ct)
+
+    # -- key holder ------------------------------------------------------------------------
+    def decryptor(self, secret_key: Any) -> Any:
+        return sealapi.Decryptor(self.context, secret_key)
+
+    def decrypt(self, decryptor: Any, ct: Any) -> np.ndarray:
+        """Decrypt and decode one ciphertext (uint64 slots for BFV, reals for CKKS).
+
+        Raises:
+            CryptoError: BFV noise budget exhausted (more noise than the spec allows).
+        """
+        if self.spec.scheme == "bfv" and decryptor.invariant_noise_budget(ct) <= 0:
+            raise CryptoError(
+                "the aggregate's noise budget is exhausted, so it cannot be decrypted correctly; "
+                "it holds more contributions than max_clients allows"
+            )
+        pt = sealapi.Plaintext()
+        decryptor.decrypt(ct, pt)
+        if self.spec.scheme == "bfv":
+            return np.asarray(self.encoder.decode_uint64(pt), dtype=np.uint64)
+        z = np.asarray(self.encoder.decode_complex(pt))
+        out = np.empty(2 * z.size)
+        out[0::2], out[1::2] = z.real, z.imag
+        return out
+
+    def noise_budget(self, decryptor: Any, ct: Any) -> int:
+        """BFV invariant noise budget in bits (for tests and diagnostics)."""
+        return int(decryptor.invariant_noise_budget(ct))

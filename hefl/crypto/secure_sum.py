@@ -1,0 +1,480 @@
+"""Encrypted aggregation: clients encrypt weighted updates, the server only adds ciphertexts.
+
+Three party halves, each constructible from bytes alone so that deployment can run them in separate
+processes (the gRPC layer needs only ``dumps``/``loads`` and the serialized contexts):
+
+    client      EncryptingClient(key).encode(id, delta, weight) -> EncryptedUpdate  (.dumps: bytes)
+    server      SummingServer(public).aggregate({id: update or bytes}) -> Aggregate(EncryptedSum)
+    key holder  KeyHolder(share, min_clients).decode(sum) -> (mean delta, total weight)
+
+``EncryptedAggregator`` bundles the three for simulation and implements
+``hefl.aggregation.Aggregator``; ``make_aggregator`` builds one from a scheme name. The client's
+weight is encrypted with its update (entry 0 of the packed vector), so the server learns neither the
+update nor the sample count; the key holder learns only the sum and the total weight, and only for
+``min_clients`` or more contributors.
+
+Threat model: honest-but-curious server and key holder. Ciphertexts are not authenticated, so a
+malicious client can spoil a round (e.g. claim a weight it does not have); the key holder detects a
+total weight over the bound and refuses the aggregate.
+
+Example:
+    >>> import numpy as np
+    >>> agg = make_aggregator("bfv", 3, custody="keyholder", min_clients=2, seed=0)
+    >>> ups = {c: agg.encode(c, np.full(3, v), 2.0) for c, v in {1: 0.25, 2: 0.75}.items()}
+    >>> mean, w = agg.decode(agg.aggregate(ups))
+    >>> np.round(mean, 3).tolist(), w
+    ([0.5, 0.5, 0.5], 4.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hefl.aggregation import Aggregate, PlainPayload, check_update
+from hefl.crypto import wire
+from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
+from hefl.crypto.packing import pack, unpack
+from hefl.crypto.spec import CUSTODY, SCHEMES, HeSpec, bfv_spec, ckks_spec
+from hefl.errors import (
+    ConfigError,
+    ContextMismatch,
+    CryptoError,
+    KeyCustodyError,
+    RoundError,
+    UpdateRejected,
+)
+
+MAGIC_UPDATE = b"HEFLUPD1"
+MAGIC_SUM = b"HEFLSUM1"
+
+
+@dataclass(frozen=True)
+class EncryptedUpdate:
+    """One client's encrypted, weighted update: SEAL ciphertext bytes, stamped with the parameter
+    fingerprint and key id."""
+
+    fingerprint: bytes
+    key_id: bytes
+    ciphertexts: tuple[bytes, ...] = field(repr=False)
+
+    def to_bytes(self) -> bytes:
+        return MAGIC_UPDATE + self.fingerprint + self.key_id + wire.blobs(self.ciphertexts)
+
+
+@dataclass(frozen=True)
+class EncryptedSum:
+    """The server's sum of ``count`` encrypted updates (what the key holder receives)."""
+
+    fingerprint: bytes
+    key_id: bytes
+    count: int
+    ciphertexts: tuple[bytes, ...] = field(repr=False)
+
+    def to_bytes(self) -> bytes:
+        return (MAGIC_SUM + self.fingerprint + self.key_id + wire.u32(self.count)
+                + wire.blobs(self.ciphertexts))
+
+
+def _blob_limit(spec: HeSpec) -> int:
+    """Largest ciphertext accepted: two uncompressed polynomials plus SEAL's header, doubled."""
+    return 2 * (2 * 8 * spec.poly_degree + 4096)
+
+
+def _check_stamp(
+    spec: HeSpec, key_id: bytes, fingerprint: bytes, got_key: bytes, what: str
+) -> None:
+    if fingerprint != spec.fingerprint:
+        raise ContextMismatch(
+            f"{what} was made under other HE parameters (fingerprint {fingerprint.hex()}, "
+            f"expected {spec.fingerprint.hex()}); the sender must use this federation's context"
+        )
+    if got_key != key_id:
+        raise ContextMismatch(
+            f"{what} was encrypted under another key (key id {got_key.hex()}, expected "
+            f"{key_id.hex()}); the sender must use this federation's key"
+        )
+
+
+def parse_update(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedUpdate:
+    """Parse and check one client's update bytes (framing, parameters, key, length).
+
+    Raises:
+        UpdateRejected: not an update, truncated, oversized, or the wrong number of ciphertexts.
+        ContextMismatch: made under other parameters or another key.
+    """
+    if isinstance(data, (bytes, bytearray)) and len(data) == 8 + 4 * spec.size:
+        if bytes(data[:8]) != MAGIC_UPDATE[:8]:
+            raise UpdateRejected(
+                "received a plaintext update where a ciphertext was expected; the client must "
+                "encrypt (run it with the federation's HE context)",
+                stage="decode",
+            )
+    r = wire.Reader(data, "encrypted update", MAGIC_UPDATE)
+    fp, kid = r.take(16), r.take(16)
+    _check_stamp(spec, key_id, fp, kid, "encrypted update")
+    cts = r.blobs(spec.n_ciphertexts, _blob_limit(spec))
+    r.end()
+    return EncryptedUpdate(fp, kid, tuple(cts))
+
+
+def parse_sum(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedSum:
+    """Parse and check an encrypted sum's bytes (as ``parse_update``)."""
+    r = wire.Reader(data, "encrypted sum", MAGIC_SUM)
+    fp, kid = r.take(16), r.take(16)
+    _check_stamp(spec, key_id, fp, kid, "encrypted sum")
+    count = r.u32()
+    cts = r.blobs(spec.n_ciphertexts, _blob_limit(spec))
+    r.end()
+    return EncryptedSum(fp, kid, count, tuple(cts))
+
+
+class EncryptingClient:
+    """Client half: clip, quantize/scale, weight, pack and encrypt an update.
+
+    Args:
+        key: the shared ``KeyShare`` when clients hold the key (symmetric spec), else the
+            ``PublicContext`` with the public key (key-holder custody).
+        seed: seeds stochastic rounding (None: fresh OS entropy).
+        workers: encrypt ciphertexts in this many processes (1: in this process). The worker
+            processes are this client's own children and receive its key once, at start, over a
+            local pipe; call ``close()`` (or let the client be collected) to stop them.
+    """
+
+    def __init__(
+        self, key: PublicContext | KeyShare, *, seed: int | None = None, workers: int = 1
+    ) -> None:
+        spec = key.spec
+        if spec.symmetric and not isinstance(key, KeyShare):
+            raise KeyCustodyError(
+                "these parameters have clients hold the secret key (symmetric encryption); give "
+                "the client its KeyShare from the key ceremony"
+            )
+        if not spec.symmetric and isinstance(key, KeyShare):
+            raise KeyCustodyError(
+                "in key-holder custody clients must not hold the secret key; give the client "
+                "the PublicContext"
+            )
+        if isinstance(key, PublicContext) and not key.public_key:
+            raise KeyCustodyError("the public context carries no public key to encrypt with")
+        self.spec = spec
+        self.key_id = key.key_id
+        self.seal = key.seal
+        if isinstance(key, KeyShare):
+            self._encryptor = self.seal.encryptor(key.seal_key())
+        else:
+            self._encryptor = self.seal.encryptor(self.seal.load_public_key(key.public_key))
+        self._rng = np.random.default_rng(seed)
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
+        self._key_bytes = key.to_bytes() if workers > 1 else b""
+        self.workers = workers
+        self._pool: Any = None
+
+    def _encrypt_all(self, chunks: np.ndarray) -> tuple[bytes, ...]:
+        if self.workers == 1 or len(chunks) < 2 * self.workers:
+            return tuple(self.seal.encrypt(self._encryptor, c) for c in chunks)
+        if self._pool is None:
+            import multiprocessing
+            import weakref
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self._key_bytes,),
+            )
+            weakref.finalize(self, self._pool.shutdown, False)
+        parts = np.array_split(chunks, self.workers)
+        return tuple(b for part in self._pool.map(_encrypt_part, parts) for b in part)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
+        """Encrypt ``weight * clip(delta)`` and the weight.
+
+        Raises:
+            UpdateRejected: wrong length, NaN/Inf, or a weight outside [0, max_weight].
+        """
+        spec = self.spec
+        d = check_update(client_id, delta, spec.size, weight)
+        w: float = float(weight)
+        if spec.scheme == "bfv":
+            w = float(round(weight))  # exact integer weights (sample counts are integers)
+        if w > spec.max_weight:
+            raise UpdateRejected(
+                f"weight {weight} exceeds the supported total weight {spec.max_weight}; build the "
+                "aggregator with a larger max_weight",
+                client_id=client_id, stage="encode",
+            )
+        chunks = pack(d, w, spec, self._rng)
+        return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
+
+    def dumps(self, update: EncryptedUpdate) -> bytes:
+        return update.to_bytes()
+
+
+_worker: EncryptingClient | None = None
+
+
+def _init_worker(key_bytes: bytes) -> None:
+    """Runs once in each encryption worker process: rebuild this client's encryptor."""
+    global _worker
+    key = KeyShare.from_bytes(key_bytes) if key_bytes[:8] == b"HEFLSEC1" else (
+        PublicContext.from_bytes(key_bytes)
+    )
+    _worker = EncryptingClient(key)
+
+
+def _encrypt_part(chunks: np.ndarray) -> list[bytes]:
+    assert _worker is not None
+    return [_worker.seal.encrypt(_worker._encryptor, c) for c in chunks]
+
+
+class SummingServer:
+    """Server half: validates encrypted updates and adds them. Holds no key at all.
+
+    Args:
+        public: the federation's ``PublicContext`` (passing a ``KeyShare`` is refused).
+    """
+
+    def __init__(self, public: PublicContext) -> None:
+        if not isinstance(public, PublicContext):
+            raise KeyCustodyError(
+                f"the server takes a PublicContext, got {type(public).__name__}; the server must "
+                "never hold the secret key"
+            )
+        self.public = public
+        self.spec = public.spec
+        self.seal = public.seal
+
+    @classmethod
+    def from_bytes(cls, public: bytes) -> SummingServer:
+        return cls(PublicContext.from_bytes(public))
+
+    def loads(self, data: bytes) -> EncryptedUpdate:
+        """Parse one client's update bytes (raises ``UpdateRejected``/``ContextMismatch``)."""
+        return parse_update(self.spec, self.public.key_id, data)
+
+    def _ciphertexts(self, cid: Hashable, payload: Any) -> list[Any]:
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            payload = self.loads(bytes(payload))
+        if isinstance(payload, PlainPayload) or isinstance(payload, np.ndarray):
+            raise UpdateRejected(
+                "received a plaintext update where a ciphertext was expected; the client must "
+                "encrypt", client_id=cid, stage="aggregate",
+            )
+        if not isinstance(payload, EncryptedUpdate):
+            raise UpdateRejected(
+                f"expected an encrypted update, got {type(payload).__name__}",
+                client_id=cid, stage="aggregate",
+            )
+        _check_stamp(self.spec, self.public.key_id, payload.fingerprint, payload.key_id,
+                     "encrypted update")
+        if len(payload.ciphertexts) != self.spec.n_ciphertexts:
+            raise UpdateRejected(
+                f"update holds {len(payload.ciphertexts)} ciphertexts, expected "
+                f"{self.spec.n_ciphertexts}: the vector does not match the model",
+                client_id=cid, stage="aggregate",
+            )
+        return [self.seal.ciphertext(b) for b in payload.ciphertexts]
+
+    def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
+        """Sum valid updates; each bad one is left out with its reason (never raises for one).
+
+        At most ``spec.max_clients`` updates are summed (the bound that keeps the sum exact);
+        further ones are rejected.
+        """
+        acc: list[Any] | None = None
+        ok: list[Hashable] = []
+        rejected: dict[Hashable, str] = {}
+        for cid, payload in payloads.items():
+            if len(ok) >= self.spec.max_clients:
+                rejected[cid] = (
+                    f"this aggregate already holds max_clients={self.spec.max_clients} "
+                    "contributions, the most its parameters sum exactly; rebuild the aggregator "
+                    "with a larger max_clients"
+                )
+                continue
+            try:
+                cts = self._ciphertexts(cid, payload)
+            except (UpdateRejected, CryptoError) as e:
+                rejected[cid] = e.reason if isinstance(e, UpdateRejected) else str(e)
+                continue
+            if acc is None:
+                acc = cts
+            else:
+                for a, c in zip(acc, cts, strict=True):
+                    self.seal.add_inplace(a, c)
+            ok.append(cid)
+        blobs = tuple(_save_all(acc)) if acc is not None else ()
+        total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok), blobs)
+        return Aggregate(total, tuple(ok), rejected)
+
+    def dumps(self, total: EncryptedSum) -> bytes:
+        return total.to_bytes()
+
+
+def _save_all(cts: list[Any]) -> list[bytes]:
+    from hefl.crypto.seal import save
+
+    return [save(c) for c in cts]
+
+
+class KeyHolder:
+    """Key-holder half: decrypts an aggregate of at least ``min_clients`` contributions.
+
+    In custody "clients" each client can play this role with its own ``KeyShare``.
+    """
+
+    def __init__(self, share: KeyShare, *, min_clients: int = 2) -> None:
+        if not isinstance(share, KeyShare):
+            raise KeyCustodyError(f"the key holder needs a KeyShare, got {type(share).__name__}")
+        if min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        self.share = share
+        self.spec = share.spec
+        self.min_clients = min_clients
+
+    @classmethod
+    def from_bytes(cls, share: bytes, *, min_clients: int = 2) -> KeyHolder:
+        return cls(KeyShare.from_bytes(share), min_clients=min_clients)
+
+    def loads(self, data: bytes) -> EncryptedSum:
+        return parse_sum(self.spec, self.share.key_id, data)
+
+    def decode(self, total: EncryptedSum | Aggregate | bytes) -> tuple[np.ndarray, float]:
+        """The weighted mean update and the total weight.
+
+        Raises:
+            KeyCustodyError: fewer than ``min_clients`` contributions.
+            RoundError: nothing to average (no contributor or total weight 0).
+            CryptoError: the total weight exceeds the supported bound (the sum may be corrupt).
+        """
+        if isinstance(total, Aggregate):
+            total = total.payload
+        if isinstance(total, (bytes, bytearray, memoryview)):
+            total = self.loads(bytes(total))
+        if not isinstance(total, EncryptedSum):
+            raise CryptoError(f"expected an EncryptedSum, got {type(total).__name__}")
+        _check_stamp(self.spec, self.share.key_id, total.fingerprint, total.key_id, "encrypted sum")
+        if total.count < self.min_clients:
+            raise KeyCustodyError(
+                f"refusing to decrypt an aggregate of {total.count} contribution(s): at least "
+                f"min_clients={self.min_clients} are required so no small group's update is "
+                "revealed; wait for more clients"
+            )
+        if total.count > self.spec.max_clients:
+            raise CryptoError(
+                f"aggregate claims {total.count} contributions, more than max_clients="
+                f"{self.spec.max_clients}; it cannot be decrypted correctly"
+            )
+        cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
+        slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
+        weighted_sum, weight = unpack(slots, self.spec)
+        if weight > self.spec.max_weight * (1 + 1e-9):
+            raise CryptoError(
+                f"total weight {weight:g} exceeds the supported bound {self.spec.max_weight}; the "
+                "sum may have overflowed and is discarded: rebuild with a larger max_weight"
+            )
+        if weight <= 0:
+            raise RoundError(
+                f"no usable client updates this round ({total.count} contributors, total weight "
+                f"{weight:g}); sample more clients per round"
+            )
+        return weighted_sum / weight, weight
+
+
+class EncryptedAggregator:
+    """The three halves bundled for simulation; implements ``hefl.aggregation.Aggregator``.
+
+    ``decode`` turns a key-custody refusal or an unusable aggregate into ``RoundError`` (the round
+    is skipped and the model kept), since in simulation one refusal must not end the run; the
+    ``KeyHolder`` alone raises ``KeyCustodyError``.
+    """
+
+    def __init__(self, client: EncryptingClient, server: SummingServer, key_holder: KeyHolder,
+                 custody: str) -> None:
+        self.client = client
+        self.server = server
+        self.key_holder = key_holder
+        self.custody = custody
+        self.spec = server.spec
+        self.size = self.spec.size
+
+    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
+        return self.client.encode(client_id, delta, weight)
+
+    def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
+        return self.server.aggregate(payloads)
+
+    def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
+        try:
+            return self.key_holder.decode(aggregate)
+        except (KeyCustodyError, CryptoError) as e:
+            raise RoundError(str(e)) from e
+
+    def nbytes(self, payload: Any) -> int:
+        return len(self.dumps(payload))
+
+    def dumps(self, payload: EncryptedUpdate | EncryptedSum) -> bytes:
+        return payload.to_bytes()
+
+    def loads(self, data: bytes) -> EncryptedUpdate:
+        return self.server.loads(data)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"EncryptedAggregator({s.scheme}, size={s.size}, custody={self.custody!r}, "
+                f"N={s.poly_degree}, q={s.coeff_bits} bits, lanes={s.lanes})")
+
+
+def make_spec(scheme: str, size: int, *, custody: str = "clients", **options: Any) -> HeSpec:
+    """The ``HeSpec`` for a scheme name and custody mode (options as ``bfv_spec``/``ckks_spec``)."""
+    if custody not in CUSTODY:
+        raise ConfigError(f"unknown key custody {custody!r}; choose one of {CUSTODY}")
+    symmetric = custody == "clients"
+    if scheme == "bfv":
+        return bfv_spec(size, symmetric=symmetric, **options)
+    if scheme == "ckks":
+        return ckks_spec(size, symmetric=symmetric, **options)
+    raise ConfigError(f"unknown HE scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def make_aggregator(
+    scheme: str,
+    size: int,
+    *,
+    custody: str = "clients",
+    min_clients: int = 2,
+    seed: int | None = None,
+    **options: Any,
+) -> EncryptedAggregator:
+    """An encrypted aggregator for simulation (runs the key ceremony in-process).
+
+    Args:
+        scheme: ``"bfv"`` (quantized, packed; the default choice) or ``"ckks"``.
+        size: number of model parameters.
+        custody: ``"clients"`` (clients share the secret key; server gets a public context) or
+            ``"keyholder"`` (a separate key holder; clients encrypt with the public key).
+        min_clients: the key holder refuses aggregates of fewer contributions.
+        seed: seeds the clients' stochastic rounding (None: OS entropy).
+        options: ``bits``, ``clip``, ``max_weight``, ``max_clients`` (and ``lanes`` for BFV,
+            ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
+    """
+    spec = make_spec(scheme, size, custody=custody, **options)
+    ceremony = key_ceremony(spec)
+    share = ceremony.shares[0]
+    client_key: PublicContext | KeyShare = share if spec.symmetric else ceremony.public
+    return EncryptedAggregator(
+        EncryptingClient(client_key, seed=seed),
+        SummingServer(ceremony.public),
+        KeyHolder(share, min_clients=min_clients),
+        custody,
+    )

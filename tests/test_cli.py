@@ -1,0 +1,41 @@
+import json
+
+from typer.testing import CliRunner
+
+from hefl.cli import app
+
+runner = CliRunner()
+
+
+def test_simulate_json_and_out(tmp_path):
+    r = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--clients",
+            "10",
+            "-k",
+            "10",
+            "--rounds",
+            "3",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["rounds"] == 3 and 0 <= s["final_accuracy"] <= 1
+    rows = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in rows] == [1, 2, 3]
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "history.csv").exists()
+
+
+def test_unknown_dataset_and_algorithm_are_clear():
+    r = runner.invoke(app, ["simulate", "--dataset", "imagenet"])
+    assert r.exit_code == 2 and "unknown data set" in r.output
+    r = runner.invoke(app, ["simulate", "--algorithm", "sgd9"])
+    assert r.exit_code == 2 and "fedadam" in r.output
+    r = runner.invoke(app, ["simulate", "-k", "0", "--rounds", "1"])
+    assert r.exit_code == 2 and "clients per round" in r.output
