@@ -147,8 +147,12 @@ def make_federation(
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     days: int = 365,
     overwrite: bool = False,
+    key_holders: Sequence[str] = (),
 ) -> Federation:
     """Write a CA, a server certificate, client certificates, tokens and the registry.
+
+    ``key_holders`` get a token and a certificate like clients, with ``role = "keyholder"`` in
+    the registry (they decrypt aggregates in encrypted runs and are never sampled to train).
 
     Raises:
         ConfigError: no clients, a bad client name, or ``out`` already holds a CA (pass
@@ -159,10 +163,11 @@ def make_federation(
     out = Path(out)
     if not clients:
         raise ConfigError("name at least one client, e.g. --clients alice,bob,carol")
-    for c in clients:
+    everyone = [*clients, *key_holders]
+    for c in everyone:
         if not NAME_RE.match(c):
             raise ConfigError(f"client name {c!r} must be 1-64 letters, digits, '-' or '_'")
-    if len(set(clients)) != len(clients):
+    if len(set(everyone)) != len(everyone):
         raise ConfigError("client names must be unique")
     if (out / "ca.pem").exists() and not overwrite:
         raise ConfigError(f"{str(out)!r} already holds a CA; pass --overwrite to replace it")
@@ -173,14 +178,15 @@ def make_federation(
     _write(out / "server.pem", _pem_cert(s_cert))
     _write(out / "server.key", _pem_key(s_key), private=True)
     lines = ["# hefl client registry: names (index order) and token SHA-256; no secrets.\n"]
-    for name in clients:
+    for name in everyone:
+        role = "keyholder" if name in key_holders else "client"
         c_key, c_cert = issue(ca_key, ca_cert, name, server=False, days=days)
         _write(out / "clients" / f"{name}.pem", _pem_cert(c_cert))
         _write(out / "clients" / f"{name}.key", _pem_key(c_key), private=True)
         token = Token.parse(new_token(name))
         _write(out / "clients" / f"{name}.token", f"{token}\n".encode(), private=True)
         lines.append(f'\n[[client]]\nname = "{name}"\ntoken_sha256 = "{token.sha256}"\n'
-                     "revoked = false\n")
+                     f'revoked = false\nrole = "{role}"\n')
     _write(out / "clients.toml", "".join(lines).encode())
     return Federation(out / "ca.pem", out / "server.pem", out / "server.key",
                       out / "clients.toml", out / "clients")

@@ -54,7 +54,8 @@ def server(
 @app.command()
 def client(
     server: Annotated[str, typer.Option("--server", "-s", help="HOST:PORT of the server")],
-    data: Annotated[Path, typer.Option("--data", "-d", help=".npz with this client's x, y")],
+    data: Annotated[Path | None, typer.Option(
+        "--data", "-d", help=".npz with this client's x, y")] = None,
     token: Annotated[str | None, typer.Option(
         "--token", envvar="HEFL_TOKEN", help="NAME:SECRET (or set HEFL_TOKEN)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the token")] = None,
@@ -65,6 +66,12 @@ def client(
     server_name: Annotated[str | None, typer.Option(help="TLS name to verify, if not HOST")] = None,
     give_up_after: Annotated[float, typer.Option(
         help="seconds without reaching the server before giving up")] = 300.0,
+    he_key: Annotated[Path | None, typer.Option(
+        help="encrypted runs: share.key, or public.ctx in custody 'keyholder'")] = None,
+    key_holder: Annotated[bool, typer.Option(
+        help="run as the key holder (no data; decrypts sums)")] = False,
+    min_clients: Annotated[int, typer.Option(
+        help="as key holder: refuse sums of fewer contributions")] = 2,
     fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
 ) -> None:
     """Join a federation and train on local data until the server ends the run."""
@@ -79,7 +86,7 @@ def client(
         settings = ClientSettings(
             server=server, data=data, token=Token.parse(token), ca=ca, cert=cert, key=key,
             insecure=insecure, server_name=server_name, give_up_s=give_up_after,
-            fit_delay_s=fit_delay,
+            fit_delay_s=fit_delay, he_key=he_key, key_holder=key_holder, min_clients=min_clients,
         )
         summary = FederationClient(settings).run()
     except (HeflError, OSError) as e:
@@ -95,6 +102,8 @@ def certs(
         help="server DNS name or IP (repeat; default localhost and 127.0.0.1)")] = None,
     days: Annotated[int, typer.Option(help="validity in days")] = 365,
     overwrite: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
+    key_holders: Annotated[str, typer.Option(
+        help="comma-separated key-holder names (encrypted runs, custody 'keyholder')")] = "",
 ) -> None:
     """Make a test CA, server and client certificates, client tokens and the registry."""
     from hefl.certs import make_federation
@@ -102,12 +111,50 @@ def certs(
     try:
         fed = make_federation(out, [c.strip() for c in clients.split(",") if c.strip()],
                               hosts=host or ("localhost", "127.0.0.1"), days=days,
-                              overwrite=overwrite)
+                              overwrite=overwrite,
+                              key_holders=[k.strip() for k in key_holders.split(",") if k.strip()])
     except HeflError as e:
         _fail(e)
     typer.echo(f"CA {fed.ca}\nserver {fed.server_cert} {fed.server_key}\n"
                f"registry {fed.registry} (give the server this)\n"
                f"clients {fed.client_dir}/NAME.{{token,pem,key}} (give each client its own)")
+
+
+@app.command()
+def keys(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the key files")] = Path(
+        "keys"),
+    overwrite: Annotated[bool, typer.Option(help="replace existing keys in OUT")] = False,
+) -> None:
+    """Key ceremony for the config's encrypted aggregation: public.ctx and share.key."""
+    from hefl.net.config import build_model
+    from hefl.net.keys import write_keys
+
+    try:
+        cfg = load_config_for_keys(config)
+        size = build_model(cfg["model"]).spec.size
+        files = write_keys(cfg["aggregation"], size, out, overwrite=overwrite)
+    except HeflError as e:
+        _fail(e)
+    holder = ("every data client (--he-key share.key)" if files.custody == "clients"
+              else "the key holder only (hefl client --key-holder --he-key share.key)")
+    clients = ("" if files.custody == "clients"
+               else f"\ndata clients get {files.public} (--he-key public.ctx)")
+    typer.echo(f"server: {files.public} ([aggregation] public = ...); never give it share.key\n"
+               f"secret {files.share} -> {holder}{clients}")
+
+
+def load_config_for_keys(path: Path) -> dict:
+    """The [model] and [aggregation] tables of a config (keys come before the server runs)."""
+    from hefl.net.config import tomllib
+
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise HeflError(f"cannot read config {str(path)!r}: {e}") from e
+    return {"model": doc.get("model", {"kind": "mlp"}),
+            "aggregation": doc.get("aggregation", {"kind": "plain"})}
 
 
 @app.command()

@@ -23,10 +23,11 @@ from typing import Any
 import grpc
 
 from hefl.client import FitConfig, ModelClient
-from hefl.errors import TransportError
+from hefl.errors import HeflError, TransportError
 from hefl.net import wire
-from hefl.net.config import build_aggregator, build_model
+from hefl.net.config import build_aggregator, build_model, is_encrypted
 from hefl.net.data import load_client_data
+from hefl.net.keys import key_holder, load_key
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
 from hefl.rounds import client_payload
@@ -49,10 +50,15 @@ class ClientSettings:
         backoff_s: (first, max) reconnect delay.
         fit_delay_s: sleep before each fit (simulates a slow device; for demos and tests).
         torch_threads: torch intra-op threads (W1 uses 1).
+        he_key: encrypted aggregation: ``share.key`` (custody "clients", or the key holder) or
+            ``public.ctx`` (custody "keyholder" data clients) from ``hefl keys``.
+        key_holder: a key-holder process: no data, only decrypts sums (needs ``share.key``).
+        min_clients: as key holder, refuse to decrypt sums of fewer contributions (local
+            policy; the server cannot lower it).
     """
 
     server: str
-    data: Path
+    data: Path | None
     token: wire.Token
     ca: Path | None = None
     cert: Path | None = None
@@ -63,6 +69,9 @@ class ClientSettings:
     backoff_s: tuple[float, float] = (0.2, 5.0)
     fit_delay_s: float = 0.0
     torch_threads: int = 1
+    he_key: Path | None = None
+    key_holder: bool = False
+    min_clients: int = 2
 
 
 @dataclass
@@ -119,7 +128,16 @@ class FederationClient:
         self.s = settings
         self.name = settings.token.name
         self.log = log or get_logger(f"hefl.client.{self.name}")
-        self.data = load_client_data(settings.data)
+        if settings.key_holder:
+            if settings.he_key is None:
+                raise TransportError("a key holder needs --he-key share.key")
+            self.data = None
+        elif settings.data is None:
+            raise TransportError("pass --data PATH (the client's .npz)")
+        else:
+            self.data = load_client_data(settings.data)
+        self.key = load_key(settings.he_key) if settings.he_key is not None else None
+        self.holder: Any = None
         self.md = settings.token.metadata()
         self.summary = ClientSummary()
         self._model_key: str | None = None
@@ -162,7 +180,8 @@ class FederationClient:
         stream = channel.unary_stream(
             wire.method("Subscribe"), request_serializer=pb.SubscribeRequest.SerializeToString,
             response_deserializer=pb.ServerFrame.FromString,
-        )(pb.SubscribeRequest(run_id=join.run_id), metadata=self.md)
+        )(pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None),
+          metadata=self.md)
         submit = channel.stream_unary(
             wire.method("Submit"), request_serializer=pb.ClientFrame.SerializeToString,
             response_deserializer=pb.SubmitReply.FromString,
@@ -174,8 +193,10 @@ class FederationClient:
                     event(self.log, "run_finished", run_id=join.run_id,
                           rounds_trained=self.summary.rounds_trained)
                     return True
-                if header.kind == pb.TASK_FIT:
+                if header.kind == pb.TASK_FIT and self.data is not None:
                     self._fit(header, body, submit)
+                elif header.kind == pb.TASK_DECODE and self.holder is not None:
+                    self._decode(header, body, submit)
         finally:
             stream.cancel()
         return False
@@ -189,9 +210,21 @@ class FederationClient:
 
             torch.set_num_threads(self.s.torch_threads)
         self.model = build_model(json.loads(join.model_json))
-        self.aggregator = build_aggregator(json.loads(join.aggregation_json),
-                                           self.model.spec.size, role="client")
-        self.client = ModelClient(self.model, self.data)
+        size = self.model.spec.size
+        agg = json.loads(join.aggregation_json)
+        if is_encrypted(agg):
+            if self.key is None:
+                raise TransportError(
+                    f"this federation aggregates encrypted ({agg.get('kind')}): pass --he-key "
+                    "with the key file from `hefl keys`"
+                )
+            from hefl.crypto import KeyShare
+
+            if isinstance(self.key, KeyShare):
+                self.holder = key_holder(self.key, size, self.s.min_clients)
+        if self.data is not None:
+            self.aggregator = build_aggregator(agg, size, key=self.key)
+            self.client = ModelClient(self.model, self.data)
         self.summary.run_id = join.run_id
         self._model_key = key
 
@@ -221,3 +254,18 @@ class FederationClient:
             raise
         self.summary.rounds_trained += 1
         event(self.log, "update_sent", round=h.round, bytes=len(out), message=reply.message)
+
+    def _decode(self, h: pb.TaskHeader, body: bytes, submit: Any) -> None:
+        """Key holder: decrypt the sum (if it holds enough contributions), send mean + weight."""
+        header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
+                                 kind=pb.TASK_DECODE)
+        out = b""
+        try:
+            mean, weight = self.holder.decode(body)
+            out = wire.vector_bytes(mean)
+            header.metrics["total_weight"] = float(weight)
+        except HeflError as e:
+            header.error = str(e)
+        submit(wire.client_frames(header, out), metadata=self.md, timeout=600)
+        event(self.log, "decoded", round=h.round, refused=bool(header.error),
+              reason=header.error or None)

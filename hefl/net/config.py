@@ -66,6 +66,11 @@ class ClientEntry:
     name: str
     token_sha256: str
     revoked: bool = False
+    role: str = "client"  # "client" (trains) or "keyholder" (decrypts sums, never sampled)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("client", "keyholder"):
+            raise ConfigError(f"client {self.name!r}: role must be 'client' or 'keyholder'")
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,8 @@ class RunConfig:
             "seed": self.seed,
             "algorithm": dict(self.algorithm),
             "model": dict(self.model),
-            "aggregation": dict(self.aggregation),
-            "clients": [c.name for c in self.clients],
+            "aggregation": {k: v for k, v in self.aggregation.items() if k != "public"},
+            "clients": [c.name for c in self.clients if c.role == "client"],
         }
         h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.name}-{h}"
@@ -127,7 +132,8 @@ class RunConfig:
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-able data (token hashes left out)."""
         d = asdict(self)
-        d["clients"] = [{"name": c.name, "revoked": c.revoked} for c in self.clients]
+        d["clients"] = [{"name": c.name, "revoked": c.revoked, "role": c.role}
+                        for c in self.clients]
         return json.loads(json.dumps(d, default=str))
 
 
@@ -196,6 +202,9 @@ def load_config(path: str | Path) -> RunConfig:
     entries += [_build(ClientEntry, dict(c), "clients.client")
                 for c in clients_sec.get("client", [])]
     algorithm = _section(doc, "algorithm") or {"name": "fedavg"}
+    aggregation = _section(doc, "aggregation") or {"kind": "plain"}
+    if aggregation.get("public"):
+        aggregation["public"] = str(_path(base, aggregation["public"]))
     try:
         cfg = RunConfig(
             name=str(run.get("name", "run")),
@@ -205,7 +214,7 @@ def load_config(path: str | Path) -> RunConfig:
             state_dir=_path(base, run.get("state_dir", "state")),  # type: ignore[arg-type]
             algorithm=algorithm,
             model=_section(doc, "model") or {"kind": "mlp"},
-            aggregation=_section(doc, "aggregation") or {"kind": "plain"},
+            aggregation=aggregation,
             clients=tuple(entries),
             server=_build(ServerSettings, server, "server"),
             tls=_build(TLSSettings, tls, "tls"),
@@ -218,7 +227,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     names = [c.name for c in cfg.clients]
-    if not names:
+    if not any(c.role == "client" for c in cfg.clients):
         raise ConfigError("no clients registered; add [clients] registry = ... (see `hefl certs`)")
     if len(set(names)) != len(names):
         raise ConfigError("client names in the registry must be unique")
@@ -294,8 +303,12 @@ def build_algorithm(spec: Mapping[str, Any]) -> Any:
     return make_algorithm(name, **opts)
 
 
-def build_aggregator(spec: Mapping[str, Any], size: int, *, role: str) -> Any:
-    """The aggregator a config names, for one party (``role`` = "server" or "client")."""
+def build_aggregator(spec: Mapping[str, Any], size: int, *, key: Any = None) -> Any:
+    """The aggregator a config names: plaintext, or for encrypted kinds the server's half
+    (``key`` None: ``SummingServer`` under the public context) or a client's (``EncryptingClient``
+    with its ``key``)."""
+    from hefl.net import keys
+
     opts = dict(spec)
     kind = opts.pop("kind", "plain")
     if kind == "plain":
@@ -303,4 +316,12 @@ def build_aggregator(spec: Mapping[str, Any], size: int, *, role: str) -> Any:
 
         _no_extra(opts, "plain")
         return PlainAggregator(size)
-    raise ConfigError(f"unknown aggregation kind {kind!r}; choose 'plain'")
+    if kind in keys.HE_KINDS:
+        if key is None:
+            return keys.server_aggregator(spec, size)
+        return keys.client_encoder(key, size)
+    raise ConfigError(f"unknown aggregation kind {kind!r}; choose plain, bfv or ckks")
+
+
+def is_encrypted(spec: Mapping[str, Any]) -> bool:
+    return spec.get("kind", "plain") != "plain"

@@ -36,7 +36,13 @@ from hefl.data.federated import ClientData
 from hefl.errors import ClientError, RoundError, TransportError, UpdateRejected
 from hefl.history import History
 from hefl.net import wire
-from hefl.net.config import RunConfig, build_aggregator, build_algorithm, build_model
+from hefl.net.config import (
+    RunConfig,
+    build_aggregator,
+    build_algorithm,
+    build_model,
+    is_encrypted,
+)
 from hefl.net.data import load_client_data
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
@@ -45,6 +51,21 @@ from hefl.simulation import _weighted
 from hefl.store import Store, write_atomic
 
 StatusCode = grpc.StatusCode
+
+
+class NoKeyHolder(RoundError):
+    """No key holder could decrypt this round's aggregate (the round is retried)."""
+
+
+class RemoteKeyHolder:
+    """The key-holder half of the Aggregator seam, reached over the wire."""
+
+    def __init__(self, server: FederationServer, round_num: int) -> None:
+        self.server = server
+        self.round = round_num
+
+    def decode(self, aggregate: Any) -> tuple[np.ndarray, float]:
+        return self.server.remote_decode(self.round, aggregate)
 
 
 class Refused(Exception):
@@ -61,8 +82,22 @@ class Session:
     """One live Subscribe stream of a client."""
 
     name: str
+    key_holder: bool = False
     alive: bool = True
     sent: set[str] = field(default_factory=set)
+
+
+@dataclass
+class DecodeTask:
+    """An encrypted sum sent to one key holder; its answer is the mean delta and total weight."""
+
+    round: int
+    task_id: str
+    target: str
+    body: bytes
+    answer: tuple[np.ndarray, float] | None = None
+    error: str | None = None
+    open: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,13 +163,14 @@ class FederationServer:
     def __init__(self, cfg: RunConfig, log: logging.Logger | None = None) -> None:
         self.cfg = cfg
         self.run_id = cfg.run_id
-        self.names = [c.name for c in cfg.clients]
+        self.names = [c.name for c in cfg.clients if c.role == "client"]
         self.index = {n: i for i, n in enumerate(self.names)}
+        self.encrypted = is_encrypted(cfg.aggregation)
         self.registry = {c.name: c for c in cfg.clients}
         self.algorithm = build_algorithm(cfg.algorithm)
         self.model = build_model(cfg.model)
         self.size = int(self.model.spec.size)
-        self.aggregator = build_aggregator(cfg.aggregation, self.size, role="server")
+        self.aggregator = build_aggregator(cfg.aggregation, self.size)
         self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
         self.store = Store(cfg.state_dir)
         self.test: ClientData | None = (
@@ -143,6 +179,7 @@ class FederationServer:
         self.cond = threading.Condition()
         self.sessions: dict[str, Session] = {}
         self.task: FitTask | None = None
+        self.decoding: DecodeTask | None = None
         self.completed = 0
         self.done = False
         self.stopping = threading.Event()
@@ -155,7 +192,7 @@ class FederationServer:
 
     def start(self) -> int:
         """Bind and start serving; returns the port (useful with address ``HOST:0``)."""
-        n = len(self.names)
+        n = len(self.cfg.clients)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=2 * n + 16, thread_name_prefix="hefl-rpc"),
             options=wire.GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
@@ -315,8 +352,13 @@ class FederationServer:
         rejected.update({str(k): v for k, v in agg.rejected.items()})
         skipped, weight = False, 0.0
         try:
-            params, opt_state, weight = self._server_step(agg, params, opt_state)
-        except RoundError:
+            params, opt_state, weight = self._server_step(agg, params, opt_state, r)
+        except NoKeyHolder as e:
+            event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
+                  reason=str(e))
+            return None
+        except RoundError as e:
+            event(self.log, "round_skipped", level=logging.WARNING, round=r, reason=str(e))
             skipped = True
         metrics: dict[str, float] = {}
         if self.test is not None:
@@ -336,9 +378,51 @@ class FederationServer:
               selected=len(chosen), rejected=rejected, wall_s=round(record.wall_s, 4), **metrics)
         return params, opt_state
 
-    def _server_step(self, agg: Any, params: np.ndarray, opt_state: Any):
-        """Decode where the key is and apply the server optimizer (plaintext: here)."""
-        return server_step(self.algorithm, self.aggregator, agg, params, opt_state)
+    def _server_step(self, agg: Any, params: np.ndarray, opt_state: Any, r: int):
+        """Decode where the key is and apply the server optimizer: plaintext here; encrypted by a
+        key holder (``RemoteKeyHolder``), since this process holds no secret key."""
+        decoder = RemoteKeyHolder(self, r) if self.encrypted else self.aggregator
+        return server_step(self.algorithm, decoder, agg, params, opt_state)
+
+    def remote_decode(self, r: int, agg: Any) -> tuple[np.ndarray, float]:
+        """Send the encrypted sum to a live key holder and wait for the mean and total weight.
+
+        Raises:
+            RoundError: nothing to decode, or the key holder refused (the round is skipped).
+            NoKeyHolder: no key holder answered in time (the round is retried).
+        """
+        if agg.count == 0:
+            raise RoundError("no usable client updates this round; nothing to decrypt")
+        body = self.aggregator.dumps(agg.payload)
+        deadline = time.monotonic() + self.cfg.server.round_timeout_s
+        with self.cond:
+            self.cond.wait_for(lambda: self.stopping.is_set() or self._key_holders(),
+                               timeout=max(0.0, deadline - time.monotonic()))
+            holders = self._key_holders()
+            if not holders:
+                raise NoKeyHolder("no key holder is connected to decrypt the aggregate")
+            task = DecodeTask(r, f"{self.run_id}/{r}/decode/{secrets.token_hex(4)}",
+                              holders[0], body)
+            self.decoding = task
+            self.cond.notify_all()
+        event(self.log, "decode_requested", round=r, key_holder=task.target,
+              contributors=agg.count, bytes=len(body))
+        with self.cond:
+            self.cond.wait_for(
+                lambda: self.stopping.is_set() or task.answer is not None
+                or task.error is not None or not self._live(task.target),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            task.open = False
+            self.decoding = None
+        if task.error is not None:
+            raise RoundError(f"key holder {task.target!r} refused to decrypt: {task.error}")
+        if task.answer is None:
+            raise NoKeyHolder(f"key holder {task.target!r} did not answer")
+        return task.answer
+
+    def _key_holders(self) -> list[str]:
+        return [n for n, s in self.sessions.items() if s.alive and s.key_holder]
 
     def _export(self, history: History, plot: bool) -> None:
         rows = "".join(json.dumps(r.to_dict()) + "\n" for r in history)
@@ -389,8 +473,9 @@ class FederationServer:
         return pb.JoinReply(
             run_id=self.run_id, protocol_version=wire.PROTOCOL_VERSION,
             model_json=json.dumps(dict(self.cfg.model)),
-            aggregation_json=json.dumps(dict(self.cfg.aggregation)),
-            index=self.index[name], rounds=self.cfg.rounds,
+            aggregation_json=json.dumps(
+                {k: v for k, v in self.cfg.aggregation.items() if k != "public"}),
+            index=self.index.get(name, 0), rounds=self.cfg.rounds,
         )
 
     def _subscribe(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
@@ -403,7 +488,13 @@ class FederationServer:
                               "join again")
         except Refused as e:
             context.abort(e.code, e.reason)
-        sess = self._connect(name)
+        if req.key_holder and not self.encrypted:
+            context.abort(StatusCode.FAILED_PRECONDITION,
+                          "this run aggregates in plaintext; it needs no key holder")
+        if self.registry[name].role == "keyholder" and not req.key_holder:
+            context.abort(StatusCode.PERMISSION_DENIED,
+                          f"{name!r} is registered as a key holder; start it with --key-holder")
+        sess = self._connect(name, req.key_holder)
         context.add_callback(lambda: self._disconnect(sess, "stream closed"))
         try:
             while True:
@@ -421,15 +512,15 @@ class FederationServer:
         finally:
             self._disconnect(sess, "stream closed")
 
-    def _connect(self, name: str) -> Session:
+    def _connect(self, name: str, key_holder: bool) -> Session:
         with self.cond:
             old = self.sessions.get(name)
             if old is not None:
                 old.alive = False  # superseded by a reconnect
-            sess = Session(name)
+            sess = Session(name, key_holder)
             self.sessions[name] = sess
             self.cond.notify_all()
-        event(self.log, "client_connected", client=name)
+        event(self.log, "client_connected", client=name, key_holder=key_holder)
         return sess
 
     def _disconnect(self, sess: Session, reason: str) -> None:
@@ -454,6 +545,11 @@ class FederationServer:
         if self.done:
             return pb.TaskHeader(kind=pb.TASK_DONE, run_id=self.run_id,
                                  message="run finished"), b""
+        d = self.decoding
+        if d is not None and d.open and d.target == sess.name and d.task_id not in sess.sent:
+            sess.sent.add(d.task_id)
+            return pb.TaskHeader(kind=pb.TASK_DECODE, run_id=self.run_id, round=d.round,
+                                 task_id=d.task_id), d.body
         t = self.task
         if (t is not None and t.open and sess.name in t.participants
                 and sess.name not in t.results and t.task_id not in sess.sent):
@@ -497,6 +593,8 @@ class FederationServer:
         if h.run_id != self.run_id:
             raise Refused(StatusCode.FAILED_PRECONDITION,
                           f"wrong run {h.run_id!r}: this server runs {self.run_id!r}")
+        if h.kind == pb.TASK_DECODE:
+            return self._decoded(name, h, frames)
         if h.kind != pb.TASK_FIT:
             raise Refused(StatusCode.INVALID_ARGUMENT,
                           f"answers of kind {pb.TaskKind.Name(h.kind)} are not expected")
@@ -521,6 +619,38 @@ class FederationServer:
             self.cond.notify_all()
         event(self.log, "update_accepted", client=name, round=h.round, bytes=len(body))
         return pb.SubmitReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def _decoded(self, name: str, h: pb.UpdateHeader, frames: Iterator[bytes]) -> pb.SubmitReply:
+        """A key holder's answer: the mean delta (float64) and ``total_weight``, or an error."""
+        with self.cond:
+            d = self.decoding
+            if d is None or not d.open or d.task_id != h.task_id or d.target != name:
+                raise Refused(StatusCode.FAILED_PRECONDITION,
+                              "no such decode task is waiting for this client (stale or forged)")
+        try:
+            body = wire.read_body(self._chunks(frames), h.body_size, h.body_sha256,
+                                  8 * self.size)
+        except wire.BodyError as e:
+            raise Refused(getattr(StatusCode, e.code), str(e)) from e
+        answer = None
+        if not h.error:
+            weight = h.metrics.get("total_weight", float("nan"))
+            try:
+                mean = wire.vector_from(body, self.size)
+            except TransportError as e:
+                raise Refused(StatusCode.INVALID_ARGUMENT, str(e)) from e
+            if not (np.isfinite(mean).all() and math.isfinite(weight) and weight > 0):
+                raise Refused(StatusCode.INVALID_ARGUMENT,
+                              "decoded mean or total_weight is not finite and positive")
+            answer = (mean, float(weight))
+        with self.cond:
+            if self.decoding is not d or not d.open:
+                raise Refused(StatusCode.FAILED_PRECONDITION, "the decode task was closed")
+            d.answer, d.error = answer, (h.error or None)
+            self.cond.notify_all()
+        event(self.log, "decode_answered", round=d.round, key_holder=name,
+              refused=bool(h.error))
+        return pb.SubmitReply(accepted=True, message="decode answer accepted")
 
     def _chunks(self, frames: Iterator[bytes]) -> Iterator[bytes]:
         for raw in frames:

@@ -79,10 +79,12 @@ def make_demo(
     test: ClientData | None = None,
     names: Sequence[str] | None = None,
     aggregation: Mapping[str, Any] | None = None,
+    key_holders: Sequence[str] = (),
 ) -> Demo:
-    """Write certs, per-client data and ``run.toml`` under ``root``."""
+    """Write certs, per-client data and ``run.toml`` under ``root``; for an encrypted
+    ``aggregation`` also run the key ceremony into ``root/keys``."""
     names = tuple(names or [f"c{i}" for i in range(len(data))])
-    fed = make_federation(root / "certs", names)
+    fed = make_federation(root / "certs", names, key_holders=key_holders)
     paths = write_federated(data, root / "data", names, test)
     address = f"127.0.0.1:{free_port()}"
     srv = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
@@ -101,6 +103,12 @@ def make_demo(
                 else {"insecure": True}),
         "clients": {"registry": "certs/clients.toml"},
     }
+    if doc["aggregation"].get("kind", "plain") != "plain":
+        from hefl.net.config import build_model
+        from hefl.net.keys import write_keys
+
+        write_keys(doc["aggregation"], build_model(model).spec.size, root / "keys")
+        doc["aggregation"]["public"] = "keys/public.ctx"
     cfg = root / "run.toml"
     cfg.write_text(to_toml(doc))
     shards = dict(zip(names, paths, strict=True))
@@ -187,7 +195,7 @@ def run_in_threads(
     opts = client_options or {}
     clients = {}
     for n in opts or demo.names:
-        s = ClientSettings(server=demo.address, data=demo.data[n], ca=demo.fed.ca,
+        s = ClientSettings(server=demo.address, data=demo.data.get(n), ca=demo.fed.ca,
                            token=Token.parse(demo.fed.token(n).read_text()),
                            backoff_s=(0.05, 0.5), give_up_s=timeout, **opts.get(n, {}))
         clients[n] = FederationClient(s, log=logger(n))

@@ -45,10 +45,12 @@ class JoinReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model_json: _Optional[str] = ..., aggregation_json: _Optional[str] = ..., index: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "key_holder")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_HOLDER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    key_holder: bool
+    def __init__(self, run_id: _Optional[str] = ..., key_holder: _Optional[bool] = ...) -> None: ...
 
 class FitConfig(_message.Message):
     __slots__ = ("round", "lr", "epochs", "batch_size", "prox_mu", "seed")
@@ -95,7 +97,7 @@ class ServerFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "task_id", "kind", "num_examples", "metrics", "body_size", "body_sha256")
+    __slots__ = ("run_id", "round", "task_id", "kind", "num_examples", "metrics", "body_size", "body_sha256", "error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     task_id: str
@@ -119,7 +122,8 @@ class UpdateHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     body_size: int
     body_sha256: bytes
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ...) -> None: ...
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
     __slots__ = ("header", "chunk")
