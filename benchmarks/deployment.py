@@ -8,6 +8,7 @@ matches.
     python benchmarks/deployment.py                      # table: both transports, medians of 3
     python benchmarks/deployment.py --json               # one JSON object (gRPC figures)
     python benchmarks/deployment.py --json --transport inproc --repeat 1
+    python benchmarks/deployment.py --he bfv             # encrypted aggregation (BFV)
 
 JSON keys: transport, he, rounds, wall_s, s_per_round, bytes_sent_per_client_round.
 ``wall_s``: whole run as a user sees it (process start to exit; for gRPC the server's lifetime,
@@ -38,7 +39,7 @@ def _ts(e: dict) -> float:
     return dt.datetime.strptime(e["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def run_grpc(config: str) -> dict:
+def run_grpc(config: str, he: str) -> dict:
     from hefl.net.testing import events, make_demo, spawn_client, spawn_server
     from hefl.store import Store
     from hefl.workloads import w1
@@ -50,10 +51,12 @@ def run_grpc(config: str) -> dict:
             clients_per_round=wl.clients_per_round, test=wl.test,
             algorithm={"name": "fedavg", "client_lr": wl.client_lr, "batch_size": wl.batch_size},
             server={"min_clients": wl.clients_per_round},
+            aggregation=None if he == "none" else {"kind": he, "custody": "clients"},
         )
+        extra = [] if he == "none" else ["--he-key", str(demo.root / "keys" / "share.key")]
         t0 = time.perf_counter()
         server = spawn_server(demo)
-        clients = [spawn_client(demo, n) for n in demo.names]
+        clients = [spawn_client(demo, n, *extra) for n in demo.names]
         rc = [p.wait(900) for p in [server, *clients]]
         wall = time.perf_counter() - t0
         if any(rc):
@@ -65,7 +68,7 @@ def run_grpc(config: str) -> dict:
         records = s.records(s.runs()[0].run_id)
         s.close()
     return {
-        "transport": "grpc", "he": "none", "rounds": len(records), "wall_s": wall,
+        "transport": "grpc", "he": he, "rounds": len(records), "wall_s": wall,
         "s_per_round": (end - start) / len(records),
         "bytes_sent_per_client_round": statistics.mean(
             r.upload_bytes / r.contributors for r in records),
@@ -73,15 +76,20 @@ def run_grpc(config: str) -> dict:
     }
 
 
-def child_inproc(config: str) -> dict:
+def child_inproc(config: str, he: str) -> dict:
     import hefl
     from hefl import workloads
 
     workloads.seed_everything_for_torch(1)
     wl = workloads.w1(config)
     algo = hefl.fedavg(client_lr=wl.client_lr, batch_size=wl.batch_size)
+    aggregator = None
+    if he != "none":
+        from hefl.crypto import make_aggregator
+
+        aggregator = make_aggregator(he, wl.model.spec.size, custody="clients")
     t0 = time.perf_counter()
-    res = hefl.simulate(wl.model, wl.data, algo, rounds=wl.rounds,
+    res = hefl.simulate(wl.model, wl.data, algo, rounds=wl.rounds, aggregator=aggregator,
                         clients_per_round=wl.clients_per_round, seed=0, test=wl.test)
     loop = time.perf_counter() - t0
     recs = res.history.records
@@ -93,15 +101,15 @@ def child_inproc(config: str) -> dict:
     }
 
 
-def run_inproc(config: str) -> dict:
+def run_inproc(config: str, he: str) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--child", "--config", config],
+    p = subprocess.run([sys.executable, __file__, "--child", "--config", config, "--he", he],
                        capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"in-process run failed:\n{p.stderr}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    return {"transport": "inproc", "he": "none", "rounds": out["rounds"], "wall_s": wall,
+    return {"transport": "inproc", "he": he, "rounds": out["rounds"], "wall_s": wall,
             "s_per_round": out["s_per_round"],
             "bytes_sent_per_client_round": out["bytes_sent_per_client_round"],
             "final_accuracy": out["final_accuracy"]}
@@ -122,17 +130,19 @@ def main() -> None:
     ap.add_argument("--config", default="a", choices=["a", "b", "c"])
     ap.add_argument("--transport", default=None, choices=["grpc", "inproc"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--he", default="none", choices=["none", "bfv", "ckks"],
+                    help="encrypted aggregation (custody 'clients')")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child_inproc(a.config)))
+        print(json.dumps(child_inproc(a.config, a.he)))
         return
     transports = [a.transport] if a.transport else (["grpc"] if a.json else ["inproc", "grpc"])
     runs: dict[str, list[dict]] = {t: [] for t in transports}
     for _ in range(a.repeat):  # alternate transports so load drifts hit both
         for t in transports:
-            runs[t].append(run_grpc(a.config) if t == "grpc" else run_inproc(a.config))
+            runs[t].append(run_grpc(a.config, a.he) if t == "grpc" else run_inproc(a.config, a.he))
     med = {t: median_of(r) for t, r in runs.items()}
     if a.json:
         print(json.dumps({k: med[transports[0]][k] for k in KEYS}))

@@ -83,7 +83,7 @@ class ClientSummary:
 
 
 def make_channel(s: ClientSettings) -> grpc.Channel:
-    opts = list(wire.GRPC_OPTIONS)
+    opts: list[tuple[str, Any]] = list(wire.GRPC_OPTIONS)
     if s.insecure:
         return grpc.insecure_channel(s.server, options=opts)
     try:

@@ -43,7 +43,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def _path(base: Path, value: Any) -> Path | None:
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(

@@ -71,7 +71,7 @@ class RemoteKeyHolder:
 class Refused(Exception):
     """A request refused with a gRPC status code and a reason."""
 
-    def __init__(self, code: StatusCode, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -375,13 +375,14 @@ class FederationServer:
             self.completed = r
         self._export(History(self.store.records(self.run_id)), plot=False)
         event(self.log, "round_completed", round=r, attempt=attempt, contributors=agg.count,
-              selected=len(chosen), rejected=rejected, wall_s=round(record.wall_s, 4), **metrics)
+              selected=len(chosen), rejected=rejected, wall_s=round(record.wall_s, 4),
+              metrics=metrics)
         return params, opt_state
 
     def _server_step(self, agg: Any, params: np.ndarray, opt_state: Any, r: int):
         """Decode where the key is and apply the server optimizer: plaintext here; encrypted by a
         key holder (``RemoteKeyHolder``), since this process holds no secret key."""
-        decoder = RemoteKeyHolder(self, r) if self.encrypted else self.aggregator
+        decoder: Any = RemoteKeyHolder(self, r) if self.encrypted else self.aggregator
         return server_step(self.algorithm, decoder, agg, params, opt_state)
 
     def remote_decode(self, r: int, agg: Any) -> tuple[np.ndarray, float]:

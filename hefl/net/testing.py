@@ -87,12 +87,12 @@ def make_demo(
     fed = make_federation(root / "certs", names, key_holders=key_holders)
     paths = write_federated(data, root / "data", names, test)
     address = f"127.0.0.1:{free_port()}"
-    srv = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
+    srv: dict[str, Any] = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
            "start_timeout_s": 60.0, "join_timeout_s": 5.0, "heartbeat_s": 2.0}
     if test is not None:
         srv["test_data"] = "data/test.npz"
     srv.update(server or {})
-    doc = {
+    doc: dict[str, dict[str, Any]] = {
         "run": {"name": "t", "rounds": rounds, "clients_per_round": clients_per_round,
                 "seed": seed, "state_dir": "state"},
         "algorithm": dict(algorithm or {"name": "fedavg", "client_lr": 0.05}),
@@ -142,7 +142,7 @@ def events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
     """The structured events in a log file (non-JSON lines skipped)."""
     import json
 
-    out = []
+    out: list[dict[str, Any]] = []
     if not log.exists():
         return out
     for line in log.read_text().splitlines():

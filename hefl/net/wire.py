@@ -24,7 +24,7 @@ PROTOCOL_VERSION = 1
 CHUNK_BYTES = 1 << 20
 # Largest single gRPC message either side accepts: one chunk plus header room.
 MAX_FRAME_BYTES = CHUNK_BYTES + (64 << 10)
-GRPC_OPTIONS = [
+GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
@@ -128,7 +128,8 @@ def pack_state(state: Any) -> bytes:
     else:
         raise TransportError(f"cannot store optimizer state of type {type(state).__name__}")
     buf = io.BytesIO()
-    np.savez(buf, kind=np.array(kind), **{f"a{i}": a for i, a in enumerate(arrays)})
+    named: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
+    np.savez(buf, kind=np.array(kind), **named)
     return buf.getvalue()
 
 
