@@ -1,7 +1,7 @@
 """The ``hefl`` command line (typer + rich).
 
 hefl simulate [options]     federated training simulated on this machine
-hefl demo                   the README's demo: digits across 100 clients
+hefl demo                   the README's demo: digits across 100 clients, encrypted updates
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -32,82 +33,86 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _simulate(
-    dataset: str,
-    partition: str,
-    alpha: float,
-    clients: int,
-    per_round: int,
-    rounds: int,
-    algorithm: str,
-    client_lr: float,
-    server_lr: float | None,
-    mu: float | None,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    threads: int,
-    he: str | None,
-    as_json: bool,
-    out_dir: Path | None,
-    progress: bool,
-    on_round=None,
+@dataclass(frozen=True)
+class SimulateOptions:
+    """Everything ``hefl simulate`` takes (defaults: the README's example)."""
+
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    clients: int = 100
+    clients_per_round: int = 10
+    rounds: int = 20
+    algorithm: str = "fedavg"
+    client_lr: float = 0.05
+    server_lr: float | None = None
+    mu: float | None = None
+    epochs: int = 1
+    batch_size: int = 32
+    seed: int = 0
+    threads: int = 1
+    he: str | None = None
+
+
+def run_simulation(
+    o: SimulateOptions, *, out_dir: Path | None = None, progress: bool = False, on_round=None
 ) -> dict:
+    """Run one simulation from CLI options; return the JSON summary."""
     from hefl import workloads
     from hefl.algorithms import make_algorithm
     from hefl.errors import ConfigError
     from hefl.simulation import simulate
 
     t0 = time.perf_counter()
-    workloads.seed_everything_for_torch(threads)
-    if dataset != "digits":
-        raise ConfigError(f"unknown data set {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    workloads.seed_everything_for_torch(o.threads)
+    if o.dataset != "digits":
+        raise ConfigError(f"unknown data set {o.dataset!r}; choose one of: {', '.join(DATASETS)}")
     algo = make_algorithm(
-        algorithm,
-        client_lr=client_lr,
-        server_lr=server_lr,
-        mu=mu,
-        epochs=epochs,
-        batch_size=batch_size,
+        o.algorithm,
+        client_lr=o.client_lr,
+        server_lr=o.server_lr,
+        mu=o.mu,
+        epochs=o.epochs,
+        batch_size=o.batch_size,
     )
-    wl = workloads.digits(num_clients=clients, partition=partition, alpha=alpha, seed=seed)
+    wl = workloads.digits(num_clients=o.clients, partition=o.partition, alpha=o.alpha, seed=o.seed)
     aggregator = None
-    if he:
-        from hefl.crypto import make_aggregator  # type: ignore[attr-defined]
+    if o.he:
+        from hefl.crypto import make_aggregator
 
-        aggregator = make_aggregator(he, wl.model.spec.size)
+        aggregator = make_aggregator(o.he, wl.model.spec.size, seed=o.seed)
     result = simulate(
         wl.model,
         wl.data,
         algo,
-        rounds=rounds,
-        clients_per_round=per_round,
-        seed=seed,
+        rounds=o.rounds,
+        clients_per_round=o.clients_per_round,
+        seed=o.seed,
         test=wl.test,
         aggregator=aggregator,
-        progress=progress and not as_json,
+        progress=progress,
         on_round=on_round,
     )
+    stats = workloads.summary(result)
+    uploads = [r.upload_bytes / r.contributors for r in result.history if r.contributors]
     summary = {
-        "dataset": dataset,
+        "dataset": o.dataset,
         "algorithm": algo.name,
-        "clients": clients,
-        "clients_per_round": per_round,
-        "he": he or "none",
-        **workloads.summary(result),
+        "clients": o.clients,
+        "clients_per_round": o.clients_per_round,
+        "he": o.he or "none",
+        **stats,
         "params": int(wl.model.spec.size),
-        "upload_bytes_per_param": (
-            workloads.summary(result)["mean_upload_bytes"]
-            / max(1, per_round if per_round < clients else clients)
-            / wl.model.spec.size
-        ),
+        "upload_bytes_per_param": (sum(uploads) / len(uploads) / wl.model.spec.size)
+        if uploads
+        else 0.0,
         "wall_s": time.perf_counter() - t0,
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result.history.to_jsonl(out_dir / "history.jsonl")
         result.history.to_csv(out_dir / "history.csv")
-        result.history.plot(out_dir / "history.png", title=f"{dataset} {algo.name}")
+        result.history.plot(out_dir / "history.png", title=f"{o.dataset} {algo.name}")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["out"] = str(out_dir)
     return summary
@@ -131,46 +136,33 @@ def simulate(
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch intra-op threads"),
-    he: str | None = typer.Option(None, help="encrypt client updates with this HE scheme"),
+    he: str | None = typer.Option(
+        None, help="encrypt client updates: 'bfv' (quantized, packed) or 'ckks'"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
-        None, "--out", help="write history (jsonl, csv) and a plot"
+        None, "--out", help="write history (jsonl, csv), summary.json and a plot"
     ),
 ) -> None:
     """Simulate federated training on this machine."""
+    opts = SimulateOptions(
+        dataset, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
+        server_lr, mu, epochs, batch_size, seed, threads, he,
+    )  # fmt: skip
     try:
-        s = _simulate(
-            dataset,
-            partition,
-            alpha,
-            clients,
-            clients_per_round,
-            rounds,
-            algorithm,
-            client_lr,
-            server_lr,
-            mu,
-            epochs,
-            batch_size,
-            seed,
-            threads,
-            he,
-            as_json,
-            out_dir,
-            progress=True,
-        )
+        s = run_simulation(opts, out_dir=out_dir, progress=not as_json)
     except HeflError as e:
         _fail(e)
         return
     if as_json:
         sys.stdout.write(json.dumps(s) + "\n")
-    else:
-        out.print(
-            f"[bold]final accuracy {s['final_accuracy']:.4f}[/] after {s['rounds']} rounds "
-            f"({s['algorithm']}, {s['clients']} clients, {s['wall_s']:.1f} s)"
-        )
-        if "out" in s:
-            out.print(f"history and plot written to {s['out']}")
+        return
+    out.print(
+        f"[bold]final accuracy {s['final_accuracy']:.4f}[/] after {s['rounds']} rounds "
+        f"({s['algorithm']}, {s['clients']} clients, {s['wall_s']:.1f} s)"
+    )
+    if "out" in s:
+        out.print(f"history and plot written to {s['out']}")
 
 
 def _print_round(record) -> None:
@@ -186,47 +178,28 @@ def _print_round(record) -> None:
 def demo(
     rounds: int = typer.Option(40),
     epochs: int = typer.Option(5, help="local epochs"),
-    he: str | None = typer.Option(None, help="HE scheme for encrypted aggregation"),
+    he: str = typer.Option("bfv", help="HE scheme for the updates ('none' = plaintext)"),
 ) -> None:
-    """Digits (bundled with scikit-learn) across 100 clients, Dirichlet(0.5) label skew."""
+    """Digits (bundled with scikit-learn) across 100 clients, Dirichlet(0.5) label skew, client
+    updates encrypted by default."""
+    scheme = None if he.lower() == "none" else he
     out.print(
-        "[bold]hefl demo[/]: digits across 100 clients (Dirichlet 0.5 label skew), "
-        f"10 clients per round, FedAvg, {epochs} local epochs"
+        "[bold]hefl demo[/]: digits across 100 clients (Dirichlet 0.5 label skew), 10 clients per "
+        f"round, FedAvg, {epochs} local epochs, "
+        + (f"updates encrypted ({scheme})" if scheme else "plaintext updates")
     )
+    opts = SimulateOptions(rounds=rounds, epochs=epochs, he=scheme)
     try:
-        s = _simulate(
-            "digits",
-            "dirichlet",
-            0.5,
-            100,
-            10,
-            rounds,
-            "fedavg",
-            0.05,
-            None,
-            None,
-            epochs,
-            32,
-            0,
-            1,
-            he,
-            False,
-            None,
-            progress=False,
-            on_round=_print_round,
-        )
+        s = run_simulation(opts, on_round=_print_round)
     except HeflError as e:
         _fail(e)
         return
     out.print(
-        f"upload per client-round: {s['upload_bytes_per_param']:.2f} bytes/parameter "
-        f"({'encrypted ' + s['he'] if he else 'plaintext'}; float32 is 4.00)"
+        f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter "
+        f"({'encrypted, ' + scheme if scheme else 'plaintext'}); plaintext float32 is 4.00 "
+        f"bytes/parameter ({s['params']} parameters)"
     )
     out.print(f"[bold green]final accuracy: {s['final_accuracy']:.4f}[/]")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

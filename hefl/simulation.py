@@ -252,11 +252,23 @@ BACKENDS = ("sequential", "vectorized", "ray")
 
 
 def make_runner(model: Any, data: FederatedData, backend: str = "sequential", **options: Any):
-    """The ClientRunner for ``backend`` over ``data`` (each client its own data and test split)."""
+    """The ClientRunner for ``backend`` over ``data`` (each client its own data and test split).
+
+    Options: ``"vectorized"`` takes ``device`` ("cpu"/"cuda") and ``max_cohort``
+    (``hefl.backends.vectorized``); ``"ray"`` takes ``address``, ``num_cpus``, ``num_actors``
+    (``hefl.backends.ray``, needs the ``ray`` extra)."""
     if backend == "sequential":
         return SequentialRunner(
             {cid: ModelClient(model, d, data.test.get(cid)) for cid, d in data.train.items()}
         )
+    if backend == "vectorized":
+        from hefl.backends.vectorized import vectorized_runner
+
+        return vectorized_runner(model, data, **options)
+    if backend == "ray":
+        from hefl.backends.ray import RayRunner
+
+        return RayRunner(model, data, **options)
     raise ConfigError(
         f"unknown or unavailable backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
     )

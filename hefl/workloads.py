@@ -2,12 +2,14 @@
 
 W1 reproduces ``../shared/bench/WORKLOADS.md`` exactly: digits split 80/20 (seed 0), scaled,
 Dirichlet(0.5) label split, MLP 64-128-10 initialised after ``torch.manual_seed(0)``, SGD lr 0.05,
-batch 32, one local epoch, FedAvg.
+batch 32, one local epoch, FedAvg. W2 (``femnist``: LEAF FEMNIST by writer, LEAF CNN) and W3
+(``shakespeare``: TFF Shakespeare by role, character LSTM) take the data's path; nothing downloads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +76,110 @@ def w1(config: str) -> Workload:
         raise ConfigError(f"unknown W1 config {config!r}; choose one of a, b, c")
     n, k, r = W1_CONFIGS[config]
     return digits(num_clients=n, rounds=r, clients_per_round=k)
+
+
+def _pooled_test(data: FederatedData, limit: int | None = None) -> ClientData | None:
+    """All clients' own test splits, concatenated (accuracy on it = example-weighted mean of the
+    per-client accuracies); the first ``limit`` examples only if given."""
+    parts = [d for d in data.test.values() if len(d)]
+    if not parts:
+        return None
+    x, y = np.concatenate([d.x for d in parts]), np.concatenate([d.y for d in parts])
+    return ClientData(x[:limit], y[:limit]) if limit is not None else ClientData(x, y)
+
+
+def femnist(
+    path: str | Path,
+    *,
+    rounds: int = 100,
+    clients_per_round: int = 10,
+    client_lr: float = 0.06,
+    batch_size: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Workload:
+    """W2: LEAF FEMNIST, one client per writer, the LEAF/TFF CNN (``zoo.femnist_cnn``), 10 writers
+    per round, 1 local epoch, batch 20, SGD lr 0.06, FedAvg (Caldas et al., "LEAF: A Benchmark
+    for Federated Settings", 2018). The test set is all writers' own test splits.
+
+    Args:
+        path: the FEMNIST data (see ``hefl.data.load_femnist``), e.g.
+            ``../shared/data/femnist_leaf``.
+        device: where the model adapter trains and evaluates (``"cpu"``, ``"cuda"``).
+
+    Example:
+        >>> w = femnist("../shared/data/femnist_leaf")  # doctest: +SKIP
+        >>> len(w.data), w.clients_per_round  # doctest: +SKIP
+        (105, 10)
+    """
+    from hefl.data.loaders import load_femnist
+    from hefl.models.torch import TorchModel
+    from hefl.models.zoo import femnist_cnn
+
+    data = load_femnist(path)
+    return Workload(
+        name="femnist",
+        model=TorchModel(femnist_cnn, seed=seed, device=device),
+        data=data,
+        test=_pooled_test(data),
+        client_lr=client_lr,
+        batch_size=batch_size,
+        rounds=rounds,
+        clients_per_round=clients_per_round,
+    )
+
+
+def shakespeare(
+    path: str | Path,
+    *,
+    rounds: int = 100,
+    clients_per_round: int = 10,
+    client_lr: float = 1.47,
+    batch_size: int = 10,
+    seq_len: int = 80,
+    seed: int = 0,
+    test_limit: int | None = None,
+    device: str = "cpu",
+) -> Workload:
+    """W3: TFF Shakespeare, one client per speaking role, next-character prediction over
+    sequences of 80, ``zoo.CharLSTM`` (embedding 8, 2-layer LSTM 256), padding (id 0) left out of
+    loss and accuracy, 10 roles per round, 1 local epoch, batch 10, SGD lr 1.47 (the FedAvg
+    paper's Shakespeare setting: McMahan et al., AISTATS 2017). The test set is all roles' own
+    test splits.
+
+    Args:
+        path: folder with ``shakespeare_train.h5`` / ``shakespeare_test.h5``, e.g.
+            ``../shared/data/shakespeare_tff``.
+        test_limit: evaluate on the first ``test_limit`` test sequences only (the full set is
+            4,606 sequences of 80 characters: seconds per evaluation on a CPU).
+        device: where the model adapter trains and evaluates (``"cpu"``, ``"cuda"``).
+
+    Example:
+        >>> w = shakespeare("../shared/data/shakespeare_tff")  # doctest: +SKIP
+        >>> len(w.data)  # doctest: +SKIP
+        715
+    """
+    from functools import partial
+
+    from hefl.data.loaders import PAD, SHAKESPEARE_VOCAB, load_shakespeare
+    from hefl.models.torch import TorchModel
+    from hefl.models.zoo import CharLSTM
+
+    if test_limit is not None and test_limit < 1:
+        raise ConfigError(f"test_limit must be >= 1, got {test_limit}")
+    data = load_shakespeare(path, seq_len=seq_len)
+    return Workload(
+        name="shakespeare",
+        model=TorchModel(
+            partial(CharLSTM, SHAKESPEARE_VOCAB), seed=seed, ignore_index=PAD, device=device
+        ),
+        data=data,
+        test=_pooled_test(data, test_limit),
+        client_lr=client_lr,
+        batch_size=batch_size,
+        rounds=rounds,
+        clients_per_round=clients_per_round,
+    )
 
 
 def seed_everything_for_torch(threads: int = 1) -> None:

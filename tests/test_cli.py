@@ -39,3 +39,15 @@ def test_unknown_dataset_and_algorithm_are_clear():
     assert r.exit_code == 2 and "fedadam" in r.output
     r = runner.invoke(app, ["simulate", "-k", "0", "--rounds", "1"])
     assert r.exit_code == 2 and "clients per round" in r.output
+
+
+def test_simulate_he_matches_plaintext_and_reports_bytes():
+    args = ["simulate", "--clients", "10", "-k", "4", "--rounds", "2", "--json"]
+    plain = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])
+    r = runner.invoke(app, [*args, "--he", "bfv"])
+    assert r.exit_code == 0, r.output
+    enc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert enc["he"] == "bfv" and enc["upload_bytes_per_param"] > 0
+    assert abs(enc["final_accuracy"] - plain["final_accuracy"]) <= 0.005
+    r = runner.invoke(app, [*args, "--he", "paillier"])
+    assert r.exit_code == 2 and "bfv" in r.output

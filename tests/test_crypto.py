@@ -28,7 +28,14 @@ from hefl.crypto import (
     make_aggregator,
 )
 from hefl.crypto.seal import Seal
-from hefl.errors import ContextMismatch, CryptoError, KeyCustodyError, RoundError, UpdateRejected
+from hefl.errors import (
+    ConfigError,
+    ContextMismatch,
+    CryptoError,
+    KeyCustodyError,
+    RoundError,
+    UpdateRejected,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     ("bfv", "clients", {}),
     ("bfv", "keyholder", {}),
-    ("bfv", "clients", {"bits": 12, "max_weight": 2**10}),
+    ("bfv-packed", "clients", {}),
     ("ckks", "clients", {}),
     ("ckks", "keyholder", {}),
 ]
@@ -202,6 +209,11 @@ def test_keyholder_refuses_small_aggregate_and_simulation_skips_round():
         agg.key_holder.decode(one)
     with pytest.raises(RoundError, match="refusing"):
         agg.decode(one)  # simulation: the round is skipped, the run goes on
+    with pytest.raises(KeyCustodyError, match="only sums"):
+        agg.key_holder.decode(agg.encode(0, np.ones(4) * 0.5, 1.0))  # one client's update
+    empty = agg.aggregate({})
+    with pytest.raises(KeyCustodyError, match="aggregate of 0"):
+        agg.key_holder.decode(agg.server.dumps(empty.payload))
 
 
 # ---------------------------------------------------------------- bad input
@@ -288,6 +300,19 @@ def test_weight_over_bound_rejected(fed):
     heavy = {i: agg.encode(i, np.zeros(3000), 60.0) for i in range(2)}
     with pytest.raises(CryptoError, match="total weight 120 exceeds the supported bound 100"):
         agg.key_holder.decode(agg.aggregate(heavy))
+
+
+def test_fractional_weight_rejected_by_bfv_accepted_by_ckks():
+    with pytest.raises(UpdateRejected, match="not an integer"):
+        make_aggregator("bfv", 10).encode(0, np.zeros(10), 0.4)
+    agg = make_aggregator("ckks", 10, min_clients=1)
+    mean, w = agg.decode(agg.aggregate({0: agg.encode(0, np.full(10, 0.5), 0.4)}))
+    assert w == pytest.approx(0.4) and np.allclose(mean, 0.5, atol=1e-6)
+
+
+def test_unknown_scheme_lists_choices():
+    with pytest.raises(ConfigError, match="bfv, bfv-packed, ckks"):
+        make_aggregator("paillier", 10)
 
 
 def test_more_than_max_clients_rejected():

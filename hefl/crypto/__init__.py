@@ -16,6 +16,7 @@ from hefl.crypto.keys import (
     partial_decrypt,
 )
 from hefl.crypto.secure_sum import (
+    PRESETS,
     EncryptedAggregator,
     EncryptedSum,
     EncryptedUpdate,
@@ -29,6 +30,7 @@ from hefl.crypto.spec import CUSTODY, SCHEMES, HeSpec, bfv_spec, ckks_spec
 
 __all__ = [
     "CUSTODY",
+    "PRESETS",
     "SCHEMES",
     "Ceremony",
     "EncryptedAggregator",

@@ -38,7 +38,8 @@ from hefl.aggregation import Aggregate, PlainPayload, check_update
 from hefl.crypto import wire
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
 from hefl.crypto.packing import pack, unpack
-from hefl.crypto.spec import CUSTODY, SCHEMES, HeSpec, bfv_spec, ckks_spec
+from hefl.crypto.seal import save
+from hefl.crypto.spec import CUSTODY, HeSpec, bfv_spec, ckks_spec
 from hefl.errors import (
     ConfigError,
     ContextMismatch,
@@ -127,7 +128,7 @@ def parse_sum(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedSum:
     fp, kid = r.take(16), r.take(16)
     _check_stamp(spec, key_id, fp, kid, "encrypted sum")
     count = r.u32()
-    cts = r.blobs(spec.n_ciphertexts, _blob_limit(spec))
+    cts = r.blobs(spec.n_ciphertexts if count else 0, _blob_limit(spec))
     r.end()
     return EncryptedSum(fp, kid, count, tuple(cts))
 
@@ -204,9 +205,13 @@ class EncryptingClient:
         """
         spec = self.spec
         d = check_update(client_id, delta, spec.size, weight)
-        w: float = float(weight)
-        if spec.scheme == "bfv":
-            w = float(round(weight))  # exact integer weights (sample counts are integers)
+        w = float(weight)
+        if spec.scheme == "bfv" and w != round(w):
+            raise UpdateRejected(
+                f"weight {weight} is not an integer; BFV aggregation weights by integer sample "
+                "counts (use scheme 'ckks' for fractional weights)",
+                client_id=client_id, stage="encode",
+            )
         if w > spec.max_weight:
             raise UpdateRejected(
                 f"weight {weight} exceeds the supported total weight {spec.max_weight}; build the "
@@ -265,7 +270,7 @@ class SummingServer:
     def _ciphertexts(self, cid: Hashable, payload: Any) -> list[Any]:
         if isinstance(payload, (bytes, bytearray, memoryview)):
             payload = self.loads(bytes(payload))
-        if isinstance(payload, PlainPayload) or isinstance(payload, np.ndarray):
+        if isinstance(payload, (PlainPayload, np.ndarray)):
             raise UpdateRejected(
                 "received a plaintext update where a ciphertext was expected; the client must "
                 "encrypt", client_id=cid, stage="aggregate",
@@ -313,18 +318,12 @@ class SummingServer:
                 for a, c in zip(acc, cts, strict=True):
                     self.seal.add_inplace(a, c)
             ok.append(cid)
-        blobs = tuple(_save_all(acc)) if acc is not None else ()
+        blobs = tuple(save(c) for c in acc) if acc is not None else ()
         total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok), blobs)
         return Aggregate(total, tuple(ok), rejected)
 
     def dumps(self, total: EncryptedSum) -> bytes:
         return total.to_bytes()
-
-
-def _save_all(cts: list[Any]) -> list[bytes]:
-    from hefl.crypto.seal import save
-
-    return [save(c) for c in cts]
 
 
 class KeyHolder:
@@ -362,7 +361,10 @@ class KeyHolder:
         if isinstance(total, (bytes, bytearray, memoryview)):
             total = self.loads(bytes(total))
         if not isinstance(total, EncryptedSum):
-            raise CryptoError(f"expected an EncryptedSum, got {type(total).__name__}")
+            raise KeyCustodyError(
+                f"the key holder decrypts only sums of updates (EncryptedSum), got "
+                f"{type(total).__name__}"
+            )
         _check_stamp(self.spec, self.share.key_id, total.fingerprint, total.key_id, "encrypted sum")
         if total.count < self.min_clients:
             raise KeyCustodyError(
@@ -435,16 +437,25 @@ class EncryptedAggregator:
                 f"N={s.poly_degree}, q={s.coeff_bits} bits, lanes={s.lanes})")
 
 
+#: Scheme names accepted by ``make_aggregator`` (e.g. ``hefl simulate --he NAME``): the scheme and
+#: the default options of that preset (explicit options override them).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bfv": ("bfv", {}),  # 16-bit values, total weight <= 2**16: error < 3.1e-5
+    "bfv-packed": ("bfv", {"bits": 12, "max_weight": 2**10}),  # 2 per slot: error < 4.9e-4
+    "ckks": ("ckks", {}),  # complex-packed, one prime: error ~1e-11, fractional weights
+}
+
+
 def make_spec(scheme: str, size: int, *, custody: str = "clients", **options: Any) -> HeSpec:
-    """The ``HeSpec`` for a scheme name and custody mode (options as ``bfv_spec``/``ckks_spec``)."""
+    """The ``HeSpec`` for a scheme or preset name and custody mode (options as ``bfv_spec`` /
+    ``ckks_spec``)."""
     if custody not in CUSTODY:
         raise ConfigError(f"unknown key custody {custody!r}; choose one of {CUSTODY}")
-    symmetric = custody == "clients"
-    if scheme == "bfv":
-        return bfv_spec(size, symmetric=symmetric, **options)
-    if scheme == "ckks":
-        return ckks_spec(size, symmetric=symmetric, **options)
-    raise ConfigError(f"unknown HE scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme not in PRESETS:
+        raise ConfigError(f"unknown HE scheme {scheme!r}; choose one of {', '.join(PRESETS)}")
+    base, defaults = PRESETS[scheme]
+    build = bfv_spec if base == "bfv" else ckks_spec
+    return build(size, symmetric=custody == "clients", **{**defaults, **options})
 
 
 def make_aggregator(
@@ -459,7 +470,8 @@ def make_aggregator(
     """An encrypted aggregator for simulation (runs the key ceremony in-process).
 
     Args:
-        scheme: ``"bfv"`` (quantized, packed; the default choice) or ``"ckks"``.
+        scheme: a preset name: ``"bfv"`` (the default choice), ``"bfv-packed"`` (two values per
+            slot, coarser) or ``"ckks"``; see ``PRESETS``.
         size: number of model parameters.
         custody: ``"clients"`` (clients share the secret key; server gets a public context) or
             ``"keyholder"`` (a separate key holder; clients encrypt with the public key).

@@ -1,0 +1,204 @@
+"""The vectorized backend trains exactly what the sequential backend trains (float tolerance)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hefl.algorithms import fedavg, fedprox
+from hefl.backends.vectorized import VectorizedRunner, cannot_vectorize, vectorized_runner
+from hefl.client import FitConfig
+from hefl.data.federated import ClientData, FederatedData
+from hefl.errors import ConfigError
+from hefl.models import LogisticRegressionModel, TorchModel
+from hefl.models.zoo import CharLSTM
+from hefl.simulation import SequentialRunner, make_runner, run
+from hefl.workloads import w1
+
+# float32 training, sequential vs batched kernels: differences are rounding only (~1e-7 per step).
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _both(model, data, algo, rounds, per_round, **options):
+    out = {}
+    for backend in ("sequential", "vectorized"):
+        runner = make_runner(model, data, backend, **options)
+        out[backend] = run(
+            runner, model.init_vector(), algo, rounds=rounds, clients_per_round=per_round
+        )
+    assert isinstance(make_runner(model, data, "vectorized", **options), VectorizedRunner)
+    return out["sequential"], out["vectorized"]
+
+
+def _uneven(seed: int = 1, sizes=(0, 1, 5, 13, 40, 7)) -> FederatedData:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(sum(sizes), 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=sum(sizes))
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(range(start, start + n))
+        start += n
+    return FederatedData.from_indices(x, y, parts)
+
+
+def _small_mlp():
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def test_w1_config_a_same_model_as_sequential():
+    w = w1("a")
+    algo = fedavg(client_lr=w.client_lr, batch_size=w.batch_size)
+    seq, vec = _both(w.model, w.data, algo, rounds=4, per_round=w.clients_per_round)
+    assert np.abs(seq.params - vec.params).max() < ATOL
+    for a, b in zip(seq.history.records, vec.history.records, strict=True):
+        assert a.contributors == b.contributors
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+    # and it really trained: the model moved and is good on the test set
+    assert np.abs(vec.params - w.model.init_vector()).max() > 1e-2
+    assert w.model.evaluate(vec.params, w.test)["accuracy"] > 0.5
+
+
+def test_w1_config_c_sampled_cohorts_same_model():
+    w = w1("c")
+    algo = fedavg(client_lr=w.client_lr, batch_size=w.batch_size)
+    seq, vec = _both(w.model, w.data, algo, rounds=3, per_round=w.clients_per_round)
+    assert np.abs(seq.params - vec.params).max() < ATOL
+
+
+def test_fedprox_uneven_clients_several_epochs_same_model():
+    """Clients with 1..40 examples (1..14 local steps, last batches partial), 3 epochs: finished
+    clients must not move while others still train, even though the proximal term has a
+    gradient without data."""
+    model = TorchModel(_small_mlp, seed=3)
+    algo = fedprox(mu=0.5, client_lr=0.1, epochs=3, batch_size=4)
+    seq, vec = _both(model, _uneven(), algo, rounds=3, per_round=6)
+    assert np.abs(seq.params - vec.params).max() < ATOL
+    assert seq.history.records[0].train_loss == pytest.approx(vec.history.records[0].train_loss)
+
+
+def test_each_client_result_matches_and_empty_client_reports_zero():
+    model = TorchModel(_small_mlp, seed=4)
+    data = _uneven(seed=2)
+    cfgs = {
+        cid: FitConfig(round=1, lr=0.2, epochs=2, batch_size=3, prox_mu=0.1, seed=10 + i)
+        for i, cid in enumerate(data.ids)
+    }
+    g = model.init_vector() + 0.01
+    seq = make_runner(model, data, "sequential").fit(data.ids, g, cfgs)
+    vec = VectorizedRunner(model, data, max_cohort=2).fit(data.ids, g, cfgs)  # chunks of 2
+    assert list(vec) == list(data.ids)
+    assert vec[0].num_examples == 0 and np.array_equal(vec[0].params, g)
+    for cid in data.ids[1:]:
+        assert vec[cid].num_examples == seq[cid].num_examples == len(data[cid])
+        assert np.abs(vec[cid].params - seq[cid].params).max() < ATOL
+        assert vec[cid].metrics["loss"] == pytest.approx(seq[cid].metrics["loss"], rel=1e-5)
+
+
+class _NextToken(torch.nn.Module):
+    """A small next-token model with 3-D logits (batch, seq, vocab), vmap-friendly."""
+
+    def __init__(self, vocab: int = 12) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 5)
+        self.head = torch.nn.Linear(5, vocab)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)))
+
+
+def _tokens() -> FederatedData:
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 12, size=(23, 7))
+    y = rng.integers(1, 12, size=(23, 7))
+    y[:, 5:] = 0  # padding at the end of every sequence
+    y[3] = 0  # one sequence with no real token, in a batch with real ones
+    return FederatedData.from_indices(x, y, [range(0, 9), range(9, 23)])
+
+
+def test_sequence_model_with_padding_tokens_ignored():
+    """3-D logits with ignore_index=0: padded tokens and padded rows both contribute nothing,
+    the mean is over the batch's real tokens, like TorchModel."""
+    model = TorchModel(_NextToken, seed=0, ignore_index=0)
+    algo = fedavg(client_lr=0.5, batch_size=4)
+    seq, vec = _both(model, _tokens(), algo, rounds=2, per_round=2)
+    assert np.abs(seq.params - vec.params).max() < ATOL
+
+
+def test_lstm_falls_back_because_vmap_would_loop(monkeypatch):
+    lstm = TorchModel(lambda: CharLSTM(12, embed=4, hidden=8, layers=1), ignore_index=0)
+    with pytest.warns(RuntimeWarning, match="no vmap batching rule"):
+        assert isinstance(make_runner(lstm, _tokens(), "vectorized"), SequentialRunner)
+    # the probe step finds ops vmap cannot batch even when the static check does not
+    monkeypatch.setattr("hefl.backends.vectorized.cannot_vectorize", lambda m: None)
+    with pytest.raises(ConfigError, match="cannot vectorize.*[Bb]atching rule"):
+        VectorizedRunner(lstm, _tokens())
+
+
+def test_unvectorizable_models_fall_back_with_a_warning():
+    lin = LogisticRegressionModel(n_features=6, n_classes=3)
+    with pytest.warns(RuntimeWarning, match="not a TorchModel"):
+        runner = vectorized_runner(lin, _uneven())
+    assert isinstance(runner, SequentialRunner)
+
+    bn = TorchModel(lambda: torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)))
+    assert "buffers" in cannot_vectorize(bn)
+    with pytest.warns(RuntimeWarning, match="buffers"):
+        assert isinstance(make_runner(bn, _uneven(), "vectorized"), SequentialRunner)
+
+    drop = TorchModel(lambda: torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Dropout(0.2)))
+    with pytest.raises(ConfigError, match="dropout"):
+        VectorizedRunner(drop, _uneven())
+
+
+def test_unknown_or_missing_device_is_a_clear_error():
+    model = TorchModel(_small_mlp)
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        make_runner(model, _uneven(), "vectorized", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            make_runner(model, _uneven(), "vectorized", device="cuda")
+    with pytest.raises(ConfigError, match="max_cohort"):
+        VectorizedRunner(model, _uneven(), max_cohort=0)
+
+
+def test_unknown_client_id_is_reported_not_fatal():
+    model = TorchModel(_small_mlp)
+    data = _uneven()
+    cfg = FitConfig(round=1, lr=0.1, epochs=1, batch_size=4)
+    out = VectorizedRunner(model, data).fit([2, 99], model.init_vector(), {2: cfg, 99: cfg})
+    assert out[2].num_examples == 5
+    assert isinstance(out[99], Exception)
+
+
+def test_client_eval_matches_sequential():
+    model = TorchModel(_small_mlp)
+    d = _uneven()
+    data = FederatedData(d.train, {cid: ClientData(c.x[:2], c.y[:2]) for cid, c in d.train.items()})
+    v = VectorizedRunner(model, data).evaluate(data.ids, model.init_vector())
+    s = make_runner(model, data, "sequential").evaluate(data.ids, model.init_vector())
+    assert {k: r.loss for k, r in v.items()} == {k: r.loss for k, r in s.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_same_model_as_sequential_cpu():
+    model = TorchModel(_small_mlp, seed=3)
+    algo = fedprox(mu=0.5, client_lr=0.1, epochs=2, batch_size=4)
+    seq = run(
+        make_runner(model, _uneven(), "sequential"),
+        model.init_vector(),
+        algo,
+        rounds=2,
+        clients_per_round=6,
+    )
+    runner = make_runner(model, _uneven(), "vectorized", device="cuda")
+    vec = run(runner, model.init_vector(), algo, rounds=2, clients_per_round=6)
+    assert np.abs(seq.params - vec.params).max() < 1e-4  # different kernels (TF32 off by default)
