@@ -38,7 +38,7 @@ def test_status_shows_rounds_participants_metrics_and_writes_plot(tmp_path):
                             "--metrics", str(tmp_path / "m.jsonl")])
     assert r.exit_code == 0, r.output
     assert "demo-1: running, 1/2 rounds" in r.output
-    assert "round 1: 1/2 clients train_loss=0.7000 test_accuracy=0.5000" in r.output
+    assert "round 1: 1/2 clients train_loss=0.7000 test_accuracy=0.5000; bob: revoked" in r.output
     assert "bob(revoked)" in r.output
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -68,3 +68,24 @@ def test_config_errors_say_what_to_do(tmp_path):
     assert c.clients[0].name == "a" and c.state_dir == tmp_path / "state"
     same = load_config(cfg)
     assert same.run_id == c.run_id  # a restart with the same file resumes the same run
+
+
+def test_keys_ceremony_files_and_custody_hints(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\nkind = "logreg"\nn_features = 8\nn_classes = 2\n'
+                   '[aggregation]\nkind = "bfv"\ncustody = "keyholder"\n')
+    r = runner.invoke(app, ["keys", "--config", str(cfg), "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    assert "the key holder only" in r.output and "never give it share.key" in r.output
+    share = tmp_path / "k" / "share.key"
+    assert (share.stat().st_mode & 0o777) == 0o600
+    from hefl.crypto import KeyShare, PublicContext
+
+    assert KeyShare.from_bytes(share.read_bytes()).spec.size == 9
+    public = PublicContext.from_bytes((tmp_path / "k" / "public.ctx").read_bytes())
+    assert public.public_key  # custody keyholder: clients encrypt with the public key
+    r = runner.invoke(app, ["keys", "--config", str(cfg), "--out", str(tmp_path / "k")])
+    assert r.exit_code == 2 and "already holds keys" in r.output
+    cfg.write_text('[model]\nkind = "logreg"\nn_features = 8\n[aggregation]\nkind = "plain"\n')
+    r = runner.invoke(app, ["keys", "--config", str(cfg), "--out", str(tmp_path / "k2")])
+    assert r.exit_code == 2 and "only for encrypted aggregation" in r.output

@@ -27,7 +27,8 @@ def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None
                 "last_round": last.to_dict() if last else None,
                 "per_round": [
                     {"round": r.round, "selected": r.selected, "contributors": r.contributors,
-                     "train_loss": r.train_loss, **r.metrics}
+                     "train_loss": r.train_loss, "skipped": r.skipped,
+                     "left_out": dict(r.rejected), **r.metrics}
                     for r in records
                 ],
             })
@@ -58,6 +59,8 @@ def render(info: dict[str, Any]) -> str:
             extra = "".join(f" {k}={v:.4f}" for k, v in r.items()
                             if k.startswith("test_") and v is not None)
             loss = "" if r["train_loss"] is None else f" train_loss={r['train_loss']:.4f}"
+            left = "".join(f"; {k}: {v}" for k, v in r["left_out"].items())
+            skipped = " (skipped: model kept)" if r["skipped"] else ""
             lines.append(f"  round {r['round']}: {r['contributors']}/{r['selected']} clients"
-                         f"{loss}{extra}")
+                         f"{loss}{extra}{skipped}{left}")
     return "\n".join(lines)
