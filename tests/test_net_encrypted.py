@@ -100,3 +100,20 @@ def test_server_refuses_a_secret_key(tmp_path):
     secret = (tmp_path / "keys" / "share.key").read_bytes()
     public = (tmp_path / "keys" / "public.ctx").read_bytes()
     assert secret[-64:] not in public
+
+
+@pytest.mark.timeout(120)
+def test_encrypted_round_sums_only_the_ciphertexts_that_arrived(tmp_path):
+    data = small_digits()
+    demo = make_demo(tmp_path, data, model=MODEL, rounds=1, clients_per_round=3,
+                     aggregation={**BFV, "custody": "keyholder"}, key_holders=["kh"],
+                     server={"min_clients": 2, "round_timeout_s": 1.0})
+    keys = tmp_path / "keys"
+    opts = {n: {"he_key": keys / "public.ctx"} for n in demo.names}
+    opts["c2"]["fit_delay_s"] = 2.0  # straggler: its ciphertext misses the round
+    records, params, _ = run_in_threads(
+        demo, {**opts, "kh": {"he_key": keys / "share.key", "key_holder": True}})
+    r = records[0]
+    assert (r.contributors, r.skipped) == (2, False) and "straggler" in r.rejected["c2"]
+    two = FederatedData({k: data.train[k] for k in list(data.train)[:2]})
+    assert np.abs(params - plaintext(two, 1)).max() < 1e-3
