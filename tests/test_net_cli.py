@@ -89,3 +89,18 @@ def test_keys_ceremony_files_and_custody_hints(tmp_path):
     cfg.write_text('[model]\nkind = "logreg"\nn_features = 8\n[aggregation]\nkind = "plain"\n')
     r = runner.invoke(app, ["keys", "--config", str(cfg), "--out", str(tmp_path / "k2")])
     assert r.exit_code == 2 and "only for encrypted aggregation" in r.output
+
+
+def test_client_gives_up_when_no_server_answers(tmp_path):
+    from hefl.data.federated import ClientData
+    from hefl.net.data import save_client_data
+    from hefl.net.testing import free_port
+
+    data = save_client_data(tmp_path / "a.npz", ClientData(np.zeros((2, 3)), np.zeros(2)))
+    r = runner.invoke(app, ["client", "--server", f"127.0.0.1:{free_port()}", "--data", str(data),
+                            "--token", "alice:" + "s" * 20, "--insecure",
+                            "--give-up-after", "0.5"])
+    assert r.exit_code == 2 and "could not reach the server" in r.output
+    r = runner.invoke(app, ["client", "--server", "127.0.0.1:1", "--data", str(data),
+                            "--token", "not-a-token", "--insecure"])
+    assert r.exit_code == 2 and "malformed token" in r.output

@@ -17,6 +17,7 @@ from hefl.data.federated import FederatedData
 from hefl.data.loaders import load_digits
 from hefl.data.partition import dirichlet
 from hefl.models.linear import LogisticRegressionModel
+from hefl.net.status import summarize
 from hefl.net.testing import events, make_demo, spawn_client, spawn_server, wait_event
 from hefl.simulation import simulate
 from hefl.store import Store
@@ -102,6 +103,8 @@ def test_client_killed_mid_round_is_dropped_then_rejoins(tmp_path):
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         wait_event(log, "round_completed", round=2, timeout=60)
+        live = summarize(demo.state)["runs"][0]  # hefl status on a live server (read-only)
+        assert live["status"] == "running" and live["rounds_completed"] >= 2
         victim = spawn_client(demo, "c2")  # rejoins between rounds
         assert finish([server, *fast, victim]) == [0] * 4
     finally:

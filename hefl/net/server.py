@@ -195,7 +195,11 @@ class FederationServer:
         n = len(self.cfg.clients)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=2 * n + 16, thread_name_prefix="hefl-rpc"),
-            options=wire.GRPC_OPTIONS + [("grpc.so_reuseport", 0)],
+            options=wire.GRPC_OPTIONS + [
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail
+                # clients ping every keepalive_time_ms: allow it rather than answer GOAWAY
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ],
         )
         server.add_generic_rpc_handlers((self._handlers(),))
         addr = self.cfg.server.address
