@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Store:
         self.dir = Path(state_dir)
         self.path = self.dir / DB_NAME
         self.keep = max(1, keep_checkpoints)
+        self._lock = threading.RLock()  # one connection shared by the server's threads
         if readonly:
             if not self.path.exists():
                 raise ConfigError(f"no hefl state at {str(self.dir)!r} (missing {DB_NAME})")
@@ -91,7 +93,7 @@ class Store:
         self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        with self.db:
+        with self._lock, self.db:
             self.db.executescript(_SCHEMA)
             self.db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -112,7 +114,7 @@ class Store:
         opt_state: bytes,
     ) -> bool:
         """Create the run with its round-0 checkpoint, or find it. Returns True if it existed."""
-        with self.db:
+        with self._lock, self.db:
             row = self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row:
                 return True
@@ -128,7 +130,7 @@ class Store:
         return False
 
     def set_status(self, run_id: str, status: str) -> None:
-        with self.db:
+        with self._lock, self.db:
             self.db.execute(
                 "UPDATE runs SET status=?, updated=? WHERE run_id=?", (status, time.time(), run_id)
             )
@@ -144,14 +146,18 @@ class Store:
 
     def resume_point(self, run_id: str) -> tuple[int, np.ndarray, bytes]:
         """(last completed round, its global params, its optimizer state); round 0 = initial."""
-        row = self.db.execute(
+        with self._lock:
+            row = self._last_checkpoint(run_id)
+        if row is None:
+            raise RoundError(f"run {run_id!r} has no checkpoint; it was never opened")
+        return int(row[0]), np.frombuffer(row[1], "<f8").astype(np.float64), bytes(row[2])
+
+    def _last_checkpoint(self, run_id: str) -> Any:
+        return self.db.execute(
             "SELECT round, params, opt_state FROM checkpoints WHERE run_id=? "
             "ORDER BY round DESC LIMIT 1",
             (run_id,),
         ).fetchone()
-        if row is None:
-            raise RoundError(f"run {run_id!r} has no checkpoint; it was never opened")
-        return int(row[0]), np.frombuffer(row[1], "<f8").astype(np.float64), bytes(row[2])
 
     def commit_round(
         self, run_id: str, record: RoundRecord, params: np.ndarray, opt_state: bytes
@@ -167,7 +173,7 @@ class Store:
                 f"round {record.round} does not follow the last completed round {last}"
             )
         try:
-            with self.db:
+            with self._lock, self.db:
                 self.db.execute(
                     "INSERT INTO rounds VALUES (?, ?, ?, ?)",
                     (run_id, record.round, json.dumps(record.to_dict()), time.time()),
@@ -204,7 +210,7 @@ class Store:
 
     def register_clients(self, run_id: str, clients: Iterable[tuple[str, bool]]) -> None:
         """Upsert the registry (name, revoked) in index order."""
-        with self.db:
+        with self._lock, self.db:
             for i, (name, revoked) in enumerate(clients):
                 self.db.execute(
                     "INSERT INTO clients (run_id, name, idx, revoked) VALUES (?, ?, ?, ?) "
@@ -214,7 +220,7 @@ class Store:
                 )
 
     def client_event(self, run_id: str, name: str, event: str) -> None:
-        with self.db:
+        with self._lock, self.db:
             self.db.execute(
                 "UPDATE clients SET last_seen=?, last_event=? WHERE run_id=? AND name=?",
                 (time.time(), event, run_id, name),

@@ -31,6 +31,7 @@ def test_status_shows_rounds_participants_metrics_and_writes_plot(tmp_path):
     s = Store(tmp_path)
     s.open_run("demo-1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
     s.register_clients("demo-1", [("alice", False), ("bob", True)])
+    s.client_event("demo-1", "alice", "joined")
     s.commit_round("demo-1", RoundRecord(1, 2, 1, 5.0, 0.7, {"test_accuracy": 0.5},
                                          {"bob": "revoked"}), np.ones(3), b"")
     s.close()
@@ -39,7 +40,8 @@ def test_status_shows_rounds_participants_metrics_and_writes_plot(tmp_path):
     assert r.exit_code == 0, r.output
     assert "demo-1: running, 1/2 rounds" in r.output
     assert "round 1: 1/2 clients train_loss=0.7000 test_accuracy=0.5000; bob: revoked" in r.output
-    assert "bob(revoked)" in r.output
+    assert "bob (revoked): -, never seen" in r.output
+    assert "alice: joined, 20" in r.output
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert rows[0]["round"] == 1 and rows[0]["metrics"]["test_accuracy"] == 0.5

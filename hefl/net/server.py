@@ -16,10 +16,12 @@ between rounds. Every refusal is a gRPC status whose details say why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -296,6 +298,11 @@ class FederationServer:
             self.cond.wait_for(lambda: not self.sessions, timeout=5.0)  # let clients hear DONE
         return history
 
+    def _note(self, name: str, what: str) -> None:
+        """Record a client's last event for ``hefl status`` (best effort, never fatal)."""
+        with contextlib.suppress(sqlite3.Error):
+            self.store.client_event(self.run_id, name, what)
+
     def _live(self, name: str) -> bool:
         s = self.sessions.get(name)
         return s is not None and s.alive
@@ -475,6 +482,7 @@ class FederationServer:
                           f"protocol version {req.protocol_version} is not supported; this "
                           f"server speaks {wire.PROTOCOL_VERSION}: upgrade hefl")
         event(self.log, "client_joined", client=name, peer=context.peer())
+        self._note(name, "joined")
         return pb.JoinReply(
             run_id=self.run_id, protocol_version=wire.PROTOCOL_VERSION,
             model_json=json.dumps(dict(self.cfg.model)),
@@ -526,6 +534,7 @@ class FederationServer:
             self.sessions[name] = sess
             self.cond.notify_all()
         event(self.log, "client_connected", client=name, key_holder=key_holder)
+        self._note(name, "connected")
         return sess
 
     def _disconnect(self, sess: Session, reason: str) -> None:
@@ -542,6 +551,8 @@ class FederationServer:
             self.cond.notify_all()
         if was_alive:
             event(self.log, "client_disconnected", client=sess.name)
+            if not self.stopping.is_set():
+                self._note(sess.name, "disconnected")
 
     def _next(self, sess: Session) -> Any:
         """What to push on this session now (called under the lock); None = nothing."""
@@ -623,6 +634,7 @@ class FederationServer:
             task.rejected.pop(name, None)
             self.cond.notify_all()
         event(self.log, "update_accepted", client=name, round=h.round, bytes=len(body))
+        self._note(name, f"answered round {h.round}")
         return pb.SubmitReply(accepted=True, message=f"update for round {h.round} accepted")
 
     def _decoded(self, name: str, h: pb.UpdateHeader, frames: Iterator[bytes]) -> pb.SubmitReply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,12 @@ def render(info: dict[str, Any]) -> str:
     for run in info["runs"]:
         lines.append(f"run {run['run_id']}: {run['status']}, "
                      f"{run['rounds_completed']}/{run['rounds']} rounds")
-        seen = [c["name"] + ("(revoked)" if c["revoked"] else "") for c in run["clients"]]
-        lines.append(f"  clients: {', '.join(seen)}")
+        lines.append("  clients:")
+        for c in run["clients"]:
+            when = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c["last_seen"])) + " UTC"
+                    if c["last_seen"] else "never seen")
+            revoked = " (revoked)" if c["revoked"] else ""
+            lines.append(f"    {c['name']}{revoked}: {c['last_event'] or '-'}, {when}")
         for r in run["per_round"]:
             extra = "".join(f" {k}={v:.4f}" for k, v in r.items()
                             if k.startswith("test_") and v is not None)
