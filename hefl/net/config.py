@@ -241,6 +241,12 @@ def validate(cfg: RunConfig) -> None:
     s = cfg.server
     if s.min_clients < 1:
         raise ConfigError(f"min_clients must be >= 1, got {s.min_clients}")
+    trainers = sum(c.role == "client" for c in cfg.clients)
+    if s.min_clients > min(cfg.clients_per_round, trainers):
+        raise ConfigError(
+            f"min_clients={s.min_clients} can never be met: only {min(cfg.clients_per_round, trainers)}"
+            " clients take part in a round; lower min_clients or raise clients_per_round"
+        )
     if not 0 < s.wait_fraction <= 1:
         raise ConfigError(f"wait_fraction must be in (0, 1], got {s.wait_fraction}")
     if min(s.round_timeout_s, s.start_timeout_s, s.join_timeout_s, s.heartbeat_s) <= 0:

@@ -315,9 +315,10 @@ class FederationServer:
         idx = sample_clients(len(self.names), self.cfg.clients_per_round, self.cfg.seed, r)
         chosen = [self.names[i] for i in idx]
         configs = {self.names[i]: fit_config(self.algorithm, self.cfg.seed, r, i) for i in idx}
+        wanted = [n for n in chosen if not self.registry[n].revoked]  # revoked never connect
         with self.cond:
             self.cond.wait_for(
-                lambda: self.stopping.is_set() or all(self._live(n) for n in chosen),
+                lambda: self.stopping.is_set() or all(self._live(n) for n in wanted),
                 timeout=s.start_timeout_s if first else s.join_timeout_s,
             )
             participants = frozenset(n for n in chosen if self._live(n))
