@@ -57,3 +57,20 @@ def test_model_larger_than_grpc_message_limits_streams_in_chunks(tmp_path):
     assert records[0].upload_bytes / 3 > 4 * wire.CHUNK_BYTES / 2
     ref = simulate(model, data, fedavg(), rounds=1, clients_per_round=3)
     np.testing.assert_allclose(params, ref.params, rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(90)
+def test_mutual_tls_run(tmp_path):
+    demo = make_demo(tmp_path, toy_data(), model=LOGREG, rounds=2, clients_per_round=3,
+                     server={"min_clients": 3}, mtls=True)
+    opts = {}
+    for n in demo.names:
+        cert, key = demo.fed.client_cert(n)
+        opts[n] = {"cert": cert, "key": key}
+    records, params, _ = run_in_threads(demo, opts)
+    assert [r.contributors for r in records] == [3, 3]
+    from hefl.models.linear import LogisticRegressionModel
+
+    ref = simulate(LogisticRegressionModel(4, 2), toy_data(), fedavg(), rounds=2,
+                   clients_per_round=3)
+    np.testing.assert_allclose(params, ref.params, rtol=0, atol=1e-6)

@@ -80,6 +80,7 @@ def make_demo(
     names: Sequence[str] | None = None,
     aggregation: Mapping[str, Any] | None = None,
     key_holders: Sequence[str] = (),
+    mtls: bool = False,
 ) -> Demo:
     """Write certs, per-client data and ``run.toml`` under ``root``; for an encrypted
     ``aggregation`` also run the key ceremony into ``root/keys``."""
@@ -99,8 +100,8 @@ def make_demo(
         "model": dict(model),
         "aggregation": dict(aggregation or {"kind": "plain"}),
         "server": srv,
-        "tls": ({"cert": "certs/server.pem", "key": "certs/server.key"} if tls
-                else {"insecure": True}),
+        "tls": ({"cert": "certs/server.pem", "key": "certs/server.key",
+                 "client_ca": "certs/ca.pem" if mtls else None} if tls else {"insecure": True}),
         "clients": {"registry": "certs/clients.toml"},
     }
     if doc["aggregation"].get("kind", "plain") != "plain":
