@@ -141,3 +141,19 @@ def test_round_below_min_clients_is_retried_and_result_unchanged(tmp_path):
     (attempt,) = [e["attempt"] for e in events(log, "round_completed") if e["round"] == 2]
     assert attempt >= 2  # the first attempt was abandoned, the round completed exactly once
     np.testing.assert_allclose(params, simulated(data, 3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_cleanly_and_keeps_state(tmp_path):
+    demo = make_demo(tmp_path, small_digits(), model=MODEL, algorithm=ALGO, rounds=2,
+                     clients_per_round=3, server={"min_clients": 3, "start_timeout_s": 600.0})
+    server = spawn_server(demo)
+    try:
+        wait_event(demo.state / "server.log", "run_started", timeout=90)
+        server.send_signal(signal.SIGTERM)  # waiting for clients: must not take 600 s
+        assert server.wait(30) == 0
+    finally:
+        finish([server], timeout=1)
+    assert "run the same command to resume" in (tmp_path / "server.log").read_text()
+    status, _, records = stored(demo.state)
+    assert status == "running" and records == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -36,15 +37,18 @@ def server(
         srv.start()
     except HeflError as e:
         _fail(e)
-    signal.signal(signal.SIGTERM, lambda *_: srv.stopping.set())
+    # SIGTERM/Ctrl-C: stop between steps; completed rounds are on disk, a restart resumes.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.request_stop).start())
     try:
         history = srv.run()
-    except HeflError as e:
+    except (HeflError, KeyboardInterrupt) as e:
+        stopped = srv.stopping.is_set() or isinstance(e, KeyboardInterrupt)
         srv.stop()
-        _fail(e)
-    except KeyboardInterrupt:
-        srv.stop()
-        raise typer.Exit(130) from None
+        if not stopped:
+            _fail(e)
+        typer.echo(f"stopped after round {srv.completed}; run the same command to resume",
+                   err=True)
+        raise typer.Exit(0) from None
     srv.stop()
     final = history.final
     typer.echo(json.dumps({"run_id": srv.run_id, "rounds": len(history),

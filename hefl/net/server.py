@@ -230,6 +230,13 @@ class FederationServer:
         return grpc.ssl_server_credentials([pair], root_certificates=ca,
                                            require_client_auth=ca is not None)
 
+    def request_stop(self) -> None:
+        """Ask ``run`` to stop at the next step (it raises ``RoundError``); safe from any
+        thread. Completed rounds stay on disk; the round in flight is redone on restart."""
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+
     def stop(self, grace: float = 1.0) -> None:
         self.stopping.set()
         with self.cond:
