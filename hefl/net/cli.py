@@ -19,7 +19,7 @@ app = typer.Typer(help="hefl deployment: server, clients, certificates, status."
                   no_args_is_help=True, add_completion=False)
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: BaseException) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
 
