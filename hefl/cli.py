@@ -137,7 +137,7 @@ def simulate(
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he: str | None = typer.Option(
-        None, help="encrypt client updates: 'bfv' (quantized, packed) or 'ckks'"
+        None, help="encrypt client updates: bfv (default choice), bfv-packed or ckks"
     ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
@@ -201,6 +201,14 @@ def demo(
     )
     out.print(f"[bold green]final accuracy: {s['final_accuracy']:.4f}[/]")
 
+
+def _mount() -> None:
+    from hefl.inference.cli import app as infer_app
+
+    app.add_typer(infer_app, name="infer")
+
+
+_mount()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -51,3 +51,9 @@ def test_simulate_he_matches_plaintext_and_reports_bytes():
     assert abs(enc["final_accuracy"] - plain["final_accuracy"]) <= 0.005
     r = runner.invoke(app, [*args, "--he", "paillier"])
     assert r.exit_code == 2 and "bfv" in r.output
+
+
+def test_subcommands_are_mounted():
+    for sub in (["infer", "serve"], ["infer", "score"], ["infer", "bench"]):
+        r = runner.invoke(app, [*sub, "--help"])
+        assert r.exit_code == 0, (sub, r.output)

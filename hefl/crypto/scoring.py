@@ -1,0 +1,521 @@
+"""CKKS batch scoring: encrypt records, evaluate a model on ciphertexts, decrypt scores.
+
+CKKS (Cheon, Kim, Kim, Song 2017, "Homomorphic encryption for arithmetic of approximate
+numbers") through the SEAL API that TenSEAL bundles (``tenseal.sealapi``): this module is the only
+one in ``hefl.inference`` that touches the HE library. Nothing here implements a primitive; it
+chooses parameters, packs data and calls SEAL's encoder, encryptor, evaluator and decryptor.
+
+Packing: **one ciphertext per feature, records across the slots.** A batch of ``R`` records and
+``d`` features is ``d`` ciphertexts; ciphertext ``j`` holds feature ``j`` of every record. Then a
+linear layer is ``sum_j w_j * ct_j + b``: ``d`` plaintext-scalar multiplications and additions, no
+rotation (so no Galois keys) and every slot is used. Packing one record per ciphertext would
+waste slots or need ``log2(d)`` rotations per record to sum the products.
+
+Both real and imaginary parts of every slot carry a record (record ``i`` in the real part,
+record ``i + N/2`` in the imaginary part), so one ciphertext carries ``N`` records. A real scalar
+times a complex slot scales both parts, so linear layers work unchanged. For logistic regression
+the server returns the encrypted logit, unrescaled; the data owner decrypts and applies the
+sigmoid.
+
+The MLP (``x -> W1 x + b1 -> c2 z^2 + c1 z + c0 -> v . h + b2``) cannot square a complex slot
+directly (``(a + ib)^2`` mixes the two records), so with ``w = conj(z)`` (one Galois key):
+``P = z w = a^2 + b^2`` and ``Q = z^2 + w^2 = 2(a^2 - b^2)`` are real, and
+``P (1 + i)/2 + Q (1 - i)/4 = a^2 + i b^2``. The complex constants are folded into the output
+layer's weights, so the depth stays three. The MLP needs relinearization keys and the
+conjugation key, uploaded once per session.
+
+Keys: the data owner holds the secret key and is the only party that encrypts and decrypts, so
+records are encrypted with SEAL's *symmetric* encryption: faster than public-key encryption and
+serialized seeded (half the bytes). The model owner receives parameters and, for the MLP,
+relinearization keys only.
+
+Parameters (all at >= 128-bit security, checked against the HomomorphicEncryption.org table and
+again by SEAL itself):
+
+- logistic regression, ``LR_PARAMS`` ("precise", the default): ``N = 4096``, coefficient
+  modulus ``[50, 39, 20]`` (109 bits, the N=4096 maximum). Inputs at scale 2^40, weights at
+  2^25; no rescale is needed, so the 89 data bits leave 24 bits of headroom for the logit.
+  ``N = 2048`` (54 bits) cannot hold a 2^40-scaled input times a weight, so 4096 is the smallest
+  ring that fits.
+- logistic regression, ``LR_FAST_PARAMS`` ("fast"): ``N = 4096``, ``[60, 49]``: one data prime,
+  so about 40 % less work and bytes per record. Inputs at 2^30, weights at 2^21 (measured logit
+  error ~4e-6); only 8 bits of headroom: logits must stay within +-128, which decryption checks.
+- MLP (multiplicative depth 3: layer 1, square, output layer): ``N = 8192``, ``[50, 35, 35, 35,
+  50]`` (205 <= 218 bits); ``N = 4096`` cannot hold four data primes at a useful scale.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from hefl.crypto import seal as seal_io  # SEAL bytes <-> objects (private tmpfs files)
+from hefl.crypto.spec import MAX_COEFF_BITS_128  # HomomorphicEncryption.org, 128-bit
+from hefl.errors import ConfigError, ContextMismatch, CryptoError, TransportError
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters for one scoring job.
+
+    Attributes:
+        poly_modulus_degree: ring degree N (N/2 complex slots).
+        coeff_mod_bit_sizes: prime sizes; the last is SEAL's special (key-switching) prime.
+        scale_bits: inputs are encoded at scale 2**scale_bits.
+        weight_scale_bits: plaintext weights of the last (unrescaled) product, 2**bits.
+        complex_packing: two records per slot (real and imaginary part).
+    """
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+    weight_scale_bits: int = 0
+    complex_packing: bool = False
+
+    def __post_init__(self) -> None:
+        limit = MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
+        if limit is None:
+            raise ConfigError(
+                f"poly_modulus_degree {self.poly_modulus_degree} is not one of "
+                f"{sorted(MAX_COEFF_BITS_128)}"
+            )
+        total = sum(self.coeff_mod_bit_sizes)
+        if total > limit:
+            raise ConfigError(
+                f"coefficient modulus of {total} bits at N={self.poly_modulus_degree} is below "
+                f"128-bit security (at most {limit} bits); use fewer/smaller primes or a larger N"
+            )
+        if len(self.coeff_mod_bit_sizes) < 2:
+            raise ConfigError("give at least one data prime and the special prime")
+
+    @property
+    def records_per_ciphertext(self) -> int:
+        """Records one ciphertext carries: N with complex packing, N/2 otherwise."""
+        n = self.poly_modulus_degree
+        return n if self.complex_packing else n // 2
+
+    @property
+    def data_bits(self) -> tuple[int, ...]:
+        """The data-level primes (all but the special prime)."""
+        return self.coeff_mod_bit_sizes[:-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
+            "scale_bits": self.scale_bits,
+            "weight_scale_bits": self.weight_scale_bits,
+            "complex_packing": self.complex_packing,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CkksParams:
+        try:
+            return cls(
+                int(d["poly_modulus_degree"]),
+                tuple(int(b) for b in d["coeff_mod_bit_sizes"]),
+                int(d["scale_bits"]),
+                int(d.get("weight_scale_bits", 0)),
+                bool(d.get("complex_packing", False)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed CKKS parameters {d!r}: {e}") from e
+
+
+#: Logistic regression: depth 0 after the plaintext multiply (no rescale), complex packing.
+LR_PARAMS = CkksParams(4096, (50, 39, 20), scale_bits=40, weight_scale_bits=25,
+                       complex_packing=True)
+#: Logistic regression, one data prime: cheaper, logits limited to +-128 (checked on decryption).
+LR_FAST_PARAMS = CkksParams(4096, (60, 49), scale_bits=30, weight_scale_bits=21,
+                            complex_packing=True)
+#: One-hidden-layer MLP with a quadratic activation: three rescales, complex packing.
+MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35, complex_packing=True)
+
+
+# --------------------------------------------------------------------------- SEAL plumbing
+
+_CONTEXTS: dict[CkksParams, seal.SEALContext] = {}
+_LOCK = threading.Lock()
+
+
+def seal_context(params: CkksParams) -> seal.SEALContext:
+    """The (cached) SEAL context for ``params``; SEAL re-checks 128-bit security."""
+    with _LOCK:
+        ctx = _CONTEXTS.get(params)
+        if ctx is None:
+            p = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+            p.set_poly_modulus_degree(params.poly_modulus_degree)
+            p.set_coeff_modulus(
+                seal.CoeffModulus.Create(params.poly_modulus_degree,
+                                         list(params.coeff_mod_bit_sizes))
+            )
+            ctx = seal.SEALContext(p, True, seal.SEC_LEVEL_TYPE.TC128)
+            if not ctx.parameters_set():
+                raise ConfigError(f"SEAL rejects {params}: {ctx.parameters_error_message()}")
+            _CONTEXTS[params] = ctx
+        return ctx
+
+
+def load_ciphertext(ctx: seal.SEALContext, data: bytes) -> seal.Ciphertext:
+    """Parse one serialized ciphertext under ``ctx``.
+
+    Raises:
+        ContextMismatch: made under other parameters, or corrupt.
+    """
+    try:
+        ct = seal_io.load(seal.Ciphertext, ctx, bytes(data))
+    except ContextMismatch as e:
+        raise ContextMismatch(
+            f"a ciphertext does not load under this session's CKKS parameters ({e}); it was "
+            "made under other parameters or keys, or is corrupt: re-encrypt with this session"
+        ) from e
+    if ct.size() != 2:
+        raise ContextMismatch(f"expected a fresh 2-component ciphertext, got {ct.size()}")
+    return ct
+
+
+def save_ciphertext(ct: seal.Ciphertext) -> bytes:
+    return seal_io.save(ct)
+
+
+# --------------------------------------------------------------------------- key bundles
+
+_BUNDLE_MAGIC = b"HEFLEVK1"
+
+
+@dataclass(frozen=True)
+class EvaluationKeys:
+    """What the data owner sends the model owner once per session: no secret key.
+
+    Attributes:
+        params: CKKS parameters.
+        key_id: random id of the data owner's secret key; every batch carries it.
+        relin_keys: serialized relinearization keys (MLP only), else empty.
+        galois_keys: serialized conjugation key (MLP with complex packing), else empty.
+    """
+
+    params: CkksParams
+    key_id: str
+    relin_keys: bytes = b""
+    galois_keys: bytes = b""
+
+    def dumps(self) -> bytes:
+        head = json.dumps({"params": self.params.to_dict(), "key_id": self.key_id,
+                           "relin_bytes": len(self.relin_keys)}).encode()
+        return (_BUNDLE_MAGIC + struct.pack("<I", len(head)) + head + self.relin_keys
+                + self.galois_keys)
+
+    @classmethod
+    def loads(cls, data: bytes) -> EvaluationKeys:
+        """Parse a key bundle.
+
+        Raises:
+            TransportError: not a hefl key bundle.
+        """
+        if not data.startswith(_BUNDLE_MAGIC) or len(data) < len(_BUNDLE_MAGIC) + 4:
+            raise TransportError("not a hefl evaluation-key bundle (bad magic); send the "
+                                 "output of Keyring.evaluation_keys().dumps()")
+        (n,) = struct.unpack_from("<I", data, len(_BUNDLE_MAGIC))
+        start = len(_BUNDLE_MAGIC) + 4
+        try:
+            head = json.loads(data[start : start + n])
+            params = CkksParams.from_dict(head["params"])
+            key_id = str(head["key_id"])
+            n_relin = int(head.get("relin_bytes", 0))
+        except (ValueError, KeyError, TypeError) as e:
+            raise TransportError(f"malformed evaluation-key bundle header: {e}") from e
+        keys = bytes(data[start + n :])
+        if not 0 <= n_relin <= len(keys):
+            raise TransportError("evaluation-key bundle is truncated")
+        return cls(params, key_id, keys[:n_relin], keys[n_relin:])
+
+
+# --------------------------------------------------------------------------- data owner
+
+
+class Keyring:
+    """The data owner's keys: encrypts records, decrypts scores. Never leaves the data owner.
+
+    Example:
+        >>> import numpy as np
+        >>> kr = Keyring.generate(LR_PARAMS)
+        >>> ev = Evaluator(kr.evaluation_keys())
+        >>> x = np.array([[1.0, 2.0], [3.0, -1.0]])
+        >>> cts = kr.encrypt_batch(x)
+        >>> z = kr.decrypt_scores(ev.linear(cts, np.array([0.5, 1.0]), 0.25), len(x))
+        >>> np.round(z, 6).tolist()
+        [2.75, 0.75]
+    """
+
+    def __init__(self, params: CkksParams, relin: bool) -> None:
+        self.params = params
+        self._ctx = seal_context(params)
+        keygen = seal.KeyGenerator(self._ctx)
+        self._sk = keygen.secret_key()
+        self._relin = seal_io.save(keygen.create_relin_keys()) if relin else b""
+        conj = [2 * params.poly_modulus_degree - 1]  # the Galois element of complex conjugation
+        self._galois = (seal_io.save(keygen.create_galois_keys(conj))
+                        if relin and params.complex_packing else b"")
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        self._encryptor = seal.Encryptor(self._ctx, self._sk)
+        self._decryptor = seal.Decryptor(self._ctx, self._sk)
+        self.key_id = secrets.token_hex(16)
+
+    @classmethod
+    def generate(cls, params: CkksParams, relin: bool = False) -> Keyring:
+        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product)."""
+        return cls(params, relin)
+
+    def evaluation_keys(self) -> EvaluationKeys:
+        """The public half for the model owner (parameters, key id, relinearization keys)."""
+        return EvaluationKeys(self.params, self.key_id, self._relin, self._galois)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Keyring(key_id={self.key_id!r}, params={self.params})"
+
+    def encrypt_batch(self, x: np.ndarray) -> list[bytes]:
+        """Encrypt up to ``records_per_ciphertext`` records: one serialized ciphertext per column.
+
+        Raises:
+            ConfigError: more records than one batch holds (use ``split_batches``), or NaN/Inf.
+        """
+        x = np.asarray(x, np.float64)
+        cap = self.params.records_per_ciphertext
+        if x.ndim != 2 or len(x) > cap:
+            raise ConfigError(f"a batch is a 2-D array of at most {cap} records, got shape "
+                              f"{x.shape}; split it with split_batches")
+        if not np.isfinite(x).all():
+            raise ConfigError("records contain NaN/Inf after preprocessing; impute them first")
+        half = self.params.poly_modulus_degree // 2
+        scale = 2.0**self.params.scale_bits
+        out = []
+        for col in x.T:
+            col = np.pad(col, (0, cap - len(col)))
+            values = (col[:half] + 1j * col[half:]) if self.params.complex_packing else col
+            pt = seal.Plaintext()
+            self._encoder.encode(values.tolist(), scale, pt)
+            out.append(seal_io.save(self._encryptor.encrypt_symmetric(pt)))
+        return out
+
+    def decrypt_scores(self, data: bytes, n: int) -> np.ndarray:
+        """Decrypt one result ciphertext into ``n`` scores (logits).
+
+        Raises:
+            ContextMismatch: the ciphertext was not made under this key (the decrypted values
+                are out of range), or does not load under these parameters.
+        """
+        ct = load_ciphertext(self._ctx, data) if isinstance(data, bytes | bytearray) else data
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        if self.params.complex_packing:
+            v = np.asarray(self._encoder.decode_complex(pt))
+            values = np.concatenate([v.real, v.imag])
+        else:
+            values = np.asarray(self._encoder.decode_double(pt))
+        # Range check: a ciphertext under another key decrypts to noise spread over the whole
+        # modulus (+-2^(bits-1)/scale); honest scores stay within half of that.
+        level_bits = self._level_bits(ct)
+        bound = 2.0 ** (level_bits - np.log2(ct.scale) - 2)
+        if not np.all(np.abs(values) < bound):
+            raise ContextMismatch(
+                f"decrypted scores reach {np.max(np.abs(values)):.3g}, beyond the {bound:.3g} "
+                "these parameters represent: the result was computed on ciphertexts made under other "
+                "keys (or another session), or the model's outputs overflow (serve it with the "
+                "precise parameters); score again with this session's keys"
+            )
+        return values[:n]
+
+    def _level_bits(self, ct: seal.Ciphertext) -> float:
+        cd = self._ctx.get_context_data(ct.parms_id())
+        if cd is None:
+            raise ContextMismatch("result ciphertext is at no level of this key's parameters")
+        return float(sum(np.log2(float(m.value())) for m in cd.parms().coeff_modulus()))
+
+
+def split_batches(n: int, capacity: int) -> list[slice]:
+    """Row slices of at most ``capacity`` records covering ``range(n)`` (oversized batches are
+    split, never refused)."""
+    if capacity < 1:
+        raise ConfigError(f"batch capacity must be >= 1, got {capacity}")
+    return [slice(s, min(s + capacity, n)) for s in range(0, n, capacity)]
+
+
+# --------------------------------------------------------------------------- model owner
+
+
+class Evaluator:
+    """The model owner's side: evaluates models on a data owner's ciphertexts; holds no secret."""
+
+    def __init__(self, keys: EvaluationKeys) -> None:
+        self.keys = keys
+        self.params = keys.params
+        self._ctx = seal_context(keys.params)
+        self._eval = seal.Evaluator(self._ctx)
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        self._relin: seal.RelinKeys | None = None
+        if keys.relin_keys:
+            try:
+                self._relin = seal_io.load(seal.RelinKeys, self._ctx, keys.relin_keys)
+            except ContextMismatch as e:
+                raise ContextMismatch(
+                    f"relinearization keys do not load under {keys.params}: {e}"
+                ) from e
+        self._galois: seal.GaloisKeys | None = None
+        if keys.galois_keys:
+            try:
+                self._galois = seal_io.load(seal.GaloisKeys, self._ctx, keys.galois_keys)
+            except ContextMismatch as e:
+                raise ContextMismatch(f"Galois keys do not load under {keys.params}: {e}") from e
+
+    def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
+        """Parse a batch of ``expected`` feature ciphertexts.
+
+        Raises:
+            ContextMismatch: wrong count for this model, or a ciphertext under other parameters.
+        """
+        if len(blobs) != expected:
+            raise ContextMismatch(
+                f"batch has {len(blobs)} feature ciphertexts, this model takes {expected}; "
+                "preprocess records with the model's preprocessing before encrypting"
+            )
+        cts = [load_ciphertext(self._ctx, b) for b in blobs]
+        first = self._ctx.first_parms_id()
+        scale = 2.0**self.params.scale_bits
+        for ct in cts:
+            if list(ct.parms_id()) != list(first) or abs(ct.scale / scale - 1) > 1e-9:
+                raise ContextMismatch("a ciphertext is not a fresh encryption at this session's "
+                                      "level and scale; encrypt with Keyring.encrypt_batch")
+        return cts
+
+    def _const(self, value: float, ct: seal.Ciphertext, scale: float) -> seal.Plaintext:
+        pt = seal.Plaintext()
+        if self.params.complex_packing:
+            self._encoder.encode(complex(value, value), ct.parms_id(), scale, pt)
+        else:
+            self._encoder.encode(float(value), ct.parms_id(), scale, pt)
+        return pt
+
+    def _real_scalar(self, value: float, ct: seal.Ciphertext, scale: float) -> seal.Plaintext:
+        pt = seal.Plaintext()
+        self._encoder.encode(float(value), ct.parms_id(), scale, pt)
+        return pt
+
+    def _dot(self, cts: Sequence[seal.Ciphertext], w: np.ndarray, scale: float
+             ) -> seal.Ciphertext:
+        """sum_j w_j * ct_j with weights encoded at ``scale`` (no rescale)."""
+        acc: seal.Ciphertext | None = None
+        for ct, wj in zip(cts, w, strict=True):
+            if wj == 0.0:
+                continue
+            prod = seal.Ciphertext()
+            self._eval.multiply_plain(ct, self._real_scalar(float(wj), ct, scale), prod)
+            if acc is None:
+                acc = prod
+            else:
+                self._eval.add_inplace(acc, prod)
+        if acc is None:  # all-zero weights: 0 * ct keeps the level and scale right
+            acc = seal.Ciphertext()
+            self._eval.multiply_plain(cts[0], self._real_scalar(0.0, cts[0], scale), acc)
+        return acc
+
+    def linear(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], coef: np.ndarray,
+               intercept: float) -> bytes:
+        """Encrypted logits ``X @ coef + intercept`` for one batch (logistic regression)."""
+        coef = np.asarray(coef, np.float64).reshape(-1)
+        cts = self._ensure_loaded(cts, len(coef))
+        acc = self._dot(cts, coef, 2.0**self.params.weight_scale_bits)
+        self._eval.add_plain_inplace(acc, self._const(intercept, acc, acc.scale))
+        return save_ciphertext(acc)
+
+    def poly_mlp(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], w1: np.ndarray,
+                 b1: np.ndarray, act: tuple[float, float, float], w2: np.ndarray,
+                 b2: float) -> bytes:
+        """Encrypted logits of ``w2 . f(w1 x + b1) + b2`` with ``f(z) = c2 z^2 + c1 z + c0``.
+
+        Depth 3 with one rescale after each product; weights are encoded at the prime they are
+        rescaled by, so that scales come back exactly to the input scale. The activation's
+        linear and constant terms are folded into the output layer.
+        """
+        if self._relin is None:
+            raise CryptoError("the MLP needs relinearization keys; generate the keyring with "
+                              "relin=True")
+        cplx = self.params.complex_packing
+        if cplx and self._galois is None:
+            raise CryptoError("the MLP with complex packing needs the conjugation (Galois) key")
+        w1 = np.asarray(w1, np.float64)
+        w2 = np.asarray(w2, np.float64).reshape(-1)
+        b1 = np.asarray(b1, np.float64).reshape(-1)
+        c2, c1, c0 = (float(c) for c in act)
+        cts = self._ensure_loaded(cts, w1.shape[1])
+        ev = self._eval
+        q = self._primes(cts[0])  # data primes at the fresh level, q[-1] is dropped first
+        delta = cts[0].scale
+        terms: list[tuple[seal.Ciphertext, complex]] = []
+        for k in range(w1.shape[0]):
+            z = self._dot(cts, w1[k], q[-1])  # scale delta * q_L
+            ev.add_plain_inplace(z, self._const(b1[k], z, z.scale))
+            ev.rescale_to_next_inplace(z)  # scale delta
+            for sq, coeff in self._squares(z):
+                terms.append((sq, coeff * w2[k] * c2))
+            ev.mod_switch_to_next_inplace(z)  # level of the squares, scale unchanged
+            terms.append((z, complex(w2[k] * c1)))
+        q1 = float(self._primes(terms[0][0])[-1])
+        target = q1 * delta
+        acc: seal.Ciphertext | None = None
+        for ct, coeff in terms:
+            pt = seal.Plaintext()
+            value = coeff if cplx else coeff.real
+            self._encoder.encode(value, ct.parms_id(), target / ct.scale, pt)
+            prod = seal.Ciphertext()
+            ev.multiply_plain(ct, pt, prod)
+            prod.scale = target  # equal up to float rounding of target / scale * scale
+            if acc is None:
+                acc = prod
+            else:
+                ev.add_inplace(acc, prod)
+        assert acc is not None
+        ev.add_plain_inplace(acc, self._const(float(b2 + c0 * w2.sum()), acc, acc.scale))
+        ev.rescale_to_next_inplace(acc)
+        return save_ciphertext(acc)
+
+    def _squares(self, z: seal.Ciphertext) -> list[tuple[seal.Ciphertext, complex]]:
+        """Ciphertexts and complex weights whose weighted sum is the slot-wise square of each
+        record: ``z^2`` with real packing; ``P (1+i)/2 + Q (1-i)/4`` with complex packing."""
+        ev = self._eval
+
+        def finish(ct: seal.Ciphertext) -> seal.Ciphertext:
+            ev.relinearize_inplace(ct, self._relin)
+            ev.rescale_to_next_inplace(ct)
+            return ct
+
+        if not self.params.complex_packing:
+            u = seal.Ciphertext()
+            ev.square(z, u)
+            return [(finish(u), 1.0 + 0j)]
+        w = seal.Ciphertext()
+        ev.complex_conjugate(z, self._galois, w)
+        p, z2, w2 = seal.Ciphertext(), seal.Ciphertext(), seal.Ciphertext()
+        ev.multiply(z, w, p)  # a^2 + b^2
+        ev.square(z, z2)
+        ev.square(w, w2)
+        ev.add_inplace(z2, w2)  # 2 (a^2 - b^2)
+        return [(finish(p), (1 + 1j) / 2), (finish(z2), (1 - 1j) / 4)]
+
+    def _primes(self, ct: seal.Ciphertext) -> list[int]:
+        cd = self._ctx.get_context_data(ct.parms_id())
+        return [m.value() for m in cd.parms().coeff_modulus()]
+
+    def _ensure_loaded(self, cts, expected: int) -> list[seal.Ciphertext]:
+        if cts and isinstance(cts[0], bytes | bytearray):
+            return self.load(cts, expected)
+        if len(cts) != expected:
+            raise ContextMismatch(f"batch has {len(cts)} feature ciphertexts, model takes "
+                                  f"{expected}")
+        return list(cts)
