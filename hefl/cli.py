@@ -203,8 +203,11 @@ def demo(
 
 
 def _mount() -> None:
+    """Deployment commands at the top level; encrypted inference under ``hefl infer``."""
     from hefl.inference.cli import app as infer_app
+    from hefl.net.cli import app as net_app
 
+    app.registered_commands.extend(net_app.registered_commands)
     app.add_typer(infer_app, name="infer")
 
 

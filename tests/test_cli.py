@@ -54,6 +54,8 @@ def test_simulate_he_matches_plaintext_and_reports_bytes():
 
 
 def test_subcommands_are_mounted():
-    for sub in (["infer", "serve"], ["infer", "score"], ["infer", "bench"]):
+    subs = [["infer", "serve"], ["infer", "score"], ["infer", "bench"], ["server"], ["client"]]
+    subs += [["certs"], ["keys"], ["status"], ["split-data"]]
+    for sub in subs:
         r = runner.invoke(app, [*sub, "--help"])
         assert r.exit_code == 0, (sub, r.output)

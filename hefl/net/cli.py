@@ -1,0 +1,206 @@
+"""Command line of the deployment: ``server``, ``client``, ``certs``, ``keys``, ``status``,
+``split-data``. The top-level ``hefl`` CLI mounts these commands; ``python -m hefl.net.cli``
+runs them directly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hefl.errors import HeflError
+
+app = typer.Typer(help="hefl deployment: server, clients, certificates, status.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def server(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
+) -> None:
+    """Run (or resume) the federated run described by CONFIG; state lives in its state_dir."""
+    from hefl.net.config import load_config
+    from hefl.net.server import FederationServer
+
+    try:
+        srv = FederationServer(load_config(config))
+        srv.start()
+    except HeflError as e:
+        _fail(e)
+    # SIGTERM/Ctrl-C: stop between steps; completed rounds are on disk, a restart resumes.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=srv.request_stop).start())
+    try:
+        history = srv.run()
+    except (HeflError, KeyboardInterrupt) as e:
+        stopped = srv.stopping.is_set() or isinstance(e, KeyboardInterrupt)
+        srv.stop()
+        if not stopped:
+            _fail(e)
+        typer.echo(f"stopped after round {srv.completed}; run the same command to resume",
+                   err=True)
+        raise typer.Exit(0) from None
+    srv.stop()
+    final = history.final
+    typer.echo(json.dumps({"run_id": srv.run_id, "rounds": len(history),
+                           "metrics": final.get("metrics", {})}))
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option("--server", "-s", help="HOST:PORT of the server")],
+    data: Annotated[Path | None, typer.Option(
+        "--data", "-d", help=".npz with this client's x, y")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="HEFL_TOKEN", help="NAME:SECRET (or set HEFL_TOKEN)")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="file holding the token")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate that signed the server's")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client private key (mTLS)")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS (loopback tests only)")] = False,
+    server_name: Annotated[str | None, typer.Option(help="TLS name to verify, if not HOST")] = None,
+    give_up_after: Annotated[float, typer.Option(
+        help="seconds without reaching the server before giving up")] = 300.0,
+    he_key: Annotated[Path | None, typer.Option(
+        help="encrypted runs: share.key, or public.ctx in custody 'keyholder'")] = None,
+    key_holder: Annotated[bool, typer.Option(
+        help="run as the key holder (no data; decrypts sums)")] = False,
+    min_clients: Annotated[int, typer.Option(
+        help="as key holder: refuse sums of fewer contributions")] = 2,
+    fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
+) -> None:
+    """Join a federation and train on local data until the server ends the run."""
+    from hefl.net.client import ClientSettings, FederationClient
+    from hefl.net.wire import Token
+
+    try:
+        if token_file is not None:
+            token = token_file.read_text().strip()
+        if not token:
+            raise HeflError("pass --token NAME:SECRET, --token-file PATH or set HEFL_TOKEN")
+        settings = ClientSettings(
+            server=server, data=data, token=Token.parse(token), ca=ca, cert=cert, key=key,
+            insecure=insecure, server_name=server_name, give_up_s=give_up_after,
+            fit_delay_s=fit_delay, he_key=he_key, key_holder=key_holder, min_clients=min_clients,
+        )
+        summary = FederationClient(settings).run()
+    except (HeflError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary.__dict__))
+
+
+@app.command()
+def certs(
+    clients: Annotated[str, typer.Option(help="comma-separated client names")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write into")] = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option(
+        help="server DNS name or IP (repeat; default localhost and 127.0.0.1)")] = None,
+    days: Annotated[int, typer.Option(help="validity in days")] = 365,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
+    key_holders: Annotated[str, typer.Option(
+        help="comma-separated key-holder names (encrypted runs, custody 'keyholder')")] = "",
+) -> None:
+    """Make a test CA, server and client certificates, client tokens and the registry."""
+    from hefl.certs import make_federation
+
+    try:
+        fed = make_federation(out, [c.strip() for c in clients.split(",") if c.strip()],
+                              hosts=host or ("localhost", "127.0.0.1"), days=days,
+                              overwrite=overwrite,
+                              key_holders=[k.strip() for k in key_holders.split(",") if k.strip()])
+    except HeflError as e:
+        _fail(e)
+    typer.echo(f"CA {fed.ca}\nserver {fed.server_cert} {fed.server_key}\n"
+               f"registry {fed.registry} (give the server this)\n"
+               f"clients {fed.client_dir}/NAME.{{token,pem,key}} (give each client its own)")
+
+
+@app.command()
+def keys(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the key files")] = Path(
+        "keys"),
+    overwrite: Annotated[bool, typer.Option(help="replace existing keys in OUT")] = False,
+) -> None:
+    """Key ceremony for the config's encrypted aggregation: public.ctx and share.key."""
+    from hefl.net.config import build_model
+    from hefl.net.keys import write_keys
+
+    try:
+        cfg = load_config_for_keys(config)
+        size = build_model(cfg["model"]).spec.size
+        files = write_keys(cfg["aggregation"], size, out, overwrite=overwrite)
+    except HeflError as e:
+        _fail(e)
+    holder = ("every data client (--he-key share.key)" if files.custody == "clients"
+              else "the key holder only (hefl client --key-holder --he-key share.key)")
+    clients = ("" if files.custody == "clients"
+               else f"\ndata clients get {files.public} (--he-key public.ctx)")
+    typer.echo(f"server: {files.public} ([aggregation] public = ...); never give it share.key\n"
+               f"secret {files.share} -> {holder}{clients}")
+
+
+def load_config_for_keys(path: Path) -> dict:
+    """The [model] and [aggregation] tables of a config (keys come before the server runs)."""
+    from hefl.net.config import tomllib
+
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise HeflError(f"cannot read config {str(path)!r}: {e}") from e
+    return {"model": doc.get("model", {"kind": "mlp"}),
+            "aggregation": doc.get("aggregation", {"kind": "plain"})}
+
+
+@app.command()
+def status(
+    state: Annotated[Path, typer.Option(help="the server's state_dir")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of the latest run")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="write its metrics as JSON lines")] = None,
+) -> None:
+    """Show the runs in a state directory: rounds, participants, metrics."""
+    from hefl.net.status import render, summarize
+
+    try:
+        info = summarize(state, plot=plot, metrics=metrics)
+    except HeflError as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@app.command("split-data")
+def split_data(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("data"),
+    clients: Annotated[str, typer.Option(help="comma-separated names")] = "alice,bob,carol",
+    partition: Annotated[str, typer.Option(help="dirichlet or iid")] = "dirichlet",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write the W1 digits split as one NAME.npz per client plus test.npz (demo data)."""
+    from hefl.net.data import write_federated
+    from hefl.workloads import digits
+
+    names = [c.strip() for c in clients.split(",") if c.strip()]
+    try:
+        w = digits(num_clients=len(names), partition=partition, seed=seed)
+        paths = write_federated(w.data, out, names, w.test)
+    except HeflError as e:
+        _fail(e)
+    typer.echo("\n".join(str(p) for p in paths) + f"\n{out / 'test.npz'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,271 @@
+"""The federation client: connects out to the server, trains on local data, sends updates.
+
+    join (token) -> model spec, aggregator, index -> subscribe -> for each FIT task:
+        params, config -> ModelClient.fit -> client_payload (aggregator.encode) -> dumps -> Submit
+
+The same ``hefl.rounds.client_payload`` as the simulation. On any transport failure (server
+restarting, network cut) the client reconnects with exponential backoff and jitter; it gives up
+only after ``give_up_s`` seconds without reaching the server, or when the server refuses its
+credentials (that needs an operator, not a retry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hefl.client import FitConfig, ModelClient
+from hefl.errors import HeflError, TransportError
+from hefl.net import wire
+from hefl.net.config import build_aggregator, build_model, is_encrypted
+from hefl.net.data import load_client_data
+from hefl.net.keys import key_holder, load_key
+from hefl.net.logs import event, get_logger
+from hefl.net.proto import hefl_pb2 as pb
+from hefl.rounds import client_payload
+
+FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How one client reaches its server.
+
+    Attributes:
+        server: ``HOST:PORT``.
+        data: ``.npz`` with the client's ``x`` and ``y``.
+        token: ``NAME:SECRET`` from ``hefl certs`` (NAME is the client's registered name).
+        ca: CA certificate to verify the server (TLS); ``insecure`` skips TLS (loopback only).
+        cert, key: client certificate and key, when the server requires mTLS.
+        server_name: TLS name to verify if it differs from HOST.
+        give_up_s: stop after this long without reaching the server.
+        backoff_s: (first, max) reconnect delay.
+        fit_delay_s: sleep before each fit (simulates a slow device; for demos and tests).
+        torch_threads: torch intra-op threads (W1 uses 1).
+        he_key: encrypted aggregation: ``share.key`` (custody "clients", or the key holder) or
+            ``public.ctx`` (custody "keyholder" data clients) from ``hefl keys``.
+        key_holder: a key-holder process: no data, only decrypts sums (needs ``share.key``).
+        min_clients: as key holder, refuse to decrypt sums of fewer contributions (local
+            policy; the server cannot lower it).
+    """
+
+    server: str
+    data: Path | None
+    token: wire.Token
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+    server_name: str | None = None
+    give_up_s: float = 300.0
+    backoff_s: tuple[float, float] = (0.2, 5.0)
+    fit_delay_s: float = 0.0
+    torch_threads: int = 1
+    he_key: Path | None = None
+    key_holder: bool = False
+    min_clients: int = 2
+
+
+@dataclass
+class ClientSummary:
+    run_id: str = ""
+    rounds_trained: int = 0
+    reconnects: int = 0
+    refused: int = 0
+
+
+def make_channel(s: ClientSettings) -> grpc.Channel:
+    opts: list[tuple[str, Any]] = list(wire.GRPC_OPTIONS)
+    if s.insecure:
+        return grpc.insecure_channel(s.server, options=opts)
+    try:
+        ca = s.ca.read_bytes() if s.ca else None
+        key = s.key.read_bytes() if s.key else None
+        cert = s.cert.read_bytes() if s.cert else None
+    except OSError as e:
+        raise TransportError(f"cannot read TLS files: {e}") from e
+    if s.server_name:
+        opts.append(("grpc.ssl_target_name_override", s.server_name))
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(s.server, creds, options=opts)
+
+
+def _tasks(stream: Iterator[pb.ServerFrame]) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+    """Reassemble (header, body) tasks from the frame stream."""
+    it = iter(stream)
+    for frame in it:
+        if frame.WhichOneof("frame") != "header":
+            raise TransportError("server sent a chunk without a header")
+        h = frame.header
+        body = wire.read_body((f.chunk for f in _take(it, h.body_size)), h.body_size,
+                              h.body_sha256, limit=1 << 40)
+        yield h, body
+
+
+def _take(it: Iterator[pb.ServerFrame], size: int) -> Iterator[pb.ServerFrame]:
+    got = 0
+    while got < size:
+        f = next(it, None)
+        if f is None:
+            return
+        got += len(f.chunk)
+        yield f
+
+
+class FederationClient:
+    """One client process's loop. ``run()`` returns when the server says the run is done."""
+
+    def __init__(self, settings: ClientSettings, log: logging.Logger | None = None) -> None:
+        self.s = settings
+        self.name = settings.token.name
+        self.log = log or get_logger(f"hefl.client.{self.name}")
+        if settings.key_holder:
+            if settings.he_key is None:
+                raise TransportError("a key holder needs --he-key share.key")
+            self.data = None
+        elif settings.data is None:
+            raise TransportError("pass --data PATH (the client's .npz)")
+        else:
+            self.data = load_client_data(settings.data)
+        self.key = load_key(settings.he_key) if settings.he_key is not None else None
+        self.holder: Any = None
+        self.md = settings.token.metadata()
+        self.summary = ClientSummary()
+        self._model_key: str | None = None
+        self._rng = random.Random()
+
+    def run(self) -> ClientSummary:
+        delay, cap = self.s.backoff_s
+        self._last_ok = time.monotonic()
+        while True:
+            try:
+                with make_channel(self.s) as channel:
+                    if self._session(channel):
+                        return self.summary
+                    delay = self.s.backoff_s[0]
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code in FATAL:
+                    raise TransportError(f"server refused this client: {e.details()}") from e  # type: ignore[attr-defined]
+                event(self.log, "reconnecting", level=logging.WARNING, code=code.name,
+                      details=e.details(), delay_s=round(delay, 2))  # type: ignore[attr-defined]
+            except TransportError as e:
+                event(self.log, "reconnecting", level=logging.WARNING, error=str(e))
+            if time.monotonic() - self._last_ok > self.s.give_up_s:
+                raise TransportError(
+                    f"could not reach the server at {self.s.server} for {self.s.give_up_s:.0f} s"
+                )
+            time.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(cap, delay * 2)
+            self.summary.reconnects += 1
+
+    def _session(self, channel: grpc.Channel) -> bool:
+        """Join, subscribe and serve tasks until the stream ends; True when the run is done."""
+        join = channel.unary_unary(
+            wire.method("Join"), request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString,
+        )(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION), metadata=self.md, timeout=30)
+        self._prepare(join)
+        self._last_ok = time.monotonic()
+        event(self.log, "joined", run_id=join.run_id, index=join.index, rounds=join.rounds)
+        stream = channel.unary_stream(
+            wire.method("Subscribe"), request_serializer=pb.SubscribeRequest.SerializeToString,
+            response_deserializer=pb.ServerFrame.FromString,
+        )(pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None),
+          metadata=self.md)
+        submit = channel.stream_unary(
+            wire.method("Submit"), request_serializer=pb.ClientFrame.SerializeToString,
+            response_deserializer=pb.SubmitReply.FromString,
+        )
+        try:
+            for header, body in _tasks(stream):
+                self._last_ok = time.monotonic()
+                if header.kind == pb.TASK_DONE:
+                    event(self.log, "run_finished", run_id=join.run_id,
+                          rounds_trained=self.summary.rounds_trained)
+                    return True
+                if header.kind == pb.TASK_FIT and self.data is not None:
+                    self._fit(header, body, submit)
+                elif header.kind == pb.TASK_DECODE and self.holder is not None:
+                    self._decode(header, body, submit)
+        finally:
+            stream.cancel()
+        return False
+
+    def _prepare(self, join: pb.JoinReply) -> None:
+        key = join.model_json + "|" + join.aggregation_json
+        if key == self._model_key:
+            return
+        if join.model_json and json.loads(join.model_json).get("kind", "mlp") == "mlp":
+            import torch
+
+            torch.set_num_threads(self.s.torch_threads)
+        self.model = build_model(json.loads(join.model_json))
+        size = self.model.spec.size
+        agg = json.loads(join.aggregation_json)
+        if is_encrypted(agg):
+            if self.key is None:
+                raise TransportError(
+                    f"this federation aggregates encrypted ({agg.get('kind')}): pass --he-key "
+                    "with the key file from `hefl keys`"
+                )
+            from hefl.crypto import KeyShare
+
+            if isinstance(self.key, KeyShare):
+                self.holder = key_holder(self.key, size, self.s.min_clients)
+        if self.data is not None:
+            self.aggregator = build_aggregator(agg, size, key=self.key)
+            self.client = ModelClient(self.model, self.data)
+        self.summary.run_id = join.run_id
+        self._model_key = key
+
+    def _fit(self, h: pb.TaskHeader, body: bytes, submit: Any) -> None:
+        params = wire.vector_from(body, self.model.spec.size)
+        c = h.config
+        config = FitConfig(round=c.round, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
+                           prox_mu=c.prox_mu, seed=c.seed)
+        if self.s.fit_delay_s:
+            time.sleep(self.s.fit_delay_s)
+        res = self.client.fit(params, config)
+        out = b""
+        if res.num_examples > 0:
+            out = self.aggregator.dumps(client_payload(self.aggregator, self.name, params, res))
+        header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
+                                 kind=pb.TASK_FIT, num_examples=res.num_examples,
+                                 metrics={k: float(v) for k, v in res.metrics.items()})
+        try:
+            reply = submit(wire.client_frames(header, out), metadata=self.md, timeout=600)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION,  # type: ignore[attr-defined]
+                            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
+                self.summary.refused += 1
+                event(self.log, "update_refused", level=logging.WARNING, round=h.round,
+                      code=e.code().name, details=e.details())  # type: ignore[attr-defined]
+                return
+            raise
+        self.summary.rounds_trained += 1
+        event(self.log, "update_sent", round=h.round, bytes=len(out), message=reply.message)
+
+    def _decode(self, h: pb.TaskHeader, body: bytes, submit: Any) -> None:
+        """Key holder: decrypt the sum (if it holds enough contributions), send mean + weight."""
+        header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
+                                 kind=pb.TASK_DECODE)
+        out = b""
+        try:
+            mean, weight = self.holder.decode(body)
+            out = wire.vector_bytes(mean)
+            header.metrics["total_weight"] = float(weight)
+        except HeflError as e:
+            header.error = str(e)
+        submit(wire.client_frames(header, out), metadata=self.md, timeout=600)
+        event(self.log, "decoded", round=h.round, refused=bool(header.error),
+              reason=header.error or None)

@@ -1,0 +1,71 @@
+"""``hefl status``: what a state directory says about its runs (read-only, safe while serving)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from hefl.history import History
+from hefl.store import Store, write_atomic
+
+
+def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None) -> dict[str, Any]:
+    """Runs (latest first) with rounds, participants and final metrics; optionally write the
+    latest run's PNG plot and metrics JSON lines."""
+    store = Store(state, readonly=True)
+    try:
+        runs = []
+        for info in store.runs():
+            records = store.records(info.run_id)
+            last = records[-1] if records else None
+            runs.append({
+                "run_id": info.run_id,
+                "status": info.status,
+                "rounds_completed": len(records),
+                "rounds": info.rounds,
+                "clients": store.clients(info.run_id),
+                "last_round": last.to_dict() if last else None,
+                "per_round": [
+                    {"round": r.round, "selected": r.selected, "contributors": r.contributors,
+                     "train_loss": r.train_loss, "skipped": r.skipped,
+                     "left_out": dict(r.rejected), **r.metrics}
+                    for r in records
+                ],
+            })
+            if len(runs) == 1:  # the latest run
+                history = History(records)
+                if plot is not None and records:
+                    history.plot(plot, title=f"hefl run {info.run_id}")
+                if metrics is not None:
+                    import json
+
+                    write_atomic(metrics, "".join(json.dumps(r.to_dict()) + "\n"
+                                                  for r in records))
+    finally:
+        store.close()
+    return {"state": str(state), "runs": runs}
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"state {info['state']}"]
+    if not info["runs"]:
+        lines.append("  no runs yet")
+    for run in info["runs"]:
+        lines.append(f"run {run['run_id']}: {run['status']}, "
+                     f"{run['rounds_completed']}/{run['rounds']} rounds")
+        lines.append("  clients:")
+        for c in run["clients"]:
+            when = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c["last_seen"])) + " UTC"
+                    if c["last_seen"] else "never seen")
+            revoked = " (revoked)" if c["revoked"] else ""
+            lines.append(f"    {c['name']}{revoked}: {c['last_event'] or '-'}, {when}")
+        for r in run["per_round"]:
+            extra = "".join(f" {k}={v:.4f}" for k, v in r.items()
+                            if k.startswith("test_") and v is not None)
+            loss = "" if r["train_loss"] is None else f" train_loss={r['train_loss']:.4f}"
+            left = "".join(f"; {k}: {v}" for k, v in r["left_out"].items())
+            skipped = " (skipped: model kept)" if r["skipped"] else ""
+            lines.append(f"  round {r['round']}: {r['contributors']}/{r['selected']} clients"
+                         f"{loss}{extra}{skipped}{left}")
+    return "\n".join(lines)

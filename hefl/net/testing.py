@@ -1,0 +1,212 @@
+"""Helpers to stand up a federation on loopback: tests, the benchmark and the README demo.
+
+Everything is real: a CA and tokens from ``hefl.certs``, a ``run.toml``, one ``.npz`` per
+client, and server/client *processes* started with ``python -m hefl.net.cli``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hefl.certs import Federation, make_federation
+from hefl.data.federated import ClientData, FederatedData
+from hefl.net.data import write_federated
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(doc: Mapping[str, Mapping[str, Any]]) -> str:
+    """A TOML document of flat tables (enough for run.toml)."""
+    out = []
+    for section, values in doc.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A federation written to disk."""
+
+    root: Path
+    config: Path
+    names: tuple[str, ...]
+    fed: Federation
+    data: Mapping[str, Path]
+    address: str
+    state: Path
+
+    def client_args(self, name: str, *, tls: bool = True) -> list[str]:
+        args = ["--server", self.address, "--data", str(self.data[name]),
+                "--token-file", str(self.fed.token(name))]
+        return args + (["--ca", str(self.fed.ca)] if tls else ["--insecure"])
+
+
+def make_demo(
+    root: Path,
+    data: FederatedData,
+    *,
+    model: Mapping[str, Any],
+    rounds: int,
+    clients_per_round: int,
+    seed: int = 0,
+    algorithm: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
+    tls: bool = True,
+    test: ClientData | None = None,
+    names: Sequence[str] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
+    key_holders: Sequence[str] = (),
+    mtls: bool = False,
+) -> Demo:
+    """Write certs, per-client data and ``run.toml`` under ``root``; for an encrypted
+    ``aggregation`` also run the key ceremony into ``root/keys``."""
+    names = tuple(names or [f"c{i}" for i in range(len(data))])
+    fed = make_federation(root / "certs", names, key_holders=key_holders)
+    paths = write_federated(data, root / "data", names, test)
+    address = f"127.0.0.1:{free_port()}"
+    srv: dict[str, Any] = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
+           "start_timeout_s": 60.0, "join_timeout_s": 5.0, "heartbeat_s": 2.0}
+    if test is not None:
+        srv["test_data"] = "data/test.npz"
+    srv.update(server or {})
+    doc: dict[str, dict[str, Any]] = {
+        "run": {"name": "t", "rounds": rounds, "clients_per_round": clients_per_round,
+                "seed": seed, "state_dir": "state"},
+        "algorithm": dict(algorithm or {"name": "fedavg", "client_lr": 0.05}),
+        "model": dict(model),
+        "aggregation": dict(aggregation or {"kind": "plain"}),
+        "server": srv,
+        "tls": ({"cert": "certs/server.pem", "key": "certs/server.key",
+                 "client_ca": "certs/ca.pem" if mtls else None} if tls else {"insecure": True}),
+        "clients": {"registry": "certs/clients.toml"},
+    }
+    if doc["aggregation"].get("kind", "plain") != "plain":
+        from hefl.net.config import build_model
+        from hefl.net.keys import write_keys
+
+        write_keys(doc["aggregation"], build_model(model).spec.size, root / "keys")
+        doc["aggregation"]["public"] = "keys/public.ctx"
+    cfg = root / "run.toml"
+    cfg.write_text(to_toml(doc))
+    shards = dict(zip(names, paths, strict=True))
+    return Demo(root, cfg, names, fed, shards, address, root / "state")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def spawn(args: Sequence[str], log: Path) -> subprocess.Popen:
+    """``python -m hefl.net.cli ARGS`` with output to ``log``."""
+    f = open(log, "ab")  # noqa: SIM115 - closed when the process is reaped by the caller
+    return subprocess.Popen([sys.executable, "-m", "hefl.net.cli", *args], stdout=f,
+                            stderr=subprocess.STDOUT, env=env(), cwd=str(ROOT))
+
+
+def spawn_server(demo: Demo, tag: str = "") -> subprocess.Popen:
+    return spawn(["server", "--config", str(demo.config)], demo.root / f"server{tag}.log")
+
+
+def spawn_client(demo: Demo, name: str, *extra: str, tls: bool = True) -> subprocess.Popen:
+    return spawn(["client", *demo.client_args(name, tls=tls), *extra],
+                 demo.root / f"client-{name}.log")
+
+
+def events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The structured events in a log file (non-JSON lines skipped)."""
+    import json
+
+    out: list[dict[str, Any]] = []
+    if not log.exists():
+        return out
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and "event" in e and (name is None or e["event"] == name):
+            out.append(e)
+    return out
+
+
+def wait_event(log: Path, name: str, timeout: float = 60.0, **match: Any) -> dict[str, Any]:
+    """Block until ``log`` holds event ``name`` with the given field values."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in events(log, name):
+            if all(e.get(k) == v for k, v in match.items()):
+                return e
+        time.sleep(0.05)
+    raise TimeoutError(f"no {name} {match} in {log} after {timeout} s")
+
+
+def run_in_threads(
+    demo: Demo, client_options: Mapping[str, Mapping[str, Any]] | None = None,
+    timeout: float = 120.0,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Run the demo's server and clients as threads of this process (cheap protocol tests).
+
+    Returns (stopped FederationServer, final params, name -> FederationClient).
+    """
+    import threading
+
+    from hefl.net.client import ClientSettings, FederationClient
+    from hefl.net.config import load_config
+    from hefl.net.logs import get_logger
+    from hefl.net.server import FederationServer
+    from hefl.net.wire import Token
+
+    def logger(name: str):
+        return get_logger(f"hefl.test.{demo.root.name}.{name}",
+                          stream=open(demo.root / f"{name}.log", "a"))  # noqa: SIM115
+
+    srv = FederationServer(load_config(demo.config), log=logger("server"))
+    srv.start()
+    runner = threading.Thread(target=srv.run, daemon=True)
+    runner.start()
+    opts = client_options or {}
+    clients = {}
+    for n in opts or demo.names:
+        s = ClientSettings(server=demo.address, data=demo.data.get(n), ca=demo.fed.ca,
+                           token=Token.parse(demo.fed.token(n).read_text()),
+                           backoff_s=(0.05, 0.5), give_up_s=timeout, **opts.get(n, {}))
+        clients[n] = FederationClient(s, log=logger(n))
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients.values()]
+    for t in threads:
+        t.start()
+    runner.join(timeout)
+    for t in threads:
+        t.join(timeout)
+    params = srv.store.resume_point(srv.run_id)[1]
+    records = srv.store.records(srv.run_id)
+    srv.stop()
+    return records, params, clients

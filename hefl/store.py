@@ -1,0 +1,269 @@
+"""Durable server state in SQLite: runs, rounds, metrics, the client registry, checkpoints.
+
+One file, ``STATE_DIR/hefl.db``, in WAL mode with ``synchronous=FULL``. A round is committed in
+one transaction (its record, its metrics and the new global model with the optimizer state), so
+after a crash at any point the store holds either the whole round or none of it: a restart
+resumes at the last completed round and never loses or repeats one.
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from hefl.rounds import RoundRecord
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     s = Store(d)
+    ...     s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
+    ...     s.commit_round("r1", RoundRecord(1, 3, 3, 9.0, 0.5), np.ones(3), b"")
+    ...     s.resume_point("r1")[0]
+    1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hefl.errors import ConfigError, RoundError
+from hefl.rounds import RoundRecord
+
+DB_NAME = "hefl.db"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, config TEXT NOT NULL, rounds INTEGER NOT NULL,
+    status TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, record TEXT NOT NULL, completed REAL NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (run_id, round, name)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, params BLOB NOT NULL, opt_state BLOB NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    run_id TEXT NOT NULL, name TEXT NOT NULL, idx INTEGER NOT NULL, revoked INTEGER NOT NULL,
+    last_seen REAL, last_event TEXT, PRIMARY KEY (run_id, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    config: dict[str, Any]
+    rounds: int
+    status: str
+    created: float
+    updated: float
+
+
+class Store:
+    """The server's state directory.
+
+    Args:
+        state_dir: folder holding ``hefl.db`` (created if missing).
+        keep_checkpoints: how many recent global-model checkpoints to keep per run (>= 1).
+        readonly: open for reading only (``hefl status`` while a server runs).
+    """
+
+    def __init__(self, state_dir: str | Path, keep_checkpoints: int = 3, readonly: bool = False):
+        self.dir = Path(state_dir)
+        self.path = self.dir / DB_NAME
+        self.keep = max(1, keep_checkpoints)
+        self._lock = threading.RLock()  # one connection shared by the server's threads
+        if readonly:
+            if not self.path.exists():
+                raise ConfigError(f"no hefl state at {str(self.dir)!r} (missing {DB_NAME})")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        with self._lock, self.db:
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ runs
+
+    def open_run(
+        self,
+        run_id: str,
+        config: Mapping[str, Any],
+        *,
+        rounds: int,
+        initial: np.ndarray,
+        opt_state: bytes,
+    ) -> bool:
+        """Create the run with its round-0 checkpoint, or find it. Returns True if it existed."""
+        with self._lock, self.db:
+            row = self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row:
+                return True
+            now = time.time()
+            self.db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?)",
+                (run_id, json.dumps(config, sort_keys=True), rounds, now, now),
+            )
+            self.db.execute(
+                "INSERT INTO checkpoints VALUES (?, 0, ?, ?)",
+                (run_id, _vec(initial), opt_state),
+            )
+        return False
+
+    def set_status(self, run_id: str, status: str) -> None:
+        with self._lock, self.db:
+            self.db.execute(
+                "UPDATE runs SET status=?, updated=? WHERE run_id=?", (status, time.time(), run_id)
+            )
+
+    def runs(self) -> list[RunInfo]:
+        rows = self.db.execute(
+            "SELECT run_id, config, rounds, status, created, updated FROM runs "
+            "ORDER BY created DESC"
+        ).fetchall()
+        return [RunInfo(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+    # ------------------------------------------------------------ rounds
+
+    def resume_point(self, run_id: str) -> tuple[int, np.ndarray, bytes]:
+        """(last completed round, its global params, its optimizer state); round 0 = initial."""
+        with self._lock:
+            row = self._last_checkpoint(run_id)
+        if row is None:
+            raise RoundError(f"run {run_id!r} has no checkpoint; it was never opened")
+        return int(row[0]), np.frombuffer(row[1], "<f8").astype(np.float64), bytes(row[2])
+
+    def _last_checkpoint(self, run_id: str) -> Any:
+        return self.db.execute(
+            "SELECT round, params, opt_state FROM checkpoints WHERE run_id=? "
+            "ORDER BY round DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+
+    def commit_round(
+        self, run_id: str, record: RoundRecord, params: np.ndarray, opt_state: bytes
+    ) -> None:
+        """Record a completed round and its checkpoint atomically.
+
+        Raises:
+            RoundError: the round was already committed or does not follow the last one.
+        """
+        last, _, _ = self.resume_point(run_id)
+        if record.round != last + 1:
+            raise RoundError(
+                f"round {record.round} does not follow the last completed round {last}"
+            )
+        try:
+            with self._lock, self.db:
+                self.db.execute(
+                    "INSERT INTO rounds VALUES (?, ?, ?, ?)",
+                    (run_id, record.round, json.dumps(record.to_dict()), time.time()),
+                )
+                self.db.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?)",
+                    [(run_id, record.round, k, v) for k, v in _metric_rows(record)],
+                )
+                self.db.execute(
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
+                    (run_id, record.round, _vec(params), opt_state),
+                )
+                self.db.execute(
+                    "DELETE FROM checkpoints WHERE run_id=? AND round<=?",
+                    (run_id, record.round - self.keep),
+                )
+                self.db.execute("UPDATE runs SET updated=? WHERE run_id=?", (time.time(), run_id))
+        except sqlite3.IntegrityError as e:
+            raise RoundError(f"round {record.round} of run {run_id!r} is already recorded") from e
+
+    def records(self, run_id: str) -> list[RoundRecord]:
+        rows = self.db.execute(
+            "SELECT record FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
+        ).fetchall()
+        return [RoundRecord(**json.loads(r[0])) for r in rows]
+
+    def completed_rounds(self, run_id: str) -> list[int]:
+        rows = self.db.execute(
+            "SELECT round FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    # ------------------------------------------------------------ clients
+
+    def register_clients(self, run_id: str, clients: Iterable[tuple[str, bool]]) -> None:
+        """Upsert the registry (name, revoked) in index order."""
+        with self._lock, self.db:
+            for i, (name, revoked) in enumerate(clients):
+                self.db.execute(
+                    "INSERT INTO clients (run_id, name, idx, revoked) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(run_id, name) DO UPDATE SET idx=excluded.idx, "
+                    "revoked=excluded.revoked",
+                    (run_id, name, i, int(revoked)),
+                )
+
+    def client_event(self, run_id: str, name: str, event: str) -> None:
+        with self._lock, self.db:
+            self.db.execute(
+                "UPDATE clients SET last_seen=?, last_event=? WHERE run_id=? AND name=?",
+                (time.time(), event, run_id, name),
+            )
+
+    def clients(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT name, idx, revoked, last_seen, last_event FROM clients WHERE run_id=? "
+            "ORDER BY idx",
+            (run_id,),
+        ).fetchall()
+        return [
+            {"name": r[0], "index": r[1], "revoked": bool(r[2]), "last_seen": r[3],
+             "last_event": r[4]}
+            for r in rows
+        ]
+
+
+def _vec(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f8").tobytes()
+
+
+def _metric_rows(record: RoundRecord) -> list[tuple[str, float | None]]:
+    rows: list[tuple[str, float | None]] = [
+        ("contributors", float(record.contributors)),
+        ("total_weight", float(record.total_weight)),
+        ("upload_bytes", float(record.upload_bytes)),
+        ("wall_s", float(record.wall_s)),
+    ]
+    if record.train_loss is not None:
+        rows.append(("train_loss", float(record.train_loss)))
+    rows += [(k, float(v)) for k, v in record.metrics.items()]
+    return rows
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write a file so readers see the old or the new content, never a torn one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
