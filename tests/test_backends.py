@@ -13,7 +13,7 @@ from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ConfigError
 from hefl.models import LogisticRegressionModel, TorchModel
 from hefl.models.zoo import CharLSTM
-from hefl.simulation import SequentialRunner, make_runner, run
+from hefl.simulation import SequentialRunner, make_runner, run, simulate
 from hefl.workloads import w1
 
 # float32 training, sequential vs batched kernels: differences are rounding only (~1e-7 per step).
@@ -202,3 +202,18 @@ def test_cuda_same_model_as_sequential_cpu():
     runner = make_runner(model, _uneven(), "vectorized", device="cuda")
     vec = run(runner, model.init_vector(), algo, rounds=2, clients_per_round=6)
     assert np.abs(seq.params - vec.params).max() < 1e-4  # different kernels (TF32 off by default)
+
+
+def test_simulate_with_vectorized_backend_equals_sequential():
+    model = TorchModel(_small_mlp, seed=5)
+    algo = fedprox(mu=0.1, client_lr=0.1, batch_size=4)
+    data = _uneven()
+    test = (data[4].x, data[4].y)
+    seq = simulate(model, data, algo, rounds=2, clients_per_round=3, test=test)
+    vec = simulate(
+        model, data, algo, rounds=2, clients_per_round=3, test=test, backend="vectorized"
+    )
+    assert np.abs(seq.params - vec.params).max() < ATOL
+    assert vec.history.records[-1].metrics["test_accuracy"] == pytest.approx(
+        seq.history.records[-1].metrics["test_accuracy"]
+    )
