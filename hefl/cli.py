@@ -25,7 +25,8 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "femnist", "shakespeare")
+BACKENDS = ("sequential", "vectorized", "ray")
 
 
 def _fail(e: Exception) -> None:
@@ -38,20 +39,44 @@ class SimulateOptions:
     """Everything ``hefl simulate`` takes (defaults: the README's example)."""
 
     dataset: str = "digits"
+    data: Path | None = None
     partition: str = "dirichlet"
     alpha: float = 0.5
     clients: int = 100
     clients_per_round: int = 10
     rounds: int = 20
     algorithm: str = "fedavg"
-    client_lr: float = 0.05
+    client_lr: float | None = None
     server_lr: float | None = None
     mu: float | None = None
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int | None = None
     seed: int = 0
     threads: int = 1
     he: str | None = None
+    backend: str = "sequential"
+    device: str = "cpu"
+
+
+def _workload(o: SimulateOptions):
+    """The data set, model and defaults behind ``--dataset``."""
+    from hefl import workloads
+    from hefl.errors import ConfigError
+
+    if o.dataset == "digits":
+        return workloads.digits(
+            num_clients=o.clients, partition=o.partition, alpha=o.alpha, seed=o.seed
+        )
+    if o.dataset not in DATASETS:
+        raise ConfigError(f"unknown data set {o.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if o.data is None:
+        raise ConfigError(
+            f"--dataset {o.dataset} needs --data PATH (e.g. ../shared/data/"
+            f"{'femnist_leaf' if o.dataset == 'femnist' else 'shakespeare_tff'})"
+        )
+    device = o.device if o.backend == "vectorized" else "cpu"
+    build = workloads.femnist if o.dataset == "femnist" else workloads.shakespeare
+    return build(o.data, seed=o.seed, device=device)
 
 
 def run_simulation(
@@ -60,22 +85,19 @@ def run_simulation(
     """Run one simulation from CLI options; return the JSON summary."""
     from hefl import workloads
     from hefl.algorithms import make_algorithm
-    from hefl.errors import ConfigError
     from hefl.simulation import simulate
 
     t0 = time.perf_counter()
     workloads.seed_everything_for_torch(o.threads)
-    if o.dataset != "digits":
-        raise ConfigError(f"unknown data set {o.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    wl = _workload(o)
     algo = make_algorithm(
         o.algorithm,
-        client_lr=o.client_lr,
+        client_lr=o.client_lr if o.client_lr is not None else wl.client_lr,
         server_lr=o.server_lr,
         mu=o.mu,
         epochs=o.epochs,
-        batch_size=o.batch_size,
+        batch_size=o.batch_size if o.batch_size is not None else wl.batch_size,
     )
-    wl = workloads.digits(num_clients=o.clients, partition=o.partition, alpha=o.alpha, seed=o.seed)
     aggregator = None
     if o.he:
         from hefl.crypto import make_aggregator
@@ -92,15 +114,19 @@ def run_simulation(
         aggregator=aggregator,
         progress=progress,
         on_round=on_round,
+        backend=o.backend,
+        backend_options={"device": o.device} if o.backend == "vectorized" else None,
     )
     stats = workloads.summary(result)
     uploads = [r.upload_bytes / r.contributors for r in result.history if r.contributors]
     summary = {
         "dataset": o.dataset,
         "algorithm": algo.name,
-        "clients": o.clients,
+        "clients": len(wl.data),
         "clients_per_round": o.clients_per_round,
         "he": o.he or "none",
+        "backend": o.backend,
+        "device": o.device,
         **stats,
         "params": int(wl.model.spec.size),
         "upload_bytes_per_param": (sum(uploads) / len(uploads) / wl.model.spec.size)
@@ -121,24 +147,31 @@ def run_simulation(
 @app.command()
 def simulate(
     dataset: str = typer.Option("digits", help="data set: " + ", ".join(DATASETS)),
+    data: Path | None = typer.Option(
+        None, help="data path for femnist (LEAF npz/JSON) or shakespeare (TFF h5 folder)"
+    ),
     partition: str = typer.Option("dirichlet", help="dirichlet or iid"),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skew)"),
-    clients: int = typer.Option(100, help="number of clients"),
+    clients: int = typer.Option(
+        100, help="number of clients (digits; others: one per writer/role)"
+    ),
     clients_per_round: int = typer.Option(10, "--clients-per-round", "-k"),
     rounds: int = typer.Option(20),
     algorithm: str = typer.Option(
         "fedavg", help="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad"
     ),
-    client_lr: float = typer.Option(0.05),
+    client_lr: float | None = typer.Option(None, help="client SGD rate (default: the data set's)"),
     server_lr: float | None = typer.Option(None, help="server learning rate (FedOpt/FedAvgM)"),
     mu: float | None = typer.Option(None, help="FedProx proximal coefficient"),
     epochs: int = typer.Option(1, help="local epochs"),
-    batch_size: int = typer.Option(32),
+    batch_size: int | None = typer.Option(None, help="local batch size (default: the data set's)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he: str | None = typer.Option(
         None, help="encrypt client updates: bfv (default choice), bfv-packed or ckks"
     ),
+    backend: str = typer.Option("sequential", help="client steps: " + ", ".join(BACKENDS)),
+    device: str = typer.Option("cpu", help="vectorized backend device: cpu or cuda"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
         None, "--out", help="write history (jsonl, csv), summary.json and a plot"
@@ -146,8 +179,8 @@ def simulate(
 ) -> None:
     """Simulate federated training on this machine."""
     opts = SimulateOptions(
-        dataset, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
-        server_lr, mu, epochs, batch_size, seed, threads, he,
+        dataset, data, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
+        server_lr, mu, epochs, batch_size, seed, threads, he, backend, device,
     )  # fmt: skip
     try:
         s = run_simulation(opts, out_dir=out_dir, progress=not as_json)
@@ -159,7 +192,7 @@ def simulate(
         return
     out.print(
         f"[bold]final accuracy {s['final_accuracy']:.4f}[/] after {s['rounds']} rounds "
-        f"({s['algorithm']}, {s['clients']} clients, {s['wall_s']:.1f} s)"
+        f"({s['algorithm']}, {s['dataset']}, {s['backend']}, {s['wall_s']:.1f} s)"
     )
     if "out" in s:
         out.print(f"history and plot written to {s['out']}")

@@ -59,3 +59,39 @@ def test_subcommands_are_mounted():
     for sub in subs:
         r = runner.invoke(app, [*sub, "--help"])
         assert r.exit_code == 0, (sub, r.output)
+
+
+def test_simulate_vectorized_backend_same_accuracy_as_sequential():
+    args = ["simulate", "--clients", "10", "-k", "5", "--rounds", "2", "--json"]
+    seq = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])
+    r = runner.invoke(app, [*args, "--backend", "vectorized"])
+    assert r.exit_code == 0, r.output
+    vec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert vec["backend"] == "vectorized"
+    assert abs(vec["final_accuracy"] - seq["final_accuracy"]) < 1e-9
+
+
+def test_simulate_femnist_preset_needs_and_uses_data():
+    from conftest import need_data
+
+    r = runner.invoke(app, ["simulate", "--dataset", "femnist", "--rounds", "1"])
+    assert r.exit_code == 2 and "--data" in r.output
+    path = need_data("femnist_leaf")
+    r = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--dataset",
+            "femnist",
+            "--data",
+            str(path),
+            "--rounds",
+            "1",
+            "-k",
+            "2",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["clients"] == 105 and s["params"] > 6_000_000
