@@ -77,18 +77,9 @@ def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: floa
         UpdateRejected: wrong shape, NaN/Inf, or a negative/non-finite weight.
     """
     d = np.asarray(delta)
-    if d.ndim != 1 or d.shape[0] != size:
-        raise UpdateRejected(
-            f"update has shape {d.shape}, expected ({size},); it was made for another model",
-            client_id=client_id,
-            stage="aggregate",
-        )
-    if not np.issubdtype(d.dtype, np.floating):
-        raise UpdateRejected(
-            f"update has dtype {d.dtype}, expected floating point",
-            client_id=client_id,
-            stage="aggregate",
-        )
+    shape_error = _shape_error(d, size)
+    if shape_error is not None:
+        raise UpdateRejected(shape_error, client_id=client_id, stage="aggregate")
     if not np.isfinite(d).all():
         bad = int((~np.isfinite(d)).sum())
         raise UpdateRejected(
@@ -96,13 +87,26 @@ def check_update(client_id: Hashable, delta: np.ndarray, size: int, weight: floa
             client_id=client_id,
             stage="aggregate",
         )
-    if not (np.isfinite(weight) and weight >= 0):
+    if not _good_weight(weight):
         raise UpdateRejected(
             f"weight {weight!r} is not a finite non-negative number",
             client_id=client_id,
             stage="aggregate",
         )
     return d.astype(np.float64, copy=False)
+
+
+def _shape_error(d: np.ndarray, size: int) -> str | None:
+    """What is wrong with an update's shape or dtype (not its values), or None."""
+    if d.ndim != 1 or d.shape[0] != size:
+        return f"update has shape {d.shape}, expected ({size},); it was made for another model"
+    if d.dtype.kind != "f":
+        return f"update has dtype {d.dtype}, expected floating point"
+    return None
+
+
+def _good_weight(weight: float) -> bool:
+    return bool(np.isfinite(weight) and weight >= 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,31 @@ class PlainAggregator:
         return PlainPayload(d * weight, float(weight))
 
     def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
+        """Sum the valid payloads; leave out (with the reason) those ``check_update`` rejects.
+
+        Every payload is checked: shape, dtype and weight one by one, the values all at once
+        (NaN and Inf propagate through a sum, so a finite sum means finite payloads). Only when
+        this pass finds a problem are the payloads checked and summed one by one, which names
+        the bad ones and gives the sum of the others, as if the bad ones had never been sent."""
+        total = np.zeros(self.size)
+        weight = 0.0
+        for p in payloads.values():
+            if not (
+                type(p) is PlainPayload
+                and type(p.weighted_delta) is np.ndarray
+                and p.weighted_delta.dtype.itemsize <= 8  # sums exactly as its float64 copy
+                and _shape_error(p.weighted_delta, self.size) is None
+                and _good_weight(p.weight)
+            ):
+                break
+            total += p.weighted_delta
+            weight += p.weight
+        else:
+            if np.isfinite(total).all():
+                return Aggregate(PlainPayload(total, weight), tuple(payloads), {})
+        return self._aggregate_one_by_one(payloads)
+
+    def _aggregate_one_by_one(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
         total = np.zeros(self.size)
         weight = 0.0
         ok: list[Hashable] = []

@@ -118,28 +118,72 @@ def cannot_vectorize(model: Any) -> str | None:
     return None
 
 
+# Parameter-free elementwise modules: applied to K clients' stacked activations they act on
+# each client's own, as under vmap.
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Identity,
+)
+
+
+def _mlp_layers(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
+    """The layers of a plain ``nn.Sequential`` of ``nn.Linear`` and elementwise activations,
+    each with its parameter-name prefix (None for an activation), or None for any other module
+    (subclasses and hooked modules included: their forward may differ from the layers')."""
+    if type(module) is not nn.Sequential:
+        return None
+    layers: list[tuple[str | None, nn.Module]] = []
+    for name, m in module.named_children():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if type(m) is nn.Linear:
+            layers.append((name, m))
+        elif type(m) in _ELEMENTWISE:
+            layers.append((None, m))
+        else:
+            return None
+    if module._forward_hooks or module._forward_pre_hooks or not any(p for p, _ in layers):
+        return None
+    return layers
+
+
 def _batch_plan(
     sizes: Sequence[int], seeds: Sequence[int], offsets: Sequence[int], batch: int, epochs: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[int, int]]]:
     """Gather indices and masks for every local step of K clients (already sorted by steps,
-    descending): ``idx[t, k, :]`` are rows of the pooled data, ``mask`` marks the real ones;
-    also each client's number of steps and, per step, how many clients are still training and
-    the widest real batch among them."""
-    steps = [epochs * -(-n // batch) for n in sizes]
+    descending): ``idx[t, k, :]`` are rows of the pooled data, ``mask`` marks the real ones
+    (padding points at the client's own first row); also each client's number of steps and,
+    per step, how many clients are still training and the widest real batch among them."""
+    k_all = len(sizes)
+    per_epoch = np.array([-(-n // batch) for n in sizes], dtype=np.int64)
+    steps = (per_epoch * epochs).tolist()
     total = steps[0] if steps else 0
-    idx = np.zeros((total, len(sizes), batch), dtype=np.int64)
-    mask = np.zeros((total, len(sizes), batch), dtype=bool)
-    for k, (n, seed, off, s) in enumerate(zip(sizes, seeds, offsets, steps, strict=True)):
-        gen = torch.Generator().manual_seed(seed)
-        per_epoch = s // epochs * batch
-        padded = np.full(s * batch, -1, dtype=np.int64)
-        for e in range(epochs):  # same draws, in the same order, as TorchModel.fit
-            padded[e * per_epoch : e * per_epoch + n] = torch.randperm(n, generator=gen).numpy()
-        rows = padded.reshape(s, batch)
-        real = rows >= 0
-        idx[:s, k] = np.where(real, rows + off, off)
-        mask[:s, k] = real
-    active = [sum(1 for s in steps if s > t) for t in range(total)]
+    gen = torch.Generator()
+    perms = []
+    for n, seed in zip(sizes, seeds, strict=True):
+        gen.manual_seed(seed)  # same draws, in the same order, as TorchModel.fit
+        perms.extend(torch.randperm(n, generator=gen) for _ in range(epochs))
+    offs = np.asarray(offsets, dtype=np.int64)
+    idx = np.empty((total, k_all, batch), dtype=np.int64)
+    idx[...] = offs[None, :, None]
+    mask = np.zeros((total, k_all, batch), dtype=bool)
+    if perms:
+        # element j of client k's epoch e goes to step e * per_epoch[k] + j // batch, slot j % batch
+        lengths = np.repeat(np.asarray(sizes, dtype=np.int64), epochs)
+        segment = np.repeat(np.arange(len(lengths)), lengths)
+        j = np.arange(len(segment)) - (np.cumsum(lengths) - lengths)[segment]
+        k, epoch = np.divmod(segment, epochs)
+        t = epoch * per_epoch[k] + j // batch
+        idx[t, k, j % batch] = torch.cat(perms).numpy() + offs[k]
+        mask[t, k, j % batch] = True
+    active = (np.asarray(steps)[None, :] > np.arange(total)[:, None]).sum(axis=1).tolist()
     # real rows come first in every padded batch: step t needs only its widest real batch
     width = mask.sum(axis=2).max(axis=1).tolist() if total else []
     return (
@@ -196,7 +240,9 @@ class VectorizedRunner:
             self._y = torch.as_tensor(np.concatenate([d.y for d in filled])).to(self.device)
         except ValueError as e:
             raise ConfigError(f"cannot vectorize: client data shapes differ ({e})") from e
-        self._losses = vmap(self._loss, in_dims=(0, 0, 0, 0, None, None))
+        self._losses = vmap(self._loss, in_dims=(0, 0, 0, 0, 0, None, None))
+        # an MLP on feature vectors: the same losses with batched matrix products (no vmap)
+        self._mlp = _mlp_layers(self.module) if self._x.ndim == 2 and self._y.ndim == 1 else None
         self._probe()
 
     def _loss(
@@ -205,20 +251,52 @@ class VectorizedRunner:
         x: torch.Tensor,
         y: torch.Tensor,
         mask: torch.Tensor,
+        count: torch.Tensor,
         anchor: dict[str, torch.Tensor] | None,
         mu: float,
     ) -> torch.Tensor:
-        """One client's batch loss: mean over its real rows (and non-ignored tokens)."""
+        """One client's batch loss: mean over its ``count`` real rows (and non-ignored tokens);
+        ``y`` and ``mask`` come prepared by ``_step`` (labels left out are 0 and masked)."""
         logits = functional_call(self.module, params, (x,))
         if logits.ndim == 3:  # (batch, seq, classes) -> tokens
-            mask = mask[:, None].expand(y.shape)
             logits, y, mask = logits.reshape(-1, logits.shape[-1]), y.reshape(-1), mask.reshape(-1)
-        mask = mask & (y != self.ignore_index)
-        safe_y = torch.where(mask, y, torch.zeros_like(y))
-        per = nn.functional.cross_entropy(logits, safe_y, reduction="none")
-        loss = (per * mask).sum() / mask.sum().clamp(min=1)
+        per = nn.functional.cross_entropy(logits, y, reduction="none")
+        loss = (per * mask).sum() / count
         if anchor is not None:
             prox = sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+            loss = loss + 0.5 * mu * prox
+        return loss
+
+    def _mlp_losses(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor,
+        count: torch.Tensor,
+        anchor: dict[str, torch.Tensor] | None,
+        mu: float,
+    ) -> torch.Tensor:
+        """``vmap(_loss)`` for an MLP (``_mlp_layers``): K clients' losses with one batched
+        matrix product per layer. A layer computes ``W @ h^T`` (K clients' ``(out, in)``
+        weights times their ``(in, batch)`` inputs), so that autograd returns the weight
+        gradients in the stacked weights' own layout (vmap returns them transposed, which
+        makes the SGD update several times slower)."""
+        h = x
+        for prefix, layer in self._mlp or ():
+            if prefix is None:
+                h = layer(h)
+                continue
+            w, b = params[f"{prefix}.weight"], params.get(f"{prefix}.bias")
+            ht = h.transpose(1, 2)
+            h = (torch.bmm(w, ht) if b is None else torch.baddbmm(b[..., None], w, ht)).transpose(
+                1, 2
+            )
+        k, width, classes = h.shape
+        per = nn.functional.cross_entropy(h.reshape(-1, classes), y.reshape(-1), reduction="none")
+        loss = (per.view(k, width) * mask).sum(1) / count
+        if anchor is not None:
+            prox = sum(((params[n] - anchor[n]) ** 2).reshape(k, -1).sum(1) for n in params)
             loss = loss + 0.5 * mu * prox
         return loss
 
@@ -237,9 +315,17 @@ class VectorizedRunner:
         as one sum: client i's loss depends only on client i's slice of the stacked parameters,
         so the gradient of the sum is, slice by slice, each client's own gradient. (The same
         cost per step as ``vmap(torch.func.grad(...))``, without the 1.6 s, 160 MiB import of
-        ``torch._dynamo`` that ``torch.func.grad`` triggers on first use.)"""
+        ``torch._dynamo`` that ``torch.func.grad`` triggers on first use.) What does not depend
+        on the parameters (which labels count, how many) is computed once for all K clients,
+        outside ``vmap``."""
+        if y.ndim > mask.ndim:  # (K, batch, seq) tokens: a padded row masks all its tokens
+            mask = mask.view(*mask.shape, *([1] * (y.ndim - mask.ndim))).expand(y.shape)
+        mask = mask & (y != self.ignore_index)
+        safe_y = torch.where(mask, y, torch.zeros_like(y))
+        count = mask.reshape(len(mask), -1).sum(1).clamp(min=1)
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        losses = self._losses(leaves, x, y, mask, anchor, mu)
+        batched = self._mlp_losses if self._mlp else self._losses
+        losses = batched(leaves, x, safe_y, mask, count, anchor, mu)
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
         return list(grads), losses.detach()
 
