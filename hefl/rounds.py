@@ -59,9 +59,13 @@ def fit_config(algorithm: Algorithm, seed: int, round_num: int, index: int) -> F
 def client_payload(
     aggregator: Aggregator, client_id: Hashable, global_params: np.ndarray, res: FitRes
 ) -> Any:
-    """Client side: the delta ``res.params - global`` weighted by sample count, encoded for the
-    aggregator. Raises ``UpdateRejected`` (from the aggregator) for a malformed update."""
-    delta = np.asarray(res.params, dtype=np.float64) - global_params
+    """Client side: the delta ``res.params - global`` (in float64) weighted by sample count,
+    encoded for the aggregator. Raises ``UpdateRejected`` (from the aggregator) for a malformed
+    update."""
+    p = np.asarray(res.params)
+    if p.dtype.kind != "f":
+        p = p.astype(np.float64)
+    delta = np.subtract(p, global_params, dtype=np.float64)  # float32 params: no float64 copy
     return aggregator.encode(client_id, delta, float(res.num_examples))
 
 

@@ -413,7 +413,9 @@ class VectorizedRunner:
             )
             torch._foreach_add_([live[n] for n in names], grads, alpha=-cfg.lr)
             loss_sum[:k] += loss
-        new = flat.cpu().numpy().astype(np.float64)
+        # the trained float32 parameters as they are: a float64 copy of (K, P) costs more (in
+        # fresh memory) than the rest of a small model's round; the delta is float64 anyway
+        new = flat.cpu().numpy()
         losses = (loss_sum.cpu().double() / torch.tensor(steps, dtype=torch.float64)).tolist()
         return {cid: FitRes(new[i], sizes[i], {"loss": losses[i]}) for i, cid in enumerate(cids)}
 
