@@ -144,23 +144,28 @@ class PlainAggregator:
         (NaN and Inf propagate through a sum, so a finite sum means finite payloads). Only when
         this pass finds a problem are the payloads checked and summed one by one, which names
         the bad ones and gives the sum of the others, as if the bad ones had never been sent."""
+        fast = self._sum_if_all_valid(payloads)
+        return fast if fast is not None else self._aggregate_one_by_one(payloads)
+
+    def _sum_if_all_valid(self, payloads: Mapping[Hashable, Any]) -> Aggregate | None:
+        """The aggregate when every payload passes ``check_update``, else None."""
         total = np.zeros(self.size)
         weight = 0.0
-        for p in payloads.values():
-            if not (
-                type(p) is PlainPayload
-                and type(p.weighted_delta) is np.ndarray
-                and p.weighted_delta.dtype.itemsize <= 8  # sums exactly as its float64 copy
-                and _shape_error(p.weighted_delta, self.size) is None
-                and _good_weight(p.weight)
-            ):
-                break
-            total += p.weighted_delta
-            weight += p.weight
-        else:
-            if np.isfinite(total).all():
-                return Aggregate(PlainPayload(total, weight), tuple(payloads), {})
-        return self._aggregate_one_by_one(payloads)
+        with np.errstate(over="ignore", invalid="ignore"):  # a bad sum only means: look closer
+            for p in payloads.values():
+                if not (
+                    type(p) is PlainPayload
+                    and type(p.weighted_delta) is np.ndarray
+                    and p.weighted_delta.dtype.itemsize <= 8  # sums exactly as its float64 copy
+                    and _shape_error(p.weighted_delta, self.size) is None
+                    and _good_weight(p.weight)
+                ):
+                    return None
+                total += p.weighted_delta
+                weight += p.weight
+        if not np.isfinite(total).all():
+            return None
+        return Aggregate(PlainPayload(total, weight), tuple(payloads), {})
 
     def _aggregate_one_by_one(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
         total = np.zeros(self.size)

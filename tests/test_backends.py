@@ -217,3 +217,45 @@ def test_simulate_with_vectorized_backend_equals_sequential():
     assert vec.history.records[-1].metrics["test_accuracy"] == pytest.approx(
         seq.history.records[-1].metrics["test_accuracy"]
     )
+
+
+def test_mlp_layers_recognises_plain_linear_stacks_only():
+    from hefl.backends.vectorized import _mlp_layers
+
+    assert [p for p, _ in _mlp_layers(w1("a").model.module)] == ["0", None, "2"]
+    assert _mlp_layers(_small_mlp()) is not None
+    assert _mlp_layers(_NextToken()) is None  # embedding: vmap path
+    assert _mlp_layers(torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Softmax(-1))) is None
+
+    class Shifted(torch.nn.Sequential):
+        def forward(self, x):
+            return super().forward(x + 1)
+
+    assert _mlp_layers(Shifted(torch.nn.Linear(6, 3))) is None
+    hooked = _small_mlp()
+    hooked[1].register_forward_hook(lambda m, i, o: o * 2)
+    assert _mlp_layers(hooked) is None
+
+
+def test_mlp_batched_matmuls_equal_the_vmap_path_and_sequential():
+    """FedProx, uneven clients, several epochs, partial batches: the MLP path (batched matrix
+    products) and the generic vmap path train the same clients to the same parameters."""
+    model = TorchModel(_small_mlp, seed=6)
+    data = _uneven(seed=3)
+    cfgs = {
+        cid: FitConfig(round=2, lr=0.2, epochs=3, batch_size=4, prox_mu=0.3, seed=20 + i)
+        for i, cid in enumerate(data.ids)
+    }
+    g = model.init_vector() - 0.02
+    mlp = VectorizedRunner(model, data)
+    generic = VectorizedRunner(model, data)
+    generic._mlp = None  # force vmap over functional_call
+    assert mlp._mlp is not None
+    a, b = mlp.fit(data.ids, g, cfgs), generic.fit(data.ids, g, cfgs)
+    seq = make_runner(model, data, "sequential").fit(data.ids, g, cfgs)
+    for cid in data.ids[1:]:
+        assert a[cid].params.dtype == np.float32  # the trained values as they are
+        assert np.abs(a[cid].params - b[cid].params).max() < ATOL
+        assert np.abs(a[cid].params - seq[cid].params).max() < ATOL
+        assert a[cid].metrics["loss"] == pytest.approx(b[cid].metrics["loss"], rel=1e-5)
+        assert np.abs(a[cid].params - g).max() > 1e-3  # and they trained

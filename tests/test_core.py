@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 import hefl
-from hefl.aggregation import PlainAggregator
+from hefl.aggregation import PlainAggregator, PlainPayload, check_update
 from hefl.algorithms import make_algorithm
+from hefl.client import FitRes
 from hefl.data import dirichlet, iid
-from hefl.errors import ConfigError, ParamsError, RoundError
+from hefl.errors import ConfigError, ParamsError, RoundError, UpdateRejected
 from hefl.params import ParamSpec
+from hefl.rounds import client_payload
 
 
 class MeanClient:
@@ -178,3 +180,60 @@ def test_plain_payload_wire_round_trip_and_truncation():
     assert len(agg.dumps(p)) == agg.nbytes(p)
     with pytest.raises(UpdateRejected, match="truncated"):
         agg.loads(agg.dumps(p)[:-3])
+
+
+def test_plain_aggregate_checks_every_payload_and_sums_the_rest_exactly():
+    """aggregate validates values with one check over the sum; a bad payload anywhere is still
+    named with check_update's reason, and the others sum as if it had never been sent."""
+    rng = np.random.default_rng(0)
+    agg = PlainAggregator(4)
+    good = {c: agg.encode(c, rng.normal(size=4), float(c + 1)) for c in range(5)}
+    f32 = PlainPayload(rng.normal(size=4).astype(np.float32), 2.0)
+    clean = agg.aggregate({**good, "f32": f32})
+    assert clean.contributors == (0, 1, 2, 3, 4, "f32") and not clean.rejected
+    expected = sum(p.weighted_delta for p in good.values()) + f32.weighted_delta.astype(float)
+    assert np.array_equal(clean.payload.weighted_delta, expected)
+    bad = {
+        "nan": PlainPayload(np.array([0.0, np.nan, 1.0, np.inf]), 1.0),
+        "inf_and_negative_weight": PlainPayload(np.full(4, np.inf), -1.0),
+        "negative_weight": PlainPayload(np.ones(4), -2.0),
+        "shape": PlainPayload(np.ones(3), 1.0),
+        "ints": PlainPayload(np.ones(4, dtype=int), 1.0),
+        "not_a_payload": np.ones(4),
+    }
+    for name, p in bad.items():
+        mixed = {0: good[0], name: p, 1: good[1]}
+        out = agg.aggregate(mixed)
+        assert out.contributors == (0, 1)
+        ref = agg.aggregate({0: good[0], 1: good[1]})
+        assert np.array_equal(out.payload.weighted_delta, ref.payload.weighted_delta)
+        assert out.payload.weight == ref.payload.weight == 3.0
+        if isinstance(p, PlainPayload):
+            with pytest.raises(UpdateRejected) as e:
+                check_update(name, p.weighted_delta, 4, p.weight)
+            assert out.rejected == {name: e.value.reason}
+        else:
+            assert "expected a plaintext payload" in out.rejected[name]
+    assert "2 NaN/Inf" in agg.aggregate({"nan": bad["nan"]}).rejected["nan"]
+    assert "NaN/Inf" in agg.aggregate({"x": bad["inf_and_negative_weight"]}).rejected["x"]
+
+
+def test_plain_aggregate_finite_updates_whose_sum_overflows_are_kept():
+    agg = PlainAggregator(2)
+    big = {c: PlainPayload(np.array([1e308, 1.0]), 1.0) for c in range(2)}
+    with pytest.warns(RuntimeWarning, match="overflow"):  # as numpy warns for any such sum
+        out = agg.aggregate(big)
+    assert out.contributors == (0, 1) and not out.rejected
+    assert np.isinf(out.payload.weighted_delta[0]) and out.payload.weighted_delta[1] == 2.0
+
+
+def test_client_payload_float32_params_delta_in_float64():
+    agg = PlainAggregator(3)
+    g = np.array([0.1, -0.2, 0.3])
+    p32 = np.array([1.1, 2.2, 3.3], dtype=np.float32)
+    a = client_payload(agg, 0, g, FitRes(p32, 2, {}))
+    b = client_payload(agg, 0, g, FitRes(p32.astype(np.float64), 2, {}))
+    c = client_payload(agg, 0, g, FitRes([1, 2, 3], 2, {}))
+    assert a.weighted_delta.dtype == np.float64
+    assert np.array_equal(a.weighted_delta, b.weighted_delta)
+    assert np.array_equal(c.weighted_delta, 2 * (np.array([1.0, 2.0, 3.0]) - g))

@@ -19,7 +19,15 @@ client (within float rounding):
 
 All clients' training data are concatenated on the device once, when the runner is built; a round
 costs one ``randperm`` per client and epoch (to reproduce the sequential batch order), one gather
-per step and one device-to-host copy of the ``(K, P)`` result.
+per step and one device-to-host copy of the ``(K, P)`` result. Each client's ``FitRes.params`` is
+its row of that result: the trained float32 values, not converted to float64 (the aggregation
+boundary computes the float64 delta from them).
+
+A plain ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (an MLP on feature
+vectors, as in W1) skips vmap: its K losses are computed with one batched matrix product per
+layer, which costs half as much per step and yields weight gradients in the stacked weights'
+layout (vmap's come out transposed, and the SGD update over them costs as much again). Same
+losses, same gradients up to float rounding; any other module goes through vmap.
 
 What cannot be vectorized falls back to ``SequentialRunner`` with a ``RuntimeWarning`` saying why:
 models that are not ``TorchModel`` (e.g. ``LogisticRegressionModel``), modules with buffers
