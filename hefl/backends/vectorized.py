@@ -176,6 +176,9 @@ def _batch_plan(
     gen = torch.Generator()
     perms = []
     for n, seed in zip(sizes, seeds, strict=True):
+        if n == 1:  # the one permutation of one row (no generator needed)
+            perms.extend([torch.zeros(1, dtype=torch.int64)] * epochs)
+            continue
         gen.manual_seed(seed)  # same draws, in the same order, as TorchModel.fit
         perms.extend(torch.randperm(n, generator=gen) for _ in range(epochs))
     offs = np.asarray(offsets, dtype=np.int64)

@@ -120,8 +120,10 @@ class TorchModel:
             k = int(mask.sum())
             if k == 0:
                 continue
-            loss_sum += float(nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum"))
-            correct += int((logits[mask].argmax(-1) == y[mask]).sum())
+            if k < len(y):  # leave the ignored labels out (copies: only when there are some)
+                logits, y = logits[mask], y[mask]
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
             count += k
         return {
             "loss": loss_sum / max(count, 1),
