@@ -235,12 +235,24 @@ def test_mlp_layers_recognises_plain_linear_stacks_only():
     hooked = _small_mlp()
     hooked[1].register_forward_hook(lambda m, i, o: o * 2)
     assert _mlp_layers(hooked) is None
+    tied = torch.nn.Linear(6, 6)
+    assert _mlp_layers(torch.nn.Sequential(tied, torch.nn.ReLU(), tied)) is None
+    act = torch.nn.ReLU()  # one activation module used twice: both uses are layers
+    shared = torch.nn.Sequential(torch.nn.Linear(6, 6), act, torch.nn.Linear(6, 6), act)
+    assert [p for p, _ in _mlp_layers(shared)] == ["0", None, "2", None]
+
+
+def _mlp_with_a_bias_free_layer():
+    act = torch.nn.LeakyReLU(0.1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), act, torch.nn.Linear(8, 8, bias=False), act, torch.nn.Linear(8, 3)
+    )
 
 
 def test_mlp_batched_matmuls_equal_the_vmap_path_and_sequential():
     """FedProx, uneven clients, several epochs, partial batches: the MLP path (batched matrix
     products) and the generic vmap path train the same clients to the same parameters."""
-    model = TorchModel(_small_mlp, seed=6)
+    model = TorchModel(_mlp_with_a_bias_free_layer, seed=6)
     data = _uneven(seed=3)
     cfgs = {
         cid: FitConfig(round=2, lr=0.2, epochs=3, batch_size=4, prox_mu=0.3, seed=20 + i)

@@ -148,10 +148,12 @@ def _mlp_layers(module: nn.Module) -> list[tuple[str | None, nn.Module]] | None:
     if type(module) is not nn.Sequential:
         return None
     layers: list[tuple[str | None, nn.Module]] = []
-    for name, m in module.named_children():
-        if m._forward_hooks or m._forward_pre_hooks:
+    for name, m in module._modules.items():  # as forward runs them (named_children skips repeats)
+        if m is None or m._forward_hooks or m._forward_pre_hooks:
             return None
         if type(m) is nn.Linear:
+            if any(m is other for _, other in layers):
+                return None  # a Linear applied twice: its parameters have one name only
             layers.append((name, m))
         elif type(m) in _ELEMENTWISE:
             layers.append((None, m))
