@@ -246,5 +246,17 @@ def _mount() -> None:
 
 _mount()
 
-if __name__ == "__main__":  # pragma: no cover
+# Commands that run gRPC servers or channels end through hefl.net.cli.run_process.
+_GRPC_COMMANDS = {"server", "client"}
+
+
+def main() -> None:  # pragma: no cover - console entry (`hefl`)
+    if len(sys.argv) > 1 and sys.argv[1] in _GRPC_COMMANDS:
+        from hefl.net.cli import run_process
+
+        run_process(app)
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
