@@ -58,6 +58,7 @@ import tenseal.sealapi as seal
 
 from hefl.crypto import seal as seal_io  # SEAL bytes <-> objects (private tmpfs files)
 from hefl.crypto.spec import MAX_COEFF_BITS_128  # HomomorphicEncryption.org, 128-bit
+from hefl.crypto.workers import HelperPool
 from hefl.errors import ConfigError, ContextMismatch, CryptoError, TransportError
 
 
@@ -240,6 +241,42 @@ class EvaluationKeys:
 # --------------------------------------------------------------------------- data owner
 
 
+def encrypt_columns(encoder: seal.CKKSEncoder, encryptor: seal.Encryptor, params: CkksParams,
+                    cols: np.ndarray, seeded: bool = True) -> list[bytes]:
+    """Encode and symmetrically encrypt each row of ``cols`` (one padded feature column of
+    ``records_per_ciphertext`` values each) into one serialized ciphertext."""
+    half = params.poly_modulus_degree // 2
+    scale = 2.0**params.scale_bits
+    out = []
+    for col in cols:
+        values = (col[:half] + 1j * col[half:]) if params.complex_packing else col
+        pt = seal.Plaintext()
+        encoder.encode(values.tolist(), scale, pt)
+        if seeded:
+            out.append(seal_io.save(encryptor.encrypt_symmetric(pt)))
+        else:
+            ct = seal.Ciphertext()
+            encryptor.encrypt_symmetric(pt, ct)
+            out.append(seal_io.save(ct))
+    return out
+
+
+_HELPER: dict[str, object] = {}  # state of a helper process (set by its initializer)
+
+
+def _init_encrypt_helper(params: dict, secret_key: bytes) -> None:
+    p = CkksParams.from_dict(params)
+    ctx = seal_context(p)
+    sk = seal_io.load(seal.SecretKey, ctx, secret_key)
+    _HELPER.update(params=p, encoder=seal.CKKSEncoder(ctx), encryptor=seal.Encryptor(ctx, sk))
+
+
+def _encrypt_in_helper(cols: np.ndarray, seeded: bool) -> list[bytes]:
+    return encrypt_columns(_HELPER["encoder"], _HELPER["encryptor"], _HELPER["params"], cols,
+                           seeded)
+
+
+
 class Keyring:
     """The data owner's keys: encrypts records, decrypts scores. Never leaves the data owner.
 
@@ -254,7 +291,7 @@ class Keyring:
         [2.75, 0.75]
     """
 
-    def __init__(self, params: CkksParams, relin: bool) -> None:
+    def __init__(self, params: CkksParams, relin: bool, workers: int = 1) -> None:
         self.params = params
         self._ctx = seal_context(params)
         keygen = seal.KeyGenerator(self._ctx)
@@ -267,11 +304,38 @@ class Keyring:
         self._encryptor = seal.Encryptor(self._ctx, self._sk)
         self._decryptor = seal.Decryptor(self._ctx, self._sk)
         self.key_id = secrets.token_hex(16)
+        # The secret key reaches only this data owner's own helper processes, over a local pipe.
+        self._pool = HelperPool(workers, _init_encrypt_helper,
+                                (params.to_dict(), seal_io.save(self._sk)) if workers > 1 else ())
 
     @classmethod
-    def generate(cls, params: CkksParams, relin: bool = False) -> Keyring:
-        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product)."""
-        return cls(params, relin)
+    def generate(cls, params: CkksParams, relin: bool = False, workers: int = 1) -> Keyring:
+        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product).
+
+        ``workers > 1`` starts ``workers - 1`` helper processes once, here, that share the
+        encryption of every batch (see ``hefl.crypto.workers``); ``close()`` stops them.
+        """
+        return cls(params, relin, workers)
+
+    @property
+    def workers(self) -> int:
+        """Processes sharing encryption (1 when serial)."""
+        return self._pool.workers
+
+    @property
+    def startup_s(self) -> float:
+        """Seconds spent starting helper processes (0 when serial)."""
+        return self._pool.started_s
+
+    def close(self) -> None:
+        """Stop the helper processes, if any (the keyring keeps working, serially)."""
+        self._pool.close()
+
+    def __enter__(self) -> Keyring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def evaluation_keys(self) -> EvaluationKeys:
         """The public half for the model owner (parameters, key id, relinearization keys)."""
@@ -280,8 +344,15 @@ class Keyring:
     def __repr__(self) -> str:  # never print key material
         return f"Keyring(key_id={self.key_id!r}, params={self.params})"
 
-    def encrypt_batch(self, x: np.ndarray) -> list[bytes]:
+    def encrypt_batch(self, x: np.ndarray, seeded: bool = True) -> list[bytes]:
         """Encrypt up to ``records_per_ciphertext`` records: one serialized ciphertext per column.
+
+        Args:
+            x: records (rows) by features (columns), preprocessed.
+            seeded: serialize seeded (SEAL replaces the random half by its seed: half the bytes,
+                but the receiver re-expands it, ~0.1 ms per ciphertext at N=4096). ``False``
+                sends both halves: twice the bytes, cheaper for both sides; for a local or fast
+                link. The receiver loads either form.
 
         Raises:
             ConfigError: more records than one batch holds (use ``split_batches``), or NaN/Inf.
@@ -293,16 +364,14 @@ class Keyring:
                               f"{x.shape}; split it with split_batches")
         if not np.isfinite(x).all():
             raise ConfigError("records contain NaN/Inf after preprocessing; impute them first")
-        half = self.params.poly_modulus_degree // 2
-        scale = 2.0**self.params.scale_bits
-        out = []
-        for col in x.T:
-            col = np.pad(col, (0, cap - len(col)))
-            values = (col[:half] + 1j * col[half:]) if self.params.complex_packing else col
-            pt = seal.Plaintext()
-            self._encoder.encode(values.tolist(), scale, pt)
-            out.append(seal_io.save(self._encryptor.encrypt_symmetric(pt)))
-        return out
+        cols = np.zeros((x.shape[1], cap))
+        cols[:, : len(x)] = x.T
+        chunks = [(c, seeded) for c in np.array_split(cols, self._pool.workers)]
+        parts = self._pool.run(_encrypt_in_helper, self._encrypt_columns, chunks)
+        return [b for part in parts for b in part]
+
+    def _encrypt_columns(self, cols: np.ndarray, seeded: bool) -> list[bytes]:
+        return encrypt_columns(self._encoder, self._encryptor, self.params, cols, seeded)
 
     def decrypt_scores(self, data: bytes, n: int) -> np.ndarray:
         """Decrypt one result ciphertext into ``n`` scores (logits).
@@ -353,12 +422,16 @@ def split_batches(n: int, capacity: int) -> list[slice]:
 class Evaluator:
     """The model owner's side: evaluates models on a data owner's ciphertexts; holds no secret."""
 
-    def __init__(self, keys: EvaluationKeys) -> None:
+    def __init__(self, keys: EvaluationKeys, workers: int = 1) -> None:
+        """``workers > 1`` starts ``workers - 1`` helper processes (public material only) that
+        share the loading and weighting of each logistic-regression batch."""
         self.keys = keys
         self.params = keys.params
         self._ctx = seal_context(keys.params)
         self._eval = seal.Evaluator(self._ctx)
         self._encoder = seal.CKKSEncoder(self._ctx)
+        self._pool = HelperPool(workers, _init_evaluate_helper,
+                                (keys.dumps(),) if workers > 1 else ())
         self._relin: seal.RelinKeys | None = None
         if keys.relin_keys:
             try:
@@ -374,17 +447,36 @@ class Evaluator:
             except ContextMismatch as e:
                 raise ContextMismatch(f"Galois keys do not load under {keys.params}: {e}") from e
 
+    @property
+    def startup_s(self) -> float:
+        """Seconds spent starting helper processes (0 when serial)."""
+        return self._pool.started_s
+
+    def close(self) -> None:
+        """Stop the helper processes, if any (the evaluator keeps working, serially)."""
+        self._pool.close()
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _check_count(n: int, expected: int) -> None:
+        if n != expected:
+            raise ContextMismatch(
+                f"batch has {n} feature ciphertexts, this model takes {expected}; "
+                "preprocess records with the model's preprocessing before encrypting"
+            )
+
     def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
         """Parse a batch of ``expected`` feature ciphertexts.
 
         Raises:
             ContextMismatch: wrong count for this model, or a ciphertext under other parameters.
         """
-        if len(blobs) != expected:
-            raise ContextMismatch(
-                f"batch has {len(blobs)} feature ciphertexts, this model takes {expected}; "
-                "preprocess records with the model's preprocessing before encrypting"
-            )
+        self._check_count(len(blobs), expected)
         cts = [load_ciphertext(self._ctx, b) for b in blobs]
         first = self._ctx.first_parms_id()
         scale = 2.0**self.params.scale_bits
@@ -429,10 +521,24 @@ class Evaluator:
                intercept: float) -> bytes:
         """Encrypted logits ``X @ coef + intercept`` for one batch (logistic regression)."""
         coef = np.asarray(coef, np.float64).reshape(-1)
-        cts = self._ensure_loaded(cts, len(coef))
-        acc = self._dot(cts, coef, 2.0**self.params.weight_scale_bits)
+        if self._pool.parallel and cts and isinstance(cts[0], bytes | bytearray):
+            # Each process loads and weights a share of the features; the helpers send back
+            # their partial sums (one ciphertext each), added here.
+            self._check_count(len(cts), len(coef))
+            shares = np.array_split(np.arange(len(coef)), min(self._pool.workers, len(coef)))
+            chunks = [([cts[i] for i in ix], coef[ix]) for ix in shares]
+            *partials, acc = self._pool.run(_linear_in_helper, self._partial_linear, chunks)
+            for blob in partials:
+                self._eval.add_inplace(acc, seal_io.load(seal.Ciphertext, self._ctx, blob))
+        else:
+            acc = self._dot(self._ensure_loaded(cts, len(coef)), coef,
+                            2.0**self.params.weight_scale_bits)
         self._eval.add_plain_inplace(acc, self._const(intercept, acc, acc.scale))
         return save_ciphertext(acc)
+
+    def _partial_linear(self, blobs: Sequence[bytes], coef: np.ndarray) -> seal.Ciphertext:
+        """``sum_j coef_j * ct_j`` over a share of a batch's features (no intercept)."""
+        return self._dot(self.load(blobs, len(blobs)), coef, 2.0**self.params.weight_scale_bits)
 
     def poly_mlp(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], w1: np.ndarray,
                  b1: np.ndarray, act: tuple[float, float, float], w2: np.ndarray,
@@ -519,3 +625,11 @@ class Evaluator:
             raise ContextMismatch(f"batch has {len(cts)} feature ciphertexts, model takes "
                                   f"{expected}")
         return list(cts)
+
+
+def _init_evaluate_helper(bundle: bytes) -> None:
+    _HELPER["evaluator"] = Evaluator(EvaluationKeys.loads(bundle))
+
+
+def _linear_in_helper(blobs: Sequence[bytes], coef: np.ndarray) -> bytes:
+    return save_ciphertext(_HELPER["evaluator"]._partial_linear(blobs, coef))
