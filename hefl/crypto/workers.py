@@ -139,3 +139,25 @@ class HelperPool:
             self._finalizer()
             self._conns = []
             self.workers = 1
+
+
+class UsesHelpers:
+    """Mixin for a class whose ``_pool`` is a ``HelperPool``: start-up time, ``close`` and use as
+    a context manager (which closes the helpers on exit)."""
+
+    _pool: HelperPool
+
+    @property
+    def startup_s(self) -> float:
+        """Seconds spent starting helper processes (0 when serial)."""
+        return self._pool.started_s
+
+    def close(self) -> None:
+        """Stop the helper processes, if any (the object keeps working, serially)."""
+        self._pool.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

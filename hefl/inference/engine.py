@@ -54,11 +54,21 @@ def new_keyring(model: Model, profile: str = "precise", workers: int = 1) -> Key
                             workers=workers)
 
 
-def evaluate(evaluator: Evaluator, model: Model, blobs: Sequence[bytes]) -> bytes:
-    """Model owner: the encrypted logits of one batch (serialized result ciphertext)."""
+def evaluate(evaluator: Evaluator, model: Model, blobs: Sequence[bytes],
+             records: int | None = None) -> bytes:
+    """Model owner: the encrypted logits of one batch of ``records`` records (serialized result
+    ciphertext); ``records`` fixes a linear model's packing (``Evaluator.linear``)."""
     if isinstance(model, LinearModel):
-        return evaluator.linear(blobs, model.coef, model.intercept)
+        return evaluator.linear(blobs, model.coef, model.intercept, records)
     return evaluator.poly_mlp(blobs, model.w1, model.b1, model.activation, model.w2, model.b2)
+
+
+def blocks_for(keyring: Keyring, model: Model, records: int) -> int:
+    """Features per ciphertext for a batch of ``records`` records of ``model``: several for a
+    linear model's partly filled batch (``Keyring.blocks_for``), else 1."""
+    if isinstance(model, LinearModel):
+        return keyring.blocks_for(records, model.n_features)
+    return 1
 
 
 @dataclass
@@ -156,11 +166,12 @@ def _score(model: Model, x: np.ndarray, keyring: Keyring, evaluator: Evaluator,
     t = Timing(records=len(x), setup_s=setup_s)
     for rows in split_batches(len(x), size):
         t0, c0 = time.perf_counter(), time.process_time()
-        blobs = keyring.encrypt_batch(x[rows], seeded=seeded)
+        k = blocks_for(keyring, model, rows.stop - rows.start)
+        blobs = keyring.encrypt_batch(x[rows], seeded=seeded, blocks=k)
         t1, c1 = time.perf_counter(), time.process_time()
-        result = evaluate(evaluator, model, blobs)
+        result = evaluate(evaluator, model, blobs, rows.stop - rows.start)
         t2, c2 = time.perf_counter(), time.process_time()
-        z = keyring.decrypt_scores(result, rows.stop - rows.start)
+        z = keyring.decrypt_scores(result, rows.stop - rows.start, k)
         t3, c3 = time.perf_counter(), time.process_time()
         t.client_s += (t1 - t0) + (t3 - t2)
         t.server_s += t2 - t1
