@@ -93,3 +93,25 @@ def test_no_helpers_are_spawned_while_a_child_bootstraps(monkeypatch):
     pool = HelperPool(2, print)
     assert not pool.parallel and pool.workers == 1
     assert pool.run(max, min, [(1, 2), (3, 4)]) == [1, 3]  # serial: local for every chunk
+
+
+def test_a_script_without_a_main_guard_can_use_helpers(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from hefl.crypto.scoring import LR_PARAMS, Evaluator, Keyring\n"
+        "kr = Keyring.generate(LR_PARAMS, workers=2)\n"
+        "x = np.arange(8.0).reshape(4, 2)\n"
+        "z = kr.decrypt_scores(Evaluator(kr.evaluation_keys()).linear(\n"
+        "    kr.encrypt_batch(x), np.array([1.0, -1.0]), 0.5), 4)\n"
+        "print(kr.workers, np.round(z, 4).tolist())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "[-0.5,", "-0.5,", "-0.5,", "-0.5]"]

@@ -2,25 +2,37 @@
 
 SEAL (through TenSEAL's bindings) holds the GIL, so threads do not help (measured: two threads
 encrypt no faster than one). A ``HelperPool`` of ``workers`` is the calling process plus
-``workers - 1`` *spawned* helper processes, started once (per keyring or evaluator session, not
-per batch) and initialised once with the state they need. Work is split into ``workers`` chunks:
-the helpers take all but the last, the caller computes the last itself, so on a 2-core machine
-only one process is spawned and no core sits idle.
+``workers - 1`` helper processes, started once (per keyring or evaluator session, not per batch)
+and initialised once with the state they need. Work is split into ``workers`` chunks: the helpers
+take all but the last, the caller computes the last itself, so on a 2-core machine only one
+process is started and no core sits idle.
 
-Start-up is not free (a spawned interpreter imports numpy and TenSEAL: about 0.3 s measured on
-the 2-core box); ``started_s`` reports it so callers can count it. The pool refuses to start
-inside a process that spawn is still bootstrapping (a script without an
-``if __name__ == "__main__":`` guard, re-imported in a helper) and runs serially there instead of
-recursing. Helpers are terminated by ``close()``, or when the pool is garbage-collected or the
-interpreter exits.
+Each helper is a fresh interpreter (``python -c``, the parent's ``sys.path``) that imports only
+this package: unlike ``multiprocessing``'s spawn start method it does not re-import the caller's
+main module, so a script needs no ``if __name__ == "__main__":`` guard and the helper does not
+pay for the script's own imports (measured: a benchmark script importing PyTorch made each
+spawned helper take 2 s to start; a fresh interpreter takes about 0.3 s). Start-up still costs
+that much once, so ``ready()`` reports it in ``started_s`` and callers can count it. Inside a
+process that ``multiprocessing`` is still bootstrapping, the pool runs serially.
+
+Tasks and results travel as pickles over a private pipe pair between this process and its own
+child, never over a network. One pipe per helper, sent and received by the calling thread
+itself: ``multiprocessing.Pool`` dispatches from background threads, which wait for the GIL
+while this thread is inside SEAL, and was measured slower than serial. Helpers exit when
+``close()`` is called, when the pool is garbage-collected or the interpreter exits (their pipe
+closes).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 from hefl.errors import ConfigError
@@ -30,12 +42,17 @@ def _ping() -> bool:
     return True
 
 
-def _serve(conn: Any, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
-    """A helper's loop: run each ``(fn, args)`` received, send back ``(ok, result)``."""
-    initializer(*initargs)
+def _child_main(read_fd: int, write_fd: int) -> None:
+    """A helper's loop: initialise, then run each ``(fn, args)`` and send ``(ok, result)``."""
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    try:
+        initializer, initargs = inbox.recv()
+        initializer(*initargs)
+    except EOFError:
+        return
     while True:
         try:
-            task = conn.recv()
+            task = inbox.recv()
         except EOFError:
             return
         if task is None:
@@ -45,7 +62,7 @@ def _serve(conn: Any, initializer: Callable[..., None], initargs: tuple[Any, ...
             reply = (True, fn(*args))
         except Exception as e:  # noqa: BLE001 - re-raised in the caller
             reply = (False, e)
-        conn.send(reply)
+        outbox.send(reply)
 
 
 def _bootstrapping() -> bool:
@@ -53,30 +70,29 @@ def _bootstrapping() -> bool:
     return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
-def _stop(procs: list[Any], conns: list[Any]) -> None:
-    for c in conns:
-        try:
-            c.send(None)
-            c.close()
-        except OSError:
-            pass
+def _stop(procs: list[subprocess.Popen], conns: list[tuple[Connection, Connection]]) -> None:
+    for out, inp in conns:
+        for c in (out, inp):
+            try:
+                c.close()
+            except OSError:
+                pass
     for p in procs:
-        p.join(timeout=2)
-        if p.is_alive():
-            p.terminate()
+        try:
+            p.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 class HelperPool:
-    """The calling process plus ``workers - 1`` spawned helpers.
-
-    Tasks go over one pipe per helper, sent and received by the calling thread itself: a
-    ``multiprocessing.Pool`` dispatches from background threads, which wait for the GIL while
-    this thread is inside SEAL, and was measured slower than serial.
+    """The calling process plus ``workers - 1`` helper processes.
 
     Args:
-        workers: processes sharing the work, the caller included (1: serial, nothing spawned).
-        initializer: run once in each helper with ``initargs`` (e.g. to load keys).
-        initargs: arguments for ``initializer``; they reach the helpers over a local pipe.
+        workers: processes sharing the work, the caller included (1: serial, nothing started).
+        initializer: a module-level function run once in each helper with ``initargs`` (e.g. to
+            load keys); it reaches the helper by reference, its arguments by pipe.
+        initargs: arguments for ``initializer``.
     """
 
     def __init__(self, workers: int, initializer: Callable[..., None],
@@ -84,30 +100,55 @@ class HelperPool:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.started_s = 0.0
-        self._conns: list[Any] = []
+        self._conns: list[tuple[Connection, Connection]] = []  # (to helper, from helper)
+        self._waiting = False
         self.workers = 1
         if workers > 1 and not _bootstrapping():
-            t0 = time.perf_counter()
-            ctx = multiprocessing.get_context("spawn")
+            self._t0 = time.perf_counter()
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             procs = []
             for _ in range(workers - 1):
-                mine, theirs = ctx.Pipe()
-                p = ctx.Process(target=_serve, args=(theirs, initializer, initargs),
-                                daemon=True)
-                p.start()
-                theirs.close()
-                procs.append(p)
-                self._conns.append(mine)
+                r_in, w_in = os.pipe()  # caller -> helper
+                r_out, w_out = os.pipe()  # helper -> caller
+                code = f"from hefl.crypto.workers import _child_main; _child_main({r_in}, {w_out})"
+                procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
+                                              pass_fds=(r_in, w_out)))
+                os.close(r_in)
+                os.close(w_out)
+                to_helper = Connection(w_in, readable=False)
+                to_helper.send((initializer, initargs))
+                self._conns.append((to_helper, Connection(r_out, writable=False)))
             self.workers = workers
             self._finalizer = weakref.finalize(self, _stop, procs, list(self._conns))
-            # Wait until every helper has imported and initialised, so start-up is counted here.
-            self.run(_ping, _ping, [()] * workers)
-            self.started_s = time.perf_counter() - t0
+            for to_helper, _ in self._conns:  # answered once the helper is initialised
+                to_helper.send((_ping, ()))
+            self._waiting = True
 
     @property
     def parallel(self) -> bool:
         """Whether helpers are running (False when serial, or after ``close``)."""
         return bool(self._conns)
+
+    def ready(self) -> float:
+        """Wait until every helper has started and initialised; returns ``started_s``, the
+        seconds from starting them to now (0 when serial; later calls return it unchanged)."""
+        if self._waiting:
+            self._waiting = False
+            for _, from_helper in self._conns:
+                self._reply(from_helper)
+            self.started_s = time.perf_counter() - self._t0
+        return self.started_s
+
+    @staticmethod
+    def _reply(conn: Connection) -> Any:
+        try:
+            ok, value = conn.recv()
+        except EOFError as e:
+            raise ConfigError("a helper process exited (see its error output above); close "
+                              "this pool and run with workers=1") from e
+        if not ok:
+            raise value
+        return value
 
     def run(self, remote: Callable[..., Any], local: Callable[..., Any],
             chunks: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -121,16 +162,13 @@ class HelperPool:
             return [local(*c) for c in chunks]
         if len(chunks) > self.workers:
             raise ConfigError(f"{len(chunks)} chunks for {self.workers} processes")
+        self.ready()
         *theirs, last = chunks
-        for conn, c in zip(self._conns, theirs, strict=False):
-            conn.send((remote, c))
+        for (to_helper, _), c in zip(self._conns, theirs, strict=False):
+            to_helper.send((remote, c))
         mine = local(*last)
-        out = []
-        for conn, _ in zip(self._conns, theirs, strict=False):
-            ok, value = conn.recv()
-            if not ok:
-                raise value
-            out.append(value)
+        out = [self._reply(from_helper) for (_, from_helper), _ in
+               zip(self._conns, theirs, strict=False)]
         return [*out, mine]
 
     def close(self) -> None:
@@ -138,6 +176,7 @@ class HelperPool:
         if self._conns:
             self._finalizer()
             self._conns = []
+            self._waiting = False
             self.workers = 1
 
 
@@ -149,8 +188,8 @@ class UsesHelpers:
 
     @property
     def startup_s(self) -> float:
-        """Seconds spent starting helper processes (0 when serial)."""
-        return self._pool.started_s
+        """Seconds the helper processes took to start (waits for them; 0 when serial)."""
+        return self._pool.ready()
 
     def close(self) -> None:
         """Stop the helper processes, if any (the object keeps working, serially)."""

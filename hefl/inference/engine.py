@@ -131,8 +131,9 @@ def score_encrypted(
         on_batch: called with each batch's row slice and logits as soon as it is decrypted.
         profile: parameter profile when no keyring is given (see ``params_for``).
         workers: processes per side (data owner and model owner each), this one included;
-            helpers are started once here (``Timing.setup_s``) and stopped on return. A given
-            ``keyring`` keeps its own helpers (and their start-up is not counted here).
+            helpers are started once here and stopped on return. ``Timing.setup_s`` is the
+            wall time of making the keys (unless given) and starting the helpers. A given
+            ``keyring`` keeps its own helpers.
         seeded: seeded ciphertexts (half the upload) or full ones (cheaper to make and load);
             see ``Keyring.encrypt_batch``.
 
@@ -145,12 +146,14 @@ def score_encrypted(
         >>> np.round(logits, 5).tolist(), timing.records
         ([-0.5, 2.5, 2.0], 3)
     """
+    t0 = time.perf_counter()
     own = keyring is None
     keyring = keyring or new_keyring(model, profile, workers)
     evaluator = Evaluator(keyring.evaluation_keys(), workers=workers)
     try:
+        evaluator.startup_s, keyring.startup_s  # noqa: B018 - wait until both sides' helpers run
         return _score(model, x, keyring, evaluator, batch_size, on_batch, seeded,
-                      setup_s=evaluator.startup_s + (keyring.startup_s if own else 0.0))
+                      setup_s=time.perf_counter() - t0)
     finally:
         evaluator.close()
         if own:
