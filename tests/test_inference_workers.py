@@ -92,7 +92,7 @@ def test_no_helpers_are_spawned_while_a_child_bootstraps(monkeypatch):
     monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
     pool = HelperPool(2, print)
     assert not pool.parallel and pool.workers == 1
-    assert pool.run(max, min, [(1, 2), (3, 4)]) == [1, 3]  # serial: local for every chunk
+    assert pool.map(max, min, [(1, 2), (3, 4)]) == [1, 3]  # serial: local for every chunk
 
 
 def test_a_script_without_a_main_guard_can_use_helpers(tmp_path):
@@ -115,3 +115,18 @@ def test_a_script_without_a_main_guard_can_use_helpers(tmp_path):
                          timeout=60, env={"PYTHONPATH": str(root), "PATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "[-0.5,", "-0.5,", "-0.5,", "-0.5]"]
+
+
+def test_map_keeps_chunk_order_and_stays_in_step_after_an_error():
+    import operator
+
+    pool = HelperPool(2, int)
+    try:
+        chunks = [(float(i), 2.0) for i in range(9)]
+        assert pool.map(operator.truediv, operator.truediv, chunks) == [i / 2 for i in range(9)]
+        with pytest.raises(ZeroDivisionError):
+            pool.map(operator.truediv, operator.truediv, [(1.0, 0.0)] * 5)
+        assert pool.map(operator.truediv, operator.truediv, chunks) == [i / 2 for i in range(9)]
+        assert pool.each(operator.add, 1, 2) == [3]
+    finally:
+        pool.close()

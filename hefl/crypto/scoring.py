@@ -323,6 +323,7 @@ def encrypt_columns(encoder: seal.CKKSEncoder, encryptor: seal.Encryptor, params
 
 
 _HELPER: dict[str, object] = {}  # state of a helper process (set by its initializer)
+_CHUNK = 4  # ciphertexts per task handed to a helper (or done here while helpers are busy)
 
 
 def _init_encrypt_helper(params: dict, secret_key: bytes) -> None:
@@ -418,8 +419,8 @@ class Keyring(UsesHelpers):
                               f"{blocks} features per ciphertext; use blocks_for(records, "
                               "features)")
         cols = pack_blocks(x, blocks, self.params)
-        chunks = [(c, seeded) for c in np.array_split(cols, self._pool.workers)]
-        parts = self._pool.run(_encrypt_in_helper, self._encrypt_columns, chunks)
+        chunks = [(cols[i : i + _CHUNK], seeded) for i in range(0, len(cols), _CHUNK)]
+        parts = self._pool.map(_encrypt_in_helper, self._encrypt_columns, chunks)
         return [b for part in parts for b in part]
 
     def _encrypt_columns(self, cols: np.ndarray, seeded: bool) -> list[bytes]:
@@ -591,14 +592,22 @@ class Evaluator(UsesHelpers):
             n_ct = -(-len(coef) // k)
             coef = np.pad(coef, (0, n_ct * k - len(coef))).reshape(n_ct, k)
         if self._pool.parallel and cts and isinstance(cts[0], bytes | bytearray):
-            # Each process loads and weights a share of the features; the helpers send back
-            # their partial sums (one ciphertext each), added here.
+            # Chunks of features go to whichever process is free; each keeps a running sum, and
+            # the helpers' sums (one ciphertext each) are added here at the end.
             self._check_count(len(cts), len(coef))
-            shares = np.array_split(np.arange(len(coef)), min(self._pool.workers, len(coef)))
-            chunks = [([cts[i] for i in ix], coef[ix]) for ix in shares]
-            *partials, acc = self._pool.run(_linear_in_helper, self._partial_linear, chunks)
-            for blob in partials:
-                self._eval.add_inplace(acc, seal_io.load(seal.Ciphertext, self._ctx, blob))
+            chunks = [(cts[i : i + _CHUNK], coef[i : i + _CHUNK])
+                      for i in range(0, len(cts), _CHUNK)]
+            try:
+                mine = [p for p in self._pool.map(_linear_in_helper, self._partial_linear,
+                                                  chunks) if p is not None]
+            except Exception:
+                self._pool.each(_flush_helper_sum)  # drop this batch's partial sums
+                raise
+            partials = [seal_io.load(seal.Ciphertext, self._ctx, b)
+                        for b in self._pool.each(_flush_helper_sum) if b]
+            acc = mine[0] if mine else partials.pop()
+            for ct in mine[1:] + partials:
+                self._eval.add_inplace(acc, ct)
         else:
             acc = self._dot(self._ensure_loaded(cts, len(coef)), coef,
                             2.0**self.params.weight_scale_bits)
@@ -705,5 +714,16 @@ def _init_evaluate_helper(bundle: bytes) -> None:
     _HELPER["evaluator"] = Evaluator(EvaluationKeys.loads(bundle))
 
 
-def _linear_in_helper(blobs: Sequence[bytes], coef: np.ndarray) -> bytes:
-    return save_ciphertext(_HELPER["evaluator"]._partial_linear(blobs, coef))
+def _linear_in_helper(blobs: Sequence[bytes], coef: np.ndarray) -> None:
+    ev = _HELPER["evaluator"]
+    part = ev._partial_linear(blobs, coef)
+    if _HELPER.get("sum") is None:
+        _HELPER["sum"] = part
+    else:
+        ev._eval.add_inplace(_HELPER["sum"], part)
+
+
+def _flush_helper_sum() -> bytes:
+    """This helper's running sum of its chunks since the last flush (b"" if none)."""
+    part = _HELPER.pop("sum", None)
+    return save_ciphertext(part) if part is not None else b""

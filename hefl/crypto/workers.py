@@ -3,9 +3,10 @@
 SEAL (through TenSEAL's bindings) holds the GIL, so threads do not help (measured: two threads
 encrypt no faster than one). A ``HelperPool`` of ``workers`` is the calling process plus
 ``workers - 1`` helper processes, started once (per keyring or evaluator session, not per batch)
-and initialised once with the state they need. Work is split into ``workers`` chunks: the helpers
-take all but the last, the caller computes the last itself, so on a 2-core machine only one
-process is started and no core sits idle.
+and initialised once with the state they need. Work comes in chunks, each handed to
+whichever helper is free, or done by the caller itself while all helpers are busy, so on a
+2-core machine only one process is started, no core sits idle, and a helper slowed by another
+tenant's load simply takes fewer chunks.
 
 Each helper is a fresh interpreter (``python -c``, the parent's ``sys.path``) that imports only
 this package: unlike ``multiprocessing``'s spawn start method it does not re-import the caller's
@@ -140,36 +141,66 @@ class HelperPool:
         return self.started_s
 
     @staticmethod
-    def _reply(conn: Connection) -> Any:
+    def _reply(conn: Connection) -> tuple[bool, Any]:
         try:
-            ok, value = conn.recv()
-        except EOFError as e:
-            raise ConfigError("a helper process exited (see its error output above); close "
-                              "this pool and run with workers=1") from e
-        if not ok:
-            raise value
-        return value
+            return conn.recv()
+        except EOFError:
+            return False, ConfigError("a helper process exited (see its error output above); "
+                                      "close this pool and run with workers=1")
 
-    def run(self, remote: Callable[..., Any], local: Callable[..., Any],
+    def map(self, remote: Callable[..., Any], local: Callable[..., Any],
             chunks: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """``remote(*chunk)`` in the helpers for all chunks but the last, ``local(*last)`` here,
-        concurrently; results in chunk order. A helper's exception is re-raised here.
+        """Every chunk once, as ``remote(*chunk)`` in whichever helper is free or as
+        ``local(*chunk)`` here while all helpers are busy; results in chunk order.
 
-        Raises:
-            ConfigError: more chunks than processes.
+        Dynamic, so a helper slowed by another tenant's load simply takes fewer chunks. Every
+        reply is collected before an exception (the first, a helper's or ours) is re-raised,
+        so the pipes stay in step.
         """
         if not self._conns:
             return [local(*c) for c in chunks]
-        if len(chunks) > self.workers:
-            raise ConfigError(f"{len(chunks)} chunks for {self.workers} processes")
         self.ready()
-        *theirs, last = chunks
-        for (to_helper, _), c in zip(self._conns, theirs, strict=False):
-            to_helper.send((remote, c))
-        mine = local(*last)
-        out = [self._reply(from_helper) for (_, from_helper), _ in
-               zip(self._conns, theirs, strict=False)]
-        return [*out, mine]
+        results: list[Any] = [None] * len(chunks)
+        pending: dict[int, int] = {}  # helper -> chunk
+        errors: list[BaseException] = []
+        nxt = 0
+
+        def collect(block: bool) -> None:
+            for h in list(pending):
+                conn = self._conns[h][1]
+                if block or conn.poll():
+                    ok, value = self._reply(conn)
+                    i = pending.pop(h)
+                    if ok:
+                        results[i] = value
+                    else:
+                        errors.append(value)
+
+        try:
+            while nxt < len(chunks) and not errors:
+                collect(block=False)
+                for h, (to_helper, _) in enumerate(self._conns):
+                    if h not in pending and nxt < len(chunks):
+                        to_helper.send((remote, chunks[nxt]))
+                        pending[h], nxt = nxt, nxt + 1
+                if nxt < len(chunks):
+                    results[nxt] = local(*chunks[nxt])
+                    nxt += 1
+        finally:
+            collect(block=True)
+        if errors:
+            raise errors[0]
+        return results
+
+    def each(self, remote: Callable[..., Any], *args: Any) -> list[Any]:
+        """``remote(*args)`` once in every helper; their results ([] when serial)."""
+        for to_helper, _ in self._conns:
+            to_helper.send((remote, args))
+        replies = [self._reply(from_helper) for _, from_helper in self._conns]
+        for ok, value in replies:
+            if not ok:
+                raise value
+        return [value for _, value in replies]
 
     def close(self) -> None:
         """Stop the helpers (idempotent); the pool then runs serially."""
