@@ -323,7 +323,7 @@ def encrypt_columns(encoder: seal.CKKSEncoder, encryptor: seal.Encryptor, params
 
 
 _HELPER: dict[str, object] = {}  # state of a helper process (set by its initializer)
-_CHUNK = 4  # ciphertexts per task handed to a helper (or done here while helpers are busy)
+
 
 
 def _init_encrypt_helper(params: dict, secret_key: bytes) -> None:
@@ -419,7 +419,7 @@ class Keyring(UsesHelpers):
                               f"{blocks} features per ciphertext; use blocks_for(records, "
                               "features)")
         cols = pack_blocks(x, blocks, self.params)
-        chunks = [(cols[i : i + _CHUNK], seeded) for i in range(0, len(cols), _CHUNK)]
+        chunks = [(cols[i : i + 1], seeded) for i in range(len(cols))]
         parts = self._pool.map(_encrypt_in_helper, self._encrypt_columns, chunks)
         return [b for part in parts for b in part]
 
@@ -592,21 +592,28 @@ class Evaluator(UsesHelpers):
             n_ct = -(-len(coef) // k)
             coef = np.pad(coef, (0, n_ct * k - len(coef))).reshape(n_ct, k)
         if self._pool.parallel and cts and isinstance(cts[0], bytes | bytearray):
-            # Chunks of features go to whichever process is free; each keeps a running sum, and
-            # the helpers' sums (one ciphertext each) are added here at the end.
+            # Ciphertexts go to whichever process is free; each keeps a running sum, and the
+            # helpers' sums (one ciphertext each) are added here at the end.
             self._check_count(len(cts), len(coef))
-            chunks = [(cts[i : i + _CHUNK], coef[i : i + _CHUNK])
-                      for i in range(0, len(cts), _CHUNK)]
+            sums: list[seal.Ciphertext] = []
+
+            def here(blobs: Sequence[bytes], w: np.ndarray) -> None:
+                part = self._partial_linear(blobs, w)
+                if sums:
+                    self._eval.add_inplace(sums[0], part)
+                else:
+                    sums.append(part)
+
+            chunks = [(cts[i : i + 1], coef[i : i + 1]) for i in range(len(cts))]
             try:
-                mine = [p for p in self._pool.map(_linear_in_helper, self._partial_linear,
-                                                  chunks) if p is not None]
+                self._pool.map(_linear_in_helper, here, chunks)
             except Exception:
                 self._pool.each(_flush_helper_sum)  # drop this batch's partial sums
                 raise
-            partials = [seal_io.load(seal.Ciphertext, self._ctx, b)
-                        for b in self._pool.each(_flush_helper_sum) if b]
-            acc = mine[0] if mine else partials.pop()
-            for ct in mine[1:] + partials:
+            sums += [seal_io.load(seal.Ciphertext, self._ctx, b)
+                     for b in self._pool.each(_flush_helper_sum) if b]
+            acc = sums[0]
+            for ct in sums[1:]:
                 self._eval.add_inplace(acc, ct)
         else:
             acc = self._dot(self._ensure_loaded(cts, len(coef)), coef,

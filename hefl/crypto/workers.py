@@ -43,6 +43,10 @@ def _ping() -> bool:
     return True
 
 
+def _run_many(fn: Callable[..., Any], chunks: Sequence[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*c) for c in chunks]
+
+
 def _child_main(read_fd: int, write_fd: int) -> None:
     """A helper's loop: initialise, then run each ``(fn, args)`` and send ``(ok, result)``."""
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
@@ -150,18 +154,21 @@ class HelperPool:
 
     def map(self, remote: Callable[..., Any], local: Callable[..., Any],
             chunks: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Every chunk once, as ``remote(*chunk)`` in whichever helper is free or as
-        ``local(*chunk)`` here while all helpers are busy; results in chunk order.
+        """Every chunk once, as ``remote(*chunk)`` in a helper or ``local(*chunk)`` here;
+        results in chunk order.
 
-        Dynamic, so a helper slowed by another tenant's load simply takes fewer chunks. Every
-        reply is collected before an exception (the first, a helper's or ours) is re-raised,
-        so the pipes stay in step.
+        Guided scheduling: an idle helper is handed a run of the remaining chunks (a share that
+        shrinks as the work runs out) in one message, while this process takes one chunk at a
+        time and checks for idle helpers in between, so no process waits long for another, and
+        a helper slowed by another tenant's load simply takes fewer chunks. Every reply is
+        collected before an exception (the first, a helper's or ours) is re-raised, so the
+        pipes stay in step.
         """
         if not self._conns:
             return [local(*c) for c in chunks]
         self.ready()
         results: list[Any] = [None] * len(chunks)
-        pending: dict[int, int] = {}  # helper -> chunk
+        pending: dict[int, int] = {}  # helper -> first chunk of its run
         errors: list[BaseException] = []
         nxt = 0
 
@@ -170,9 +177,9 @@ class HelperPool:
                 conn = self._conns[h][1]
                 if block or conn.poll():
                     ok, value = self._reply(conn)
-                    i = pending.pop(h)
+                    start = pending.pop(h)
                     if ok:
-                        results[i] = value
+                        results[start : start + len(value)] = value
                     else:
                         errors.append(value)
 
@@ -181,8 +188,9 @@ class HelperPool:
                 collect(block=False)
                 for h, (to_helper, _) in enumerate(self._conns):
                     if h not in pending and nxt < len(chunks):
-                        to_helper.send((remote, chunks[nxt]))
-                        pending[h], nxt = nxt, nxt + 1
+                        n = max(1, (len(chunks) - nxt) // (2 * self.workers))
+                        to_helper.send((_run_many, (remote, chunks[nxt : nxt + n])))
+                        pending[h], nxt = nxt, nxt + n
                 if nxt < len(chunks):
                     results[nxt] = local(*chunks[nxt])
                     nxt += 1
