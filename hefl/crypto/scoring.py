@@ -11,6 +11,22 @@ linear layer is ``sum_j w_j * ct_j + b``: ``d`` plaintext-scalar multiplications
 rotation (so no Galois keys) and every slot is used. Packing one record per ciphertext would
 waste slots or need ``log2(d)`` rotations per record to sum the products.
 
+**The last, partly filled batch** of a logistic-regression job would leave most slots empty
+(W5: 851 records in a 4096-record ciphertext, for each of 50 features). There ``k`` features share
+one ciphertext, interleaved: feature ``c*k + b`` of ciphertext ``c`` sits in the slots ``j`` with
+``j mod k == b`` (``k`` the largest power of two at which the records still fit, see
+``feature_blocks``): ``ceil(d / k)`` ciphertexts instead of ``d``. The model owner multiplies each
+ciphertext by a plaintext *vector* of period ``k`` holding each feature's weight and adds them up;
+the data owner decrypts and sums each group of ``k`` neighbouring slots into a record's logit. No
+rotation, so no keys and no key-switching noise (summing on the server with rotations was tried:
+it gains nothing in privacy, since each slot then holds a window straddling two records, from
+which the same partial sums follow, and the precise profile's 20-bit special prime made each
+rotation cost ~1e-5 of logit precision). What the data owner learns beyond the logits: for each
+record of a last batch, ``k`` partial logits (its own features times the weights, summed over
+fixed feature subsets). These are linear in the weights, which the logits of ``d + 1`` records
+already determine, so the model owner's weights are no better protected with ``k = 1``. A full
+batch has ``k = 1``: the packing below, unchanged.
+
 Both real and imaginary parts of every slot carry a record (record ``i`` in the real part,
 record ``i + N/2`` in the imaginary part), so one ciphertext carries ``N`` records. A real scalar
 times a complex slot scales both parts, so linear layers work unchanged. For logistic regression
@@ -58,6 +74,7 @@ import tenseal.sealapi as seal
 
 from hefl.crypto import seal as seal_io  # SEAL bytes <-> objects (private tmpfs files)
 from hefl.crypto.spec import MAX_COEFF_BITS_128  # HomomorphicEncryption.org, 128-bit
+from hefl.crypto.workers import HelperPool, UsesHelpers
 from hefl.errors import ConfigError, ContextMismatch, CryptoError, TransportError
 
 
@@ -71,6 +88,9 @@ class CkksParams:
         scale_bits: inputs are encoded at scale 2**scale_bits.
         weight_scale_bits: plaintext weights of the last (unrescaled) product, 2**bits.
         complex_packing: two records per slot (real and imaginary part).
+        block_packing: a linear model's partly filled batch may pack several features per
+            ciphertext, summed with rotations (needs a special prime large enough that
+            rotations keep the logits' precision; see ``feature_blocks``).
     """
 
     poly_modulus_degree: int
@@ -78,6 +98,7 @@ class CkksParams:
     scale_bits: int
     weight_scale_bits: int = 0
     complex_packing: bool = False
+    block_packing: bool = False
 
     def __post_init__(self) -> None:
         limit = MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
@@ -113,6 +134,7 @@ class CkksParams:
             "scale_bits": self.scale_bits,
             "weight_scale_bits": self.weight_scale_bits,
             "complex_packing": self.complex_packing,
+            "block_packing": self.block_packing,
         }
 
     @classmethod
@@ -124,6 +146,7 @@ class CkksParams:
                 int(d["scale_bits"]),
                 int(d.get("weight_scale_bits", 0)),
                 bool(d.get("complex_packing", False)),
+                bool(d.get("block_packing", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"malformed CKKS parameters {d!r}: {e}") from e
@@ -131,12 +154,51 @@ class CkksParams:
 
 #: Logistic regression: depth 0 after the plaintext multiply (no rescale), complex packing.
 LR_PARAMS = CkksParams(4096, (50, 39, 20), scale_bits=40, weight_scale_bits=25,
-                       complex_packing=True)
+                       complex_packing=True, block_packing=True)
 #: Logistic regression, one data prime: cheaper, logits limited to +-128 (checked on decryption).
 LR_FAST_PARAMS = CkksParams(4096, (60, 49), scale_bits=30, weight_scale_bits=21,
-                            complex_packing=True)
+                            complex_packing=True, block_packing=True)
 #: One-hidden-layer MLP with a quadratic activation: three rescales, complex packing.
 MLP_PARAMS = CkksParams(8192, (50, 35, 35, 35, 50), scale_bits=35, complex_packing=True)
+
+
+def feature_blocks(records: int, features: int, params: CkksParams) -> int:
+    """Features sharing one ciphertext in a linear model's batch of ``records`` records.
+
+    The largest power of two ``k`` such that the records fit a block of
+    ``records_per_ciphertext / k`` and ``k`` is below twice ``features`` (beyond that no
+    ciphertext is saved); 1 for a full batch, or when ``params.block_packing`` is off.
+    """
+    cap = params.records_per_ciphertext
+    k = 1
+    if not params.block_packing:
+        return k
+    while k < features and records <= cap // (2 * k) and cap // (2 * k) >= 2:
+        k *= 2
+    return k
+
+
+def pack_blocks(x: np.ndarray, k: int, params: CkksParams) -> np.ndarray:
+    """Rows of ``records_per_ciphertext`` values, one per ciphertext, in the order
+    ``encrypt_columns`` encodes them (real parts, then imaginary parts): ciphertext ``c`` holds
+    features ``c*k .. c*k+k-1`` interleaved, feature ``c*k+b`` in the slots ``j = i*k + b``."""
+    cap = params.records_per_ciphertext
+    block = cap // k
+    n_ct = -(-x.shape[1] // k)
+    padded = np.zeros((n_ct * k, block))
+    padded[: x.shape[1], : len(x)] = x.T
+    blocks = padded.reshape(n_ct, k, block)
+    if not params.complex_packing:
+        return blocks.transpose(0, 2, 1).reshape(n_ct, cap)
+    half = block // 2  # a feature's records in real parts; the rest go to imaginary parts
+    return np.concatenate([blocks[:, :, :half].transpose(0, 2, 1).reshape(n_ct, -1),
+                           blocks[:, :, half:].transpose(0, 2, 1).reshape(n_ct, -1)], axis=1)
+
+
+def unpack_blocks(values: np.ndarray, k: int) -> np.ndarray:
+    """The records' scores from decrypted values (real parts, then imaginary parts): each
+    group of ``k`` neighbouring slots summed (the identity for ``k = 1``)."""
+    return values.reshape(-1, k).sum(axis=1) if k > 1 else values
 
 
 # --------------------------------------------------------------------------- SEAL plumbing
@@ -240,7 +302,44 @@ class EvaluationKeys:
 # --------------------------------------------------------------------------- data owner
 
 
-class Keyring:
+def encrypt_columns(encoder: seal.CKKSEncoder, encryptor: seal.Encryptor, params: CkksParams,
+                    cols: np.ndarray, seeded: bool = True) -> list[bytes]:
+    """Encode and symmetrically encrypt each row of ``cols`` (one padded feature column of
+    ``records_per_ciphertext`` values each) into one serialized ciphertext."""
+    half = params.poly_modulus_degree // 2
+    scale = 2.0**params.scale_bits
+    out = []
+    for col in cols:
+        values = (col[:half] + 1j * col[half:]) if params.complex_packing else col
+        pt = seal.Plaintext()
+        encoder.encode(values.tolist(), scale, pt)
+        if seeded:
+            out.append(seal_io.save(encryptor.encrypt_symmetric(pt)))
+        else:
+            ct = seal.Ciphertext()
+            encryptor.encrypt_symmetric(pt, ct)
+            out.append(seal_io.save(ct))
+    return out
+
+
+_HELPER: dict[str, object] = {}  # state of a helper process (set by its initializer)
+
+
+
+def _init_encrypt_helper(params: dict, secret_key: bytes) -> None:
+    p = CkksParams.from_dict(params)
+    ctx = seal_context(p)
+    sk = seal_io.load(seal.SecretKey, ctx, secret_key)
+    _HELPER.update(params=p, encoder=seal.CKKSEncoder(ctx), encryptor=seal.Encryptor(ctx, sk))
+
+
+def _encrypt_in_helper(cols: np.ndarray, seeded: bool) -> list[bytes]:
+    return encrypt_columns(_HELPER["encoder"], _HELPER["encryptor"], _HELPER["params"], cols,
+                           seeded)
+
+
+
+class Keyring(UsesHelpers):
     """The data owner's keys: encrypts records, decrypts scores. Never leaves the data owner.
 
     Example:
@@ -254,7 +353,7 @@ class Keyring:
         [2.75, 0.75]
     """
 
-    def __init__(self, params: CkksParams, relin: bool) -> None:
+    def __init__(self, params: CkksParams, relin: bool, workers: int = 1) -> None:
         self.params = params
         self._ctx = seal_context(params)
         keygen = seal.KeyGenerator(self._ctx)
@@ -267,11 +366,24 @@ class Keyring:
         self._encryptor = seal.Encryptor(self._ctx, self._sk)
         self._decryptor = seal.Decryptor(self._ctx, self._sk)
         self.key_id = secrets.token_hex(16)
+        # The secret key reaches only this data owner's own helper processes, over a local pipe.
+        self._pool = HelperPool(workers, _init_encrypt_helper,
+                                (params.to_dict(), seal_io.save(self._sk)) if workers > 1 else ())
 
     @classmethod
-    def generate(cls, params: CkksParams, relin: bool = False) -> Keyring:
-        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product)."""
-        return cls(params, relin)
+    def generate(cls, params: CkksParams, relin: bool = False, workers: int = 1) -> Keyring:
+        """Fresh secret key for ``params`` (``relin=True`` for models with a ct x ct product).
+
+        ``workers > 1`` starts ``workers - 1`` helper processes once, here, that share the
+        encryption of every batch (see ``hefl.crypto.workers``); ``close()`` stops them.
+        """
+        return cls(params, relin, workers)
+
+    @property
+    def workers(self) -> int:
+        """Processes sharing encryption (1 when serial)."""
+        return self._pool.workers
+
 
     def evaluation_keys(self) -> EvaluationKeys:
         """The public half for the model owner (parameters, key id, relinearization keys)."""
@@ -280,8 +392,17 @@ class Keyring:
     def __repr__(self) -> str:  # never print key material
         return f"Keyring(key_id={self.key_id!r}, params={self.params})"
 
-    def encrypt_batch(self, x: np.ndarray) -> list[bytes]:
+    def encrypt_batch(self, x: np.ndarray, seeded: bool = True, blocks: int = 1) -> list[bytes]:
         """Encrypt up to ``records_per_ciphertext`` records: one serialized ciphertext per column.
+
+        Args:
+            x: records (rows) by features (columns), preprocessed.
+            seeded: serialize seeded (SEAL replaces the random half by its seed: half the bytes,
+                but the receiver re-expands it, ~0.1 ms per ciphertext at N=4096). ``False``
+                sends both halves: twice the bytes, cheaper for both sides; for a local or fast
+                link. The receiver loads either form.
+            blocks: features per ciphertext (linear models only; ``blocks_for`` gives the best
+                for a batch, and ``decrypt_scores`` needs it back).
 
         Raises:
             ConfigError: more records than one batch holds (use ``split_batches``), or NaN/Inf.
@@ -293,19 +414,27 @@ class Keyring:
                               f"{x.shape}; split it with split_batches")
         if not np.isfinite(x).all():
             raise ConfigError("records contain NaN/Inf after preprocessing; impute them first")
-        half = self.params.poly_modulus_degree // 2
-        scale = 2.0**self.params.scale_bits
-        out = []
-        for col in x.T:
-            col = np.pad(col, (0, cap - len(col)))
-            values = (col[:half] + 1j * col[half:]) if self.params.complex_packing else col
-            pt = seal.Plaintext()
-            self._encoder.encode(values.tolist(), scale, pt)
-            out.append(seal_io.save(self._encryptor.encrypt_symmetric(pt)))
-        return out
+        if blocks != 1 and blocks > self.blocks_for(len(x), x.shape[1]):
+            raise ConfigError(f"{len(x)} records of {x.shape[1]} features cannot be packed "
+                              f"{blocks} features per ciphertext; use blocks_for(records, "
+                              "features)")
+        cols = pack_blocks(x, blocks, self.params)
+        chunks = [(cols[i : i + 1], seeded) for i in range(len(cols))]
+        parts = self._pool.map(_encrypt_in_helper, self._encrypt_columns, chunks)
+        return [b for part in parts for b in part]
 
-    def decrypt_scores(self, data: bytes, n: int) -> np.ndarray:
-        """Decrypt one result ciphertext into ``n`` scores (logits).
+    def _encrypt_columns(self, cols: np.ndarray, seeded: bool) -> list[bytes]:
+        return encrypt_columns(self._encoder, self._encryptor, self.params, cols, seeded)
+
+    def blocks_for(self, records: int, features: int) -> int:
+        """Features per ciphertext ``encrypt_batch`` packs for a linear model's batch of this
+        shape (``feature_blocks``; 1 unless the parameters allow block packing); pass it to
+        ``encrypt_batch`` and ``decrypt_scores``. Not for an MLP's batches (always 1)."""
+        return feature_blocks(records, features, self.params)
+
+    def decrypt_scores(self, data: bytes, n: int, blocks: int = 1) -> np.ndarray:
+        """Decrypt one result ciphertext into ``n`` scores (logits); ``blocks``: the batch's
+        ``blocks_for`` (features per ciphertext) for a linear model, else 1.
 
         Raises:
             ContextMismatch: the ciphertext was not made under this key (the decrypted values
@@ -330,7 +459,7 @@ class Keyring:
                 "keys (or another session), or the model's outputs overflow (serve it with the "
                 "precise parameters); score again with this session's keys"
             )
-        return values[:n]
+        return unpack_blocks(values, blocks)[:n]
 
     def _level_bits(self, ct: seal.Ciphertext) -> float:
         cd = self._ctx.get_context_data(ct.parms_id())
@@ -350,15 +479,19 @@ def split_batches(n: int, capacity: int) -> list[slice]:
 # --------------------------------------------------------------------------- model owner
 
 
-class Evaluator:
+class Evaluator(UsesHelpers):
     """The model owner's side: evaluates models on a data owner's ciphertexts; holds no secret."""
 
-    def __init__(self, keys: EvaluationKeys) -> None:
+    def __init__(self, keys: EvaluationKeys, workers: int = 1) -> None:
+        """``workers > 1`` starts ``workers - 1`` helper processes (public material only) that
+        share the loading and weighting of each logistic-regression batch."""
         self.keys = keys
         self.params = keys.params
         self._ctx = seal_context(keys.params)
         self._eval = seal.Evaluator(self._ctx)
         self._encoder = seal.CKKSEncoder(self._ctx)
+        self._pool = HelperPool(workers, _init_evaluate_helper,
+                                (keys.dumps(),) if workers > 1 else ())
         self._relin: seal.RelinKeys | None = None
         if keys.relin_keys:
             try:
@@ -374,17 +507,21 @@ class Evaluator:
             except ContextMismatch as e:
                 raise ContextMismatch(f"Galois keys do not load under {keys.params}: {e}") from e
 
+    @staticmethod
+    def _check_count(n: int, expected: int) -> None:
+        if n != expected:
+            raise ContextMismatch(
+                f"batch has {n} feature ciphertexts, this model takes {expected}; "
+                "preprocess records with the model's preprocessing before encrypting"
+            )
+
     def load(self, blobs: Sequence[bytes], expected: int) -> list[seal.Ciphertext]:
         """Parse a batch of ``expected`` feature ciphertexts.
 
         Raises:
             ContextMismatch: wrong count for this model, or a ciphertext under other parameters.
         """
-        if len(blobs) != expected:
-            raise ContextMismatch(
-                f"batch has {len(blobs)} feature ciphertexts, this model takes {expected}; "
-                "preprocess records with the model's preprocessing before encrypting"
-            )
+        self._check_count(len(blobs), expected)
         cts = [load_ciphertext(self._ctx, b) for b in blobs]
         first = self._ctx.first_parms_id()
         scale = 2.0**self.params.scale_bits
@@ -407,15 +544,29 @@ class Evaluator:
         self._encoder.encode(float(value), ct.parms_id(), scale, pt)
         return pt
 
+    def _block_weights(self, row: np.ndarray, ct: seal.Ciphertext, scale: float,
+                       addend: bool = False) -> seal.Plaintext:
+        """Interleaved values: ``row[b]`` on the slots ``j`` with ``j mod len(row) == b``. A real
+        factor scales both records of a slot; an ``addend`` must reach both (``v + iv``)."""
+        pt = seal.Plaintext()
+        v = np.tile(row, self.params.poly_modulus_degree // 2 // len(row))
+        if addend and self.params.complex_packing:
+            v = v + 1j * v
+        self._encoder.encode(v.tolist(), ct.parms_id(), scale, pt)
+        return pt
+
     def _dot(self, cts: Sequence[seal.Ciphertext], w: np.ndarray, scale: float
              ) -> seal.Ciphertext:
-        """sum_j w_j * ct_j with weights encoded at ``scale`` (no rescale)."""
+        """sum_j w_j * ct_j with weights encoded at ``scale`` (no rescale); a 2-D ``w`` holds
+        one row of block weights per ciphertext."""
         acc: seal.Ciphertext | None = None
         for ct, wj in zip(cts, w, strict=True):
-            if wj == 0.0:
+            if not np.any(wj):
                 continue
             prod = seal.Ciphertext()
-            self._eval.multiply_plain(ct, self._real_scalar(float(wj), ct, scale), prod)
+            pt = (self._block_weights(wj, ct, scale) if np.ndim(wj)
+                  else self._real_scalar(float(wj), ct, scale))
+            self._eval.multiply_plain(ct, pt, prod)
             if acc is None:
                 acc = prod
             else:
@@ -426,13 +577,58 @@ class Evaluator:
         return acc
 
     def linear(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], coef: np.ndarray,
-               intercept: float) -> bytes:
-        """Encrypted logits ``X @ coef + intercept`` for one batch (logistic regression)."""
+               intercept: float, records: int | None = None) -> bytes:
+        """Encrypted logits ``X @ coef + intercept`` for one batch (logistic regression).
+
+        One ciphertext per feature is always accepted. With ``records`` (the batch's record
+        count), fewer ciphertexts mean the packed layout that the data owner's
+        ``Keyring.blocks_for`` chooses for that many records (``feature_blocks``).
+        """
         coef = np.asarray(coef, np.float64).reshape(-1)
-        cts = self._ensure_loaded(cts, len(coef))
-        acc = self._dot(cts, coef, 2.0**self.params.weight_scale_bits)
-        self._eval.add_plain_inplace(acc, self._const(intercept, acc, acc.scale))
+        k = 1
+        if records and len(cts) != len(coef):
+            k = feature_blocks(records, len(coef), self.params)
+        if k > 1:  # one row of block weights per ciphertext (zeros beyond the last feature)
+            n_ct = -(-len(coef) // k)
+            coef = np.pad(coef, (0, n_ct * k - len(coef))).reshape(n_ct, k)
+        if self._pool.parallel and cts and isinstance(cts[0], bytes | bytearray):
+            # Ciphertexts go to whichever process is free; each keeps a running sum, and the
+            # helpers' sums (one ciphertext each) are added here at the end.
+            self._check_count(len(cts), len(coef))
+            sums: list[seal.Ciphertext] = []
+
+            def here(blobs: Sequence[bytes], w: np.ndarray) -> None:
+                part = self._partial_linear(blobs, w)
+                if sums:
+                    self._eval.add_inplace(sums[0], part)
+                else:
+                    sums.append(part)
+
+            chunks = [(cts[i : i + 1], coef[i : i + 1]) for i in range(len(cts))]
+            try:
+                self._pool.map(_linear_in_helper, here, chunks)
+            except Exception:
+                self._pool.each(_flush_helper_sum)  # drop this batch's partial sums
+                raise
+            sums += [seal_io.load(seal.Ciphertext, self._ctx, b)
+                     for b in self._pool.each(_flush_helper_sum) if b]
+            acc = sums[0]
+            for ct in sums[1:]:
+                self._eval.add_inplace(acc, ct)
+        else:
+            acc = self._dot(self._ensure_loaded(cts, len(coef)), coef,
+                            2.0**self.params.weight_scale_bits)
+        if k == 1:
+            self._eval.add_plain_inplace(acc, self._const(intercept, acc, acc.scale))
+        else:  # once per record: on the first slot of each group of k
+            row = np.zeros(k)
+            row[0] = intercept
+            self._eval.add_plain_inplace(acc, self._block_weights(row, acc, acc.scale, True))
         return save_ciphertext(acc)
+
+    def _partial_linear(self, blobs: Sequence[bytes], coef: np.ndarray) -> seal.Ciphertext:
+        """``sum_j coef_j * ct_j`` over a share of a batch's features (no intercept)."""
+        return self._dot(self.load(blobs, len(blobs)), coef, 2.0**self.params.weight_scale_bits)
 
     def poly_mlp(self, cts: Sequence[seal.Ciphertext] | Sequence[bytes], w1: np.ndarray,
                  b1: np.ndarray, act: tuple[float, float, float], w2: np.ndarray,
@@ -519,3 +715,22 @@ class Evaluator:
             raise ContextMismatch(f"batch has {len(cts)} feature ciphertexts, model takes "
                                   f"{expected}")
         return list(cts)
+
+
+def _init_evaluate_helper(bundle: bytes) -> None:
+    _HELPER["evaluator"] = Evaluator(EvaluationKeys.loads(bundle))
+
+
+def _linear_in_helper(blobs: Sequence[bytes], coef: np.ndarray) -> None:
+    ev = _HELPER["evaluator"]
+    part = ev._partial_linear(blobs, coef)
+    if _HELPER.get("sum") is None:
+        _HELPER["sum"] = part
+    else:
+        ev._eval.add_inplace(_HELPER["sum"], part)
+
+
+def _flush_helper_sum() -> bytes:
+    """This helper's running sum of its chunks since the last flush (b"" if none)."""
+    part = _HELPER.pop("sum", None)
+    return save_ciphertext(part) if part is not None else b""

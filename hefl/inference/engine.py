@@ -47,16 +47,28 @@ def params_for(model: Model, profile: str = "precise") -> CkksParams:
     return MLP_PARAMS
 
 
-def new_keyring(model: Model, profile: str = "precise") -> Keyring:
-    """A data owner's fresh keys for scoring ``model`` (relinearization keys for the MLP)."""
-    return Keyring.generate(params_for(model, profile), relin=isinstance(model, PolyMLP))
+def new_keyring(model: Model, profile: str = "precise", workers: int = 1) -> Keyring:
+    """A data owner's fresh keys for scoring ``model`` (relinearization keys for the MLP);
+    ``workers > 1`` shares encryption with ``workers - 1`` helper processes."""
+    return Keyring.generate(params_for(model, profile), relin=isinstance(model, PolyMLP),
+                            workers=workers)
 
 
-def evaluate(evaluator: Evaluator, model: Model, blobs: Sequence[bytes]) -> bytes:
-    """Model owner: the encrypted logits of one batch (serialized result ciphertext)."""
+def evaluate(evaluator: Evaluator, model: Model, blobs: Sequence[bytes],
+             records: int | None = None) -> bytes:
+    """Model owner: the encrypted logits of one batch of ``records`` records (serialized result
+    ciphertext); ``records`` fixes a linear model's packing (``Evaluator.linear``)."""
     if isinstance(model, LinearModel):
-        return evaluator.linear(blobs, model.coef, model.intercept)
+        return evaluator.linear(blobs, model.coef, model.intercept, records)
     return evaluator.poly_mlp(blobs, model.w1, model.b1, model.activation, model.w2, model.b2)
+
+
+def blocks_for(keyring: Keyring, model: Model, records: int) -> int:
+    """Features per ciphertext for a batch of ``records`` records of ``model``: several for a
+    linear model's partly filled batch (``Keyring.blocks_for``), else 1."""
+    if isinstance(model, LinearModel):
+        return keyring.blocks_for(records, model.n_features)
+    return 1
 
 
 @dataclass
@@ -70,10 +82,16 @@ class Timing:
     bytes_down: int = 0
     client_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    setup_s: float = 0.0
 
     @property
     def us_per_record(self) -> float:
         return 1e6 * (self.client_s + self.server_s) / max(self.records, 1)
+
+    @property
+    def us_per_record_with_setup(self) -> float:
+        """``us_per_record`` with the helper processes' start-up spread over these records."""
+        return 1e6 * (self.client_s + self.server_s + self.setup_s) / max(self.records, 1)
 
     @property
     def server_us_per_record(self) -> float:
@@ -81,7 +99,7 @@ class Timing:
 
     @property
     def cpu_us_per_record(self) -> float:
-        """CPU time (this process) per record: the cost without other tenants' load."""
+        """CPU time of this process per record (helper processes' CPU is not included)."""
         return 1e6 * (self.client_cpu_s + self.server_cpu_s) / max(self.records, 1)
 
     @property
@@ -100,6 +118,8 @@ def score_encrypted(
     batch_size: int | None = None,
     on_batch: Callable[[slice, np.ndarray], None] | None = None,
     profile: str = "precise",
+    workers: int = 1,
+    seeded: bool = True,
 ) -> tuple[np.ndarray, Timing]:
     """Encrypted logits of every row of ``x``, and the time each side spent.
 
@@ -110,6 +130,12 @@ def score_encrypted(
         batch_size: records per batch (default and maximum: one full ciphertext).
         on_batch: called with each batch's row slice and logits as soon as it is decrypted.
         profile: parameter profile when no keyring is given (see ``params_for``).
+        workers: processes per side (data owner and model owner each), this one included;
+            helpers are started once here and stopped on return. ``Timing.setup_s`` is the
+            wall time of making the keys (unless given) and starting the helpers. A given
+            ``keyring`` keeps its own helpers.
+        seeded: seeded ciphertexts (half the upload) or full ones (cheaper to make and load);
+            see ``Keyring.encrypt_batch``.
 
     Example:
         >>> import numpy as np
@@ -120,19 +146,35 @@ def score_encrypted(
         >>> np.round(logits, 5).tolist(), timing.records
         ([-0.5, 2.5, 2.0], 3)
     """
-    keyring = keyring or new_keyring(model, profile)
-    evaluator = Evaluator(keyring.evaluation_keys())
+    t0 = time.perf_counter()
+    own = keyring is None
+    keyring = keyring or new_keyring(model, profile, workers)
+    evaluator = Evaluator(keyring.evaluation_keys(), workers=workers)
+    try:
+        evaluator.startup_s, keyring.startup_s  # noqa: B018 - wait until both sides' helpers run
+        return _score(model, x, keyring, evaluator, batch_size, on_batch, seeded,
+                      setup_s=time.perf_counter() - t0)
+    finally:
+        evaluator.close()
+        if own:
+            keyring.close()
+
+
+def _score(model: Model, x: np.ndarray, keyring: Keyring, evaluator: Evaluator,
+           batch_size: int | None, on_batch: Callable[[slice, np.ndarray], None] | None,
+           seeded: bool, setup_s: float) -> tuple[np.ndarray, Timing]:
     cap = keyring.params.records_per_ciphertext
     size = min(batch_size or cap, cap)
     out = np.empty(len(x))
-    t = Timing(records=len(x))
+    t = Timing(records=len(x), setup_s=setup_s)
     for rows in split_batches(len(x), size):
         t0, c0 = time.perf_counter(), time.process_time()
-        blobs = keyring.encrypt_batch(x[rows])
+        k = blocks_for(keyring, model, rows.stop - rows.start)
+        blobs = keyring.encrypt_batch(x[rows], seeded=seeded, blocks=k)
         t1, c1 = time.perf_counter(), time.process_time()
-        result = evaluate(evaluator, model, blobs)
+        result = evaluate(evaluator, model, blobs, rows.stop - rows.start)
         t2, c2 = time.perf_counter(), time.process_time()
-        z = keyring.decrypt_scores(result, rows.stop - rows.start)
+        z = keyring.decrypt_scores(result, rows.stop - rows.start, k)
         t3, c3 = time.perf_counter(), time.process_time()
         t.client_s += (t1 - t0) + (t3 - t2)
         t.server_s += t2 - t1

@@ -129,7 +129,7 @@ class ScoringService:
         if not 0 < batch.records <= self.params.records_per_ciphertext:
             raise ConfigError(f"batch declares {batch.records} records; 1 to "
                               f"{self.params.records_per_ciphertext} fit one batch")
-        result = evaluate(evaluator, self.model_file.model, list(batch.blobs))
+        result = evaluate(evaluator, self.model_file.model, list(batch.blobs), batch.records)
         return Batch(batch.key_id, batch.records, (result,)).dumps()
 
 
@@ -355,12 +355,14 @@ def score_csv(
                 w.writerow(["row", "logit", "probability"])
             for rows in split_batches(len(x) - done, cap):
                 sl = slice(rows.start + done, rows.stop + done)
-                blobs = keyring.encrypt_batch(x[sl])
+                n = sl.stop - sl.start
+                k = 1 if info["needs_relin_keys"] else keyring.blocks_for(n, x.shape[1])
+                blobs = keyring.encrypt_batch(x[sl], blocks=k)
                 reply = client.score(session, Batch(keyring.key_id, sl.stop - sl.start,
                                                      tuple(blobs)))
                 if len(reply.blobs) != 1:
                     raise TransportError(f"server returned {len(reply.blobs)} results, expected 1")
-                z = keyring.decrypt_scores(reply.blobs[0], sl.stop - sl.start)
+                z = keyring.decrypt_scores(reply.blobs[0], n, k)
                 p = sigmoid(z)
                 w.writerows([i, f"{zi:.9g}", f"{pi:.9g}"] for i, zi, pi in
                             zip(range(sl.start, sl.stop), z, p, strict=True))
