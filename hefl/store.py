@@ -8,6 +8,8 @@ resumes at the last completed round and never loses or repeats one.
 Example:
     >>> import tempfile, numpy as np
     >>> from hefl.rounds import RoundRecord
+
+T = TypeVar("T")
     >>> with tempfile.TemporaryDirectory() as d:
     ...     s = Store(d)
     ...     s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
@@ -18,20 +20,23 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from hefl.errors import ConfigError, RoundError
 from hefl.rounds import RoundRecord
+
+T = TypeVar("T")
 
 DB_NAME = "hefl.db"
 SCHEMA_VERSION = 1
@@ -70,6 +75,17 @@ class RunInfo:
     updated: float
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a Store method under its connection lock (reads share the connection with writes)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Store:
     """The server's state directory.
 
@@ -100,7 +116,10 @@ class Store:
             )
 
     def close(self) -> None:
-        self.db.close()
+        # Under the lock: a gRPC thread may be recording a client event as the server stops;
+        # closing a connection another thread is using can crash the process.
+        with self._lock:
+            self.db.close()
 
     # ------------------------------------------------------------ runs
 
@@ -135,6 +154,7 @@ class Store:
                 "UPDATE runs SET status=?, updated=? WHERE run_id=?", (status, time.time(), run_id)
             )
 
+    @_locked
     def runs(self) -> list[RunInfo]:
         rows = self.db.execute(
             "SELECT run_id, config, rounds, status, created, updated FROM runs "
@@ -144,6 +164,7 @@ class Store:
 
     # ------------------------------------------------------------ rounds
 
+    @_locked
     def resume_point(self, run_id: str) -> tuple[int, np.ndarray, bytes]:
         """(last completed round, its global params, its optimizer state); round 0 = initial."""
         with self._lock:
@@ -152,6 +173,7 @@ class Store:
             raise RoundError(f"run {run_id!r} has no checkpoint; it was never opened")
         return int(row[0]), np.frombuffer(row[1], "<f8").astype(np.float64), bytes(row[2])
 
+    @_locked
     def _last_checkpoint(self, run_id: str) -> Any:
         return self.db.execute(
             "SELECT round, params, opt_state FROM checkpoints WHERE run_id=? "
@@ -194,12 +216,14 @@ class Store:
         except sqlite3.IntegrityError as e:
             raise RoundError(f"round {record.round} of run {run_id!r} is already recorded") from e
 
+    @_locked
     def records(self, run_id: str) -> list[RoundRecord]:
         rows = self.db.execute(
             "SELECT record FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
         ).fetchall()
         return [RoundRecord(**json.loads(r[0])) for r in rows]
 
+    @_locked
     def completed_rounds(self, run_id: str) -> list[int]:
         rows = self.db.execute(
             "SELECT round FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
@@ -226,6 +250,7 @@ class Store:
                 (time.time(), event, run_id, name),
             )
 
+    @_locked
     def clients(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT name, idx, revoked, last_seen, last_event FROM clients WHERE run_id=? "

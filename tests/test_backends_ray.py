@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 
-from hefl.algorithms import fedavg
 from hefl.errors import ConfigError
-from hefl.simulation import make_runner, run
+from hefl.simulation import make_runner
 from hefl.workloads import w1
 
 
@@ -20,41 +18,60 @@ def test_missing_ray_is_a_clear_config_error(monkeypatch):
         make_runner(w.model, w.data, "ray")
 
 
-@pytest.mark.slow
-def test_ray_same_model_as_sequential():
-    ray = pytest.importorskip("ray")
-    import torch
+RAY_SCRIPT = """
+import json, sys
+import numpy as np, ray, torch
+from hefl.algorithms import fedavg
+from hefl.simulation import make_runner, run
+from hefl.workloads import w1
 
-    torch.set_num_threads(1)
-    w = w1("b")
-    algo = fedavg(client_lr=w.client_lr, batch_size=w.batch_size)
-    seq = run(
-        make_runner(w.model, w.data, "sequential"),
-        w.model.init_vector(),
-        algo,
-        rounds=3,
-        clients_per_round=w.clients_per_round,
+torch.set_num_threads(1)
+w = w1("b")
+algo = fedavg(client_lr=w.client_lr, batch_size=w.batch_size)
+seq = run(make_runner(w.model, w.data, "sequential"), w.model.init_vector(), algo, rounds=3,
+          clients_per_round=w.clients_per_round)
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+try:
+    with make_runner(w.model, w.data, "ray") as runner:
+        actors = len(runner.actors)
+        res = run(runner, w.model.init_vector(), algo, rounds=3,
+                  clients_per_round=w.clients_per_round)
+        bad = runner.fit([0, "nope"], res.params, {0: None, "nope": None})
+        evals = runner.evaluate([1, 2], res.params)
+finally:
+    ray.shutdown()
+print(json.dumps({
+    "actors": actors,
+    "max_diff": float(np.abs(seq.params - res.params).max()),
+    "contributors": [[r.contributors for r in h.history.records] for h in (res, seq)],
+    "bad_all_exceptions": all(isinstance(v, Exception) for v in bad.values()),
+    "eval_n": evals[1].num_examples,
+    "data_n": len(w.data[1]),
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_same_model_as_sequential():
+    """Ray runs in a child process: its runtime (and its gRPC threads) never share the test
+    process with the suite's own gRPC servers."""
+    pytest.importorskip("ray")
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", RAY_SCRIPT], capture_output=True, text=True, timeout=280,
+        cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with make_runner(w.model, w.data, "ray") as runner:
-            assert len(runner.actors) == 2
-            res = run(
-                runner,
-                w.model.init_vector(),
-                algo,
-                rounds=3,
-                clients_per_round=w.clients_per_round,
-            )
-            bad = runner.fit([0, "nope"], res.params, {0: None, "nope": None})
-            evals = runner.evaluate([1, 2], res.params)
-    finally:
-        ray.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["actors"] == 2
     # Same code, seeds and thread count in another process: bit-for-bit in practice; allow
     # float rounding in case the worker's math library differs.
-    assert np.abs(seq.params - res.params).max() < 1e-6
-    assert [r.contributors for r in res.history.records] == [
-        r.contributors for r in seq.history.records
-    ]
-    assert all(isinstance(v, Exception) for v in bad.values())  # reported, not fatal
-    assert evals[1].num_examples == len(w.data[1])
+    assert out["max_diff"] < 1e-6
+    assert out["contributors"][0] == out["contributors"][1]
+    assert out["bad_all_exceptions"]  # reported, not fatal
+    assert out["eval_n"] == out["data_n"]

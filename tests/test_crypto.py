@@ -402,3 +402,17 @@ def test_parallel_encryption_matches_serial():
     assert len(ups[1].ciphertexts) == spec.n_ciphertexts
     mean, w = KeyHolder(c.shares[0]).decode(SummingServer(c.public).aggregate(ups))
     assert w == 4.0 and np.abs(mean - x).max() < spec.error_bound
+
+
+def test_seal_itself_refuses_parameters_below_128_bit_security():
+    """Defence in depth: even a spec that slipped past HeSpec's own check is refused by SEAL."""
+    import copy
+
+    from hefl.crypto import make_spec
+    from hefl.crypto.seal import Seal
+    from hefl.errors import CryptoError
+
+    bad = copy.copy(make_spec("bfv", 1000))
+    object.__setattr__(bad, "coeff_bits", 60)  # N=2048 allows at most 54 bits at 128-bit security
+    with pytest.raises(CryptoError, match="128-bit"):
+        Seal.of(bad)

@@ -109,7 +109,7 @@ class Seal:
         context = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
         if not context.parameters_set():
             raise CryptoError(
-                f"SEAL rejects the HE parameters ({context.parameter_error_message()}); "
+                f"SEAL rejects the HE parameters ({context.parameters_error_message()}); "
                 "they must meet 128-bit security"
             )
         encoder = (

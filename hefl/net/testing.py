@@ -120,6 +120,7 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
+    e.setdefault("PYTHONFAULTHANDLER", "1")  # a crashing child prints its Python stacks to its log
     return e
 
 
