@@ -232,6 +232,11 @@ def demo(
         f"({'encrypted, ' + scheme if scheme else 'plaintext'}); plaintext float32 is 4.00 "
         f"bytes/parameter ({s['params']} parameters)"
     )
+    if scheme:
+        out.print(
+            "  (a model this small leaves part of its ciphertexts empty; at 1 M parameters the "
+            "bfv upload is 1.7x float32: see BENCHMARKS.md, W4)"
+        )
     out.print(f"[bold green]final accuracy: {s['final_accuracy']:.4f}[/]")
 
 
