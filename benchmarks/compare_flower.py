@@ -185,7 +185,7 @@ def hefl_child(config: str, backend: str) -> dict:
     from hefl import workloads
     from hefl.simulation import make_runner
 
-    workloads.seed_everything_for_torch(1)
+    workloads.set_torch_threads(1)
     wl = workloads.w1(config)
     res = hefl.run(
         make_runner(wl.model, wl.data, backend),

@@ -80,7 +80,7 @@ def child_inproc(config: str, he: str) -> dict:
     import hefl
     from hefl import workloads
 
-    workloads.seed_everything_for_torch(1)
+    workloads.set_torch_threads(1)
     wl = workloads.w1(config)
     algo = hefl.fedavg(client_lr=wl.client_lr, batch_size=wl.batch_size)
     aggregator = None

@@ -59,7 +59,7 @@ def child_hefl(args: argparse.Namespace) -> dict:
     from hefl import workloads
     from hefl.simulation import make_runner
 
-    workloads.seed_everything_for_torch(1)
+    workloads.set_torch_threads(1)
     wl = _workload(args)
     rounds = args.rounds or wl.rounds
     per_round = args.clients_per_round or wl.clients_per_round

@@ -88,7 +88,7 @@ def run_simulation(
     from hefl.simulation import simulate
 
     t0 = time.perf_counter()
-    workloads.seed_everything_for_torch(o.threads)
+    workloads.set_torch_threads(o.threads)
     wl = _workload(o)
     algo = make_algorithm(
         o.algorithm,
@@ -118,7 +118,6 @@ def run_simulation(
         backend_options={"device": o.device} if o.backend == "vectorized" else None,
     )
     stats = workloads.summary(result)
-    uploads = [r.upload_bytes / r.contributors for r in result.history if r.contributors]
     summary = {
         "dataset": o.dataset,
         "algorithm": algo.name,
@@ -129,9 +128,7 @@ def run_simulation(
         "device": o.device,
         **stats,
         "params": int(wl.model.spec.size),
-        "upload_bytes_per_param": (sum(uploads) / len(uploads) / wl.model.spec.size)
-        if uploads
-        else 0.0,
+        "upload_bytes_per_param": stats["upload_bytes_per_client"] / wl.model.spec.size,
         "wall_s": time.perf_counter() - t0,
     }
     if out_dir is not None:

@@ -182,7 +182,7 @@ def shakespeare(
     )
 
 
-def seed_everything_for_torch(threads: int = 1) -> None:
+def set_torch_threads(threads: int = 1) -> None:
     """W1 runs torch with one intra-op thread."""
     import torch
 
@@ -192,6 +192,7 @@ def seed_everything_for_torch(threads: int = 1) -> None:
 def summary(result: Any) -> dict[str, Any]:
     """Final metrics of a SimulationResult as plain numbers."""
     final = result.history.records[-1] if len(result.history) else None
+    per_client = [r.upload_bytes / r.contributors for r in result.history if r.contributors]
     return {
         "rounds": len(result.history),
         "final_accuracy": None if final is None else final.metrics.get("test_accuracy"),
@@ -199,4 +200,5 @@ def summary(result: Any) -> dict[str, Any]:
         "mean_upload_bytes": float(np.mean([r.upload_bytes for r in result.history]))
         if len(result.history)
         else 0.0,
+        "upload_bytes_per_client": float(np.mean(per_client)) if per_client else 0.0,
     }

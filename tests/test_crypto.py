@@ -356,9 +356,9 @@ def test_every_algorithm_runs_encrypted(name):
 
 
 def test_w1_config_b_encrypted_matches_plaintext_accuracy():
-    from hefl.workloads import seed_everything_for_torch, summary, w1
+    from hefl.workloads import set_torch_threads, summary, w1
 
-    seed_everything_for_torch(1)
+    set_torch_threads(1)
     w = w1("b")
     algo = hefl.fedavg(client_lr=w.client_lr, batch_size=w.batch_size)
     kw = dict(rounds=w.rounds, clients_per_round=w.clients_per_round, test=w.test, seed=0)
