@@ -68,7 +68,13 @@ def test_simulate_vectorized_backend_same_accuracy_as_sequential():
     assert r.exit_code == 0, r.output
     vec = json.loads(r.stdout.strip().splitlines()[-1])
     assert vec["backend"] == "vectorized"
-    assert abs(vec["final_accuracy"] - seq["final_accuracy"]) < 1e-9
+    # The CLI trains in float32, where the two backends' kernels round differently (~1e-8 on the
+    # parameters; equality is proven in float64 in test_backends). A test example whose top two
+    # logits lie that close can flip: allow one of the test set's examples, no more.
+    from hefl.workloads import digits
+
+    one_example = 1 / len(digits().test)
+    assert abs(vec["final_accuracy"] - seq["final_accuracy"]) <= one_example + 1e-12
 
 
 def test_simulate_femnist_preset_needs_and_uses_data():

@@ -20,8 +20,8 @@ client (within float rounding):
 All clients' training data are concatenated on the device once, when the runner is built; a round
 costs one ``randperm`` per client and epoch (to reproduce the sequential batch order), one gather
 per step and one device-to-host copy of the ``(K, P)`` result. Each client's ``FitRes.params`` is
-its row of that result: the trained float32 values, not converted to float64 (the aggregation
-boundary computes the float64 delta from them).
+its row of that result: the trained values in the model's dtype (float32 unless the model was
+built in float64), not converted (the aggregation boundary computes the float64 delta from them).
 
 A plain ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (an MLP on feature
 vectors, as in W1) skips vmap: its K losses are computed with one batched matrix product per
@@ -96,13 +96,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _default_cohort(num_params: int, device: torch.device) -> int:
-    """Clients stacked at once: each costs about 3 float32 copies of the parameters (stacked
-    parameters, gradients, autograd's saved tensors)."""
+def _default_cohort(num_params: int, device: torch.device, itemsize: int = 4) -> int:
+    """Clients stacked at once: each costs about 3 copies of the parameters (stacked
+    parameters, gradients, autograd's saved tensors) of ``itemsize`` bytes per value."""
     budget = 1 << 30
     if device.type == "cuda":
         budget = max(budget, torch.cuda.mem_get_info(device)[0] // 4)
-    return max(1, budget // (12 * max(num_params, 1)))
+    return max(1, budget // (3 * itemsize * max(num_params, 1)))
 
 
 def cannot_vectorize(model: Any) -> str | None:
@@ -242,15 +242,19 @@ class VectorizedRunner:
         self.ids = list(data.ids)
         self.spec = model.spec
         self.ignore_index = int(getattr(model, "ignore_index", -100))
+        self.dtype = getattr(model, "dtype", torch.float32)
         self.module = copy.deepcopy(model.module).to(self.device).train()
-        self.max_cohort = max_cohort or _default_cohort(self.spec.size, self.device)
+        self.max_cohort = max_cohort or _default_cohort(
+            self.spec.size, self.device, self.dtype.itemsize
+        )
         self.sequential: SequentialRunner = make_runner(model, data, "sequential")
         self._sizes = {cid: len(d) for cid, d in data.train.items()}
         offsets = np.cumsum([0, *self._sizes.values()])
         self._offsets = dict(zip(self.ids, (int(o) for o in offsets[:-1]), strict=True))
         filled = [d for d in data.train.values() if len(d)]
         try:
-            self._x = torch.as_tensor(np.concatenate([d.x for d in filled])).to(self.device)
+            x = torch.as_tensor(np.concatenate([d.x for d in filled])).to(self.device)
+            self._x = x.to(self.dtype) if x.is_floating_point() else x
             self._y = torch.as_tensor(np.concatenate([d.y for d in filled])).to(self.device)
         except ValueError as e:
             raise ConfigError(f"cannot vectorize: client data shapes differ ({e})") from e
@@ -407,7 +411,7 @@ class VectorizedRunner:
         idx, mask = idx.to(self.device), mask.to(self.device)
         k_all = len(cids)
         vec = self.spec.check_vector(params)
-        glob = torch.as_tensor(vec, dtype=torch.float32, device=self.device)
+        glob = torch.as_tensor(vec, dtype=self.dtype, device=self.device)
         flat = glob.expand(k_all, -1).clone()  # (K, P): every client starts at the global model
         stacked, anchor, off = {}, {}, 0
         for name, shape, size in zip(
@@ -417,7 +421,7 @@ class VectorizedRunner:
             anchor[name] = glob[off : off + size].view(shape)
             off += size
         prox = anchor if cfg.prox_mu > 0 else None
-        loss_sum = torch.zeros(k_all, device=self.device)
+        loss_sum = torch.zeros(k_all, dtype=torch.float64, device=self.device)
         names = list(stacked)
         for t, (k, width) in enumerate(active):
             rows = idx[t, :k, :width]
@@ -427,10 +431,11 @@ class VectorizedRunner:
             )
             torch._foreach_add_([live[n] for n in names], grads, alpha=-cfg.lr)
             loss_sum[:k] += loss
-        # the trained float32 parameters as they are: a float64 copy of (K, P) costs more (in
-        # fresh memory) than the rest of a small model's round; the delta is float64 anyway
+        # the trained parameters in the model's dtype, as they are: a float64 copy of a float32
+        # (K, P) costs more (in fresh memory) than the rest of a small model's round; the delta
+        # is float64 anyway
         new = flat.cpu().numpy()
-        losses = (loss_sum.cpu().double() / torch.tensor(steps, dtype=torch.float64)).tolist()
+        losses = (loss_sum.cpu() / torch.tensor(steps, dtype=torch.float64)).tolist()
         return {cid: FitRes(new[i], sizes[i], {"loss": losses[i]}) for i, cid in enumerate(cids)}
 
     def evaluate(self, ids, params):

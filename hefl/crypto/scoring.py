@@ -68,6 +68,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -322,7 +323,7 @@ def encrypt_columns(encoder: seal.CKKSEncoder, encryptor: seal.Encryptor, params
     return out
 
 
-_HELPER: dict[str, object] = {}  # state of a helper process (set by its initializer)
+_HELPER: dict[str, Any] = {}  # state of a helper process (set by its initializer)
 
 
 

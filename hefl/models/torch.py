@@ -6,6 +6,7 @@ start of each fit), so simulating many clients costs no model construction.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 
 from hefl.client import FitConfig
 from hefl.data.federated import ClientData
+from hefl.errors import ConfigError
 from hefl.params import ParamSpec
 
 
@@ -25,6 +27,10 @@ class TorchModel:
             global model is reproducible.
         seed: seed for the initial parameters.
         ignore_index: label value left out of loss and accuracy (e.g. padding in sequences).
+        device: where the module lives and trains.
+        dtype: floating-point type of the parameters and of floating inputs (``torch.float32``
+            by default; ``torch.float64`` to prove two code paths equal independently of the
+            CPU's float32 kernels, which differ between AVX2 and AVX-512 machines).
 
     Example:
         >>> import torch
@@ -39,17 +45,38 @@ class TorchModel:
         seed: int = 0,
         ignore_index: int = -100,
         device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype}")
         torch.manual_seed(seed)
         self.factory = factory
-        self.module = factory().to(device)
+        self.module = factory().to(device=device, dtype=dtype)
         self.device = device
+        self.dtype = dtype
         self.ignore_index = ignore_index
         self._params: list[torch.Tensor] = list(self.module.parameters())
         self.spec = ParamSpec.of(
             {n: p.detach().cpu().numpy() for n, p in self.module.named_parameters()}
         )
         self._init = self.get_vector()
+
+    def astype(self, dtype: torch.dtype) -> TorchModel:
+        """This model with its parameters in ``dtype``: the same architecture and the same
+        initial values (a float32 model's initial vector is exact in float64).
+
+        Example:
+            >>> m = TorchModel(lambda: torch.nn.Linear(4, 3)).astype(torch.float64)
+            >>> next(m.module.parameters()).dtype
+            torch.float64
+        """
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        new = copy.copy(self)
+        new.module = copy.deepcopy(self.module).to(dtype=dtype)
+        new.dtype = dtype
+        new._params = list(new.module.parameters())
+        return new
 
     def init_vector(self) -> np.ndarray:
         """The initial global parameters as a flat float64 vector."""
@@ -62,9 +89,16 @@ class TorchModel:
 
     def set_vector(self, vector: np.ndarray) -> None:
         v = self.spec.check_vector(vector)
-        t = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        # a copy: vector_to_parameters makes the parameters views of ``t``, and as_tensor of a
+        # float64 array in float64 would share the caller's memory (training would write into it)
+        t = torch.tensor(v, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(t, self._params)
+
+    def as_input(self, x: np.ndarray) -> torch.Tensor:
+        """Features as a tensor on the model's device; floating features in the model's dtype."""
+        t = torch.as_tensor(x, device=self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if logits.ndim == 3:  # (batch, seq, classes) -> tokens
@@ -78,7 +112,7 @@ class TorchModel:
         ``torch.randperm(n, generator=Generator().manual_seed(config.seed))`` each epoch (the
         last partial batch kept). FedProx adds ``prox_mu/2 * ||w - w_global||^2``."""
         self.set_vector(vector)
-        x = torch.as_tensor(data.x, device=self.device)
+        x = self.as_input(data.x)
         y = torch.as_tensor(data.y, device=self.device)
         n = len(y)
         gen = torch.Generator().manual_seed(config.seed)
@@ -111,7 +145,7 @@ class TorchModel:
         self.module.eval()
         loss_sum, correct, count = 0.0, 0, 0
         for start in range(0, len(data), batch_size):
-            x = torch.as_tensor(data.x[start : start + batch_size], device=self.device)
+            x = self.as_input(data.x[start : start + batch_size])
             y = torch.as_tensor(data.y[start : start + batch_size], device=self.device)
             logits = self.module(x)
             if logits.ndim == 3:
