@@ -183,7 +183,7 @@ def hefl_child(config: str, backend: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import hefl
     from hefl import workloads
-    from hefl.simulation import make_runner
+    from hefl.backends import make_runner
 
     workloads.set_torch_threads(1)
     wl = workloads.w1(config)

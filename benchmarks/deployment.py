@@ -40,8 +40,8 @@ def _ts(e: dict) -> float:
 
 
 def run_grpc(config: str, he: str) -> dict:
+    from hefl.net.store import Store
     from hefl.net.testing import events, make_demo, spawn_client, spawn_server
-    from hefl.store import Store
     from hefl.workloads import w1
 
     wl = w1(config)

@@ -57,7 +57,7 @@ def child_hefl(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
     import hefl
     from hefl import workloads
-    from hefl.simulation import make_runner
+    from hefl.backends import make_runner
 
     workloads.set_torch_threads(1)
     wl = _workload(args)

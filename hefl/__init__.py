@@ -13,12 +13,13 @@ from hefl.algorithms import (
     fedyogi,
     make_algorithm,
 )
+from hefl.backends import SequentialRunner
 from hefl.client import Client, EvaluateRes, FitConfig, FitRes, ModelClient
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import HeflError
 from hefl.history import History
 from hefl.params import ParamSpec
-from hefl.simulation import SequentialRunner, SimulationResult, run, simulate
+from hefl.simulation import SimulationResult, run, simulate
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ Example (a Flower-style client written by a user):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -27,9 +27,29 @@ from hefl.data.federated import ClientData
 from hefl.errors import ClientError
 
 
+#: Flower's names for the same settings (``config["local_epochs"]`` works as in a Flower client).
+FLOWER_KEYS: dict[str, str] = {
+    "server_round": "round",
+    "learning_rate": "lr",
+    "local_epochs": "epochs",
+    "proximal_mu": "prox_mu",
+}
+
+
 @dataclass(frozen=True)
-class FitConfig:
-    """What the server sends a client with the global parameters each round."""
+class FitConfig(Mapping[str, Any]):
+    """What the server sends a client with the global parameters each round.
+
+    Typed attributes (``config.lr``) and, for Flower-style clients, a read-only mapping:
+    ``config["lr"]``, ``config.get("batch_size", 32)``, ``dict(config)``; Flower's key names
+    (``FLOWER_KEYS``: ``server_round``, ``learning_rate``, ``local_epochs``, ``proximal_mu``) are
+    accepted too.
+
+    Example:
+        >>> c = FitConfig(round=3, lr=0.1, epochs=2, batch_size=16)
+        >>> c["lr"], c["local_epochs"], c.get("momentum", 0.0), "server_round" in c
+        (0.1, 2, 0.0, True)
+    """
 
     round: int
     lr: float
@@ -37,6 +57,27 @@ class FitConfig:
     batch_size: int
     prox_mu: float = 0.0
     seed: int = 0
+
+    def __getitem__(self, key: str) -> Any:
+        name = FLOWER_KEYS.get(key, key)
+        if name not in _FIT_FIELDS:
+            raise KeyError(
+                f"{key!r} is not in the fit config; it holds {', '.join(_FIT_FIELDS)} "
+                f"(Flower names: {', '.join(FLOWER_KEYS)})"
+            )
+        return getattr(self, name)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and FLOWER_KEYS.get(key, key) in _FIT_FIELDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_FIT_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIT_FIELDS)
+
+
+_FIT_FIELDS = tuple(f.name for f in fields(FitConfig))
 
 
 @dataclass(frozen=True)
@@ -59,7 +100,7 @@ class EvaluateRes:
 class Client(Protocol):
     def fit(self, params: np.ndarray, config: FitConfig) -> Any: ...
 
-    def evaluate(self, params: np.ndarray, config: FitConfig) -> Any: ...
+    def evaluate(self, params: np.ndarray, config: Mapping[str, Any]) -> Any: ...
 
 
 def as_fit_res(out: Any, client_id: object = None) -> FitRes:
@@ -105,7 +146,7 @@ class ModelClient:
         new, metrics = self.model.fit(params, self.train, config)
         return FitRes(new, len(self.train), metrics)
 
-    def evaluate(self, params: np.ndarray, config: FitConfig) -> EvaluateRes:
+    def evaluate(self, params: np.ndarray, config: Mapping[str, Any] | None = None) -> EvaluateRes:
         data = self.test if self.test is not None else self.train
         if len(data) == 0:
             return EvaluateRes(0.0, 0, {})

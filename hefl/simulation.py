@@ -5,8 +5,7 @@ Two entry points share one round loop:
 - ``simulate(model, data, algorithm, ...)`` — TFF-style: a model adapter and a ``FederatedData``.
 - ``run(clients, initial_params, algorithm, ...)`` — Flower-style: your own ``Client`` objects.
 
-How client steps execute is a *runner* (``SequentialRunner`` here; vectorized and Ray runners
-plug into the same seam). Aggregation is an ``Aggregator`` (plain here, encrypted in
+How client steps execute is a *runner* (``hefl.backends``: sequential, vectorized, Ray). Aggregation is an ``Aggregator`` (plain here, encrypted in
 ``hefl.crypto``). The algorithm code never changes with either.
 
 Example:
@@ -28,66 +27,18 @@ import gc
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from hefl.aggregation import Aggregator, PlainAggregator
 from hefl.algorithms import Algorithm
-from hefl.client import (
-    Client,
-    EvaluateRes,
-    FitConfig,
-    FitRes,
-    ModelClient,
-    as_evaluate_res,
-    as_fit_res,
-)
+from hefl.backends import ClientRunner, SequentialRunner, make_runner
+from hefl.client import Client, EvaluateRes
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ClientError, ConfigError, HeflError, RoundError, UpdateRejected
 from hefl.history import History
 from hefl.rounds import RoundRecord, client_payload, fit_config, sample_clients, server_step
-
-
-class ClientRunner(Protocol):
-    """Executes client steps for a set of clients (in-process, vectorized, Ray, ...)."""
-
-    ids: Sequence[Hashable]
-
-    def fit(
-        self, ids: Sequence[Hashable], params: np.ndarray, configs: Mapping[Hashable, FitConfig]
-    ) -> Mapping[Hashable, FitRes | Exception]: ...
-
-    def evaluate(
-        self, ids: Sequence[Hashable], params: np.ndarray
-    ) -> Mapping[Hashable, EvaluateRes | Exception]: ...
-
-
-class SequentialRunner:
-    """Runs each client's fit in turn, in this process. A client that raises is reported, not
-    fatal."""
-
-    def __init__(self, clients: Mapping[Hashable, Client]) -> None:
-        self.clients = dict(clients)
-        self.ids = list(self.clients)
-
-    def fit(self, ids, params, configs):
-        out: dict[Hashable, FitRes | Exception] = {}
-        for cid in ids:
-            try:
-                out[cid] = as_fit_res(self.clients[cid].fit(params, configs[cid]), cid)
-            except Exception as e:  # noqa: BLE001 - one client's failure must not stop the round
-                out[cid] = e
-        return out
-
-    def evaluate(self, ids, params):
-        out: dict[Hashable, EvaluateRes | Exception] = {}
-        for cid in ids:
-            try:
-                out[cid] = as_evaluate_res(self.clients[cid].evaluate(params, None), cid)
-            except Exception as e:  # noqa: BLE001
-                out[cid] = e
-        return out
 
 
 @dataclass(frozen=True)
@@ -257,32 +208,6 @@ def _progress(enabled: bool, total: int):
     )
     p.start()
     return p, p.add_task("starting", total=total)
-
-
-BACKENDS = ("sequential", "vectorized", "ray")
-
-
-def make_runner(model: Any, data: FederatedData, backend: str = "sequential", **options: Any):
-    """The ClientRunner for ``backend`` over ``data`` (each client its own data and test split).
-
-    Options: ``"vectorized"`` takes ``device`` ("cpu"/"cuda") and ``max_cohort``
-    (``hefl.backends.vectorized``); ``"ray"`` takes ``address``, ``num_cpus``, ``num_actors``,
-    ``threads`` (``hefl.backends.ray``, needs the ``ray`` extra)."""
-    if backend == "sequential":
-        return SequentialRunner(
-            {cid: ModelClient(model, d, data.test.get(cid)) for cid, d in data.train.items()}
-        )
-    if backend == "vectorized":
-        from hefl.backends.vectorized import vectorized_runner
-
-        return vectorized_runner(model, data, **options)
-    if backend == "ray":
-        from hefl.backends.ray import RayRunner
-
-        return RayRunner(model, data, **options)
-    raise ConfigError(
-        f"unknown or unavailable backend {backend!r}; choose one of: {', '.join(BACKENDS)}"
-    )
 
 
 def simulate(

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from hefl.algorithms import fedavg, fedprox
+from hefl.backends import SequentialRunner, make_runner
 from hefl.backends.vectorized import VectorizedRunner, cannot_vectorize, vectorized_runner
 from hefl.client import FitConfig
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ConfigError
 from hefl.models import LogisticRegressionModel, TorchModel
 from hefl.models.zoo import CharLSTM
-from hefl.simulation import SequentialRunner, make_runner, run, simulate
+from hefl.simulation import run, simulate
 from hefl.workloads import w1
 
 # float64 training, sequential vs batched kernels: summation-order rounding only (see above).

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from hefl.backends import make_runner
 from hefl.errors import ConfigError
-from hefl.simulation import make_runner
 from hefl.workloads import w1
 
 
@@ -22,7 +22,8 @@ RAY_SCRIPT = """
 import json, sys
 import numpy as np, ray, torch
 from hefl.algorithms import fedavg
-from hefl.simulation import make_runner, run
+from hefl.backends import make_runner
+from hefl.simulation import run
 from hefl.workloads import w1
 
 torch.set_num_threads(1)

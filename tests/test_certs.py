@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hefl.certs import make_federation
 from hefl.errors import ConfigError
+from hefl.net.certs import make_federation
 from hefl.net.config import load_registry
 from hefl.net.wire import Token
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from hefl.cli.infer import app
 from hefl.crypto.scoring import MLP_PARAMS, Keyring
 from hefl.data.tabular import read_csv
 from hefl.errors import ConfigError, ContextMismatch, DataError, TransportError
 from hefl.inference.bench import BENCH_KEYS, fit_logistic
-from hefl.inference.cli import app
 from hefl.inference.service import ScoringClient, ScoringService, make_server, score_csv
 from hefl.inference.tls import self_signed
 from hefl.inference.wire import Batch

@@ -18,9 +18,9 @@ from hefl.data.loaders import load_digits
 from hefl.data.partition import dirichlet
 from hefl.models.torch import TorchModel
 from hefl.models.zoo import mlp
+from hefl.net.store import Store
 from hefl.net.testing import env, make_demo, spawn_client, spawn_server
 from hefl.simulation import simulate
-from hefl.store import Store
 
 
 def small_digits(n_clients: int = 3, take: int = 300) -> FederatedData:
@@ -54,7 +54,7 @@ def test_deployed_run_equals_simulation_and_refuses_strangers(tmp_path):
     server = spawn_server(demo)
     clients = [spawn_client(demo, n) for n in demo.names]
     stranger = subprocess.run(
-        [sys.executable, "-m", "hefl.net.cli", "client", "--server", demo.address,
+        [sys.executable, "-m", "hefl.cli", "client", "--server", demo.address,
          "--data", str(demo.data["c0"]), "--token", "mallory:" + "x" * 32,
          "--ca", str(demo.fed.ca), "--give-up-after", "60"],
         env=env(), capture_output=True, text=True, timeout=90,

@@ -1,4 +1,4 @@
-"""The deployment CLI (typer app in hefl.net.cli): certs, split-data, status, config errors."""
+"""The deployment CLI (typer app in hefl.cli.net): certs, split-data, status, config errors."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
-from hefl.net.cli import app
+from hefl.cli.net import app
 from hefl.net.config import load_config
+from hefl.net.store import Store
 from hefl.rounds import RoundRecord
-from hefl.store import Store
 
 runner = CliRunner()
 

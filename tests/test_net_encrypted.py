@@ -17,9 +17,9 @@ from hefl.errors import KeyCustodyError
 from hefl.models.linear import LogisticRegressionModel
 from hefl.net.config import load_config
 from hefl.net.server import FederationServer
+from hefl.net.store import Store
 from hefl.net.testing import make_demo, run_in_threads, spawn_client, spawn_server
 from hefl.simulation import simulate
-from hefl.store import Store
 
 MODEL = {"kind": "logreg", "n_features": 64, "n_classes": 10}
 BFV = {"kind": "bfv", "custody": "clients", "bits": 16, "clip": 1.0}

@@ -18,9 +18,9 @@ from hefl.data.loaders import load_digits
 from hefl.data.partition import dirichlet
 from hefl.models.linear import LogisticRegressionModel
 from hefl.net.status import summarize
+from hefl.net.store import Store
 from hefl.net.testing import events, make_demo, spawn_client, spawn_server, wait_event
 from hefl.simulation import simulate
-from hefl.store import Store
 
 MODEL = {"kind": "logreg", "n_features": 64, "n_classes": 10}
 ALGO = {"name": "fedadam", "client_lr": 0.05, "server_lr": 0.05}

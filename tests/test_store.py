@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hefl.errors import ConfigError, RoundError
+from hefl.net.store import Store, write_atomic
 from hefl.rounds import RoundRecord
-from hefl.store import Store, write_atomic
 
 
 def rec(r: int, **kw) -> RoundRecord:

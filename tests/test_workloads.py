@@ -9,11 +9,11 @@ import torch
 from conftest import need_data
 
 from hefl.algorithms import fedavg
+from hefl.backends import make_runner
 from hefl.backends.vectorized import VectorizedRunner
 from hefl.client import FitConfig
 from hefl.data.loaders import PAD, SHAKESPEARE_VOCAB
 from hefl.errors import ConfigError, DataError
-from hefl.simulation import make_runner
 from hefl.workloads import femnist, shakespeare
 
 

@@ -14,7 +14,7 @@ trusted processes of one cluster; nothing here is a network protocol for untrust
 is ``hefl.net``).
 
 Example (needs Ray; starts a local instance if none is running):
-    >>> from hefl.simulation import make_runner  # doctest: +SKIP
+    >>> from hefl.backends import make_runner  # doctest: +SKIP
     >>> runner = make_runner(model, data, "ray", num_cpus=2)  # doctest: +SKIP
     >>> result = run(runner, model.init_vector(), fedavg(), rounds=5, clients_per_round=10)
     ... # doctest: +SKIP
@@ -42,9 +42,9 @@ class ClientWorker:
             import torch
 
             torch.set_num_threads(threads)
-        from hefl.simulation import make_runner
+        from hefl.backends.sequential import SequentialRunner
 
-        self.runner = make_runner(model, data, "sequential")
+        self.runner = SequentialRunner.over(model, data)
 
     def fit(self, ids, params, configs):
         return self.runner.fit(ids, params, configs)

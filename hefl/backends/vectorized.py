@@ -74,10 +74,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from hefl.backends.sequential import SequentialRunner
 from hefl.client import FitConfig, FitRes
 from hefl.data.federated import FederatedData
 from hefl.errors import ConfigError
-from hefl.simulation import SequentialRunner, make_runner
 
 DEVICES = ("cpu", "cuda")
 _NO_BATCH_RULE = "not yet implemented the batching rule"
@@ -247,7 +247,7 @@ class VectorizedRunner:
         self.max_cohort = max_cohort or _default_cohort(
             self.spec.size, self.device, self.dtype.itemsize
         )
-        self.sequential: SequentialRunner = make_runner(model, data, "sequential")
+        self.sequential = SequentialRunner.over(model, data)
         self._sizes = {cid: len(d) for cid, d in data.train.items()}
         offsets = np.cumsum([0, *self._sizes.values()])
         self._offsets = dict(zip(self.ids, (int(o) for o in offsets[:-1]), strict=True))
@@ -457,4 +457,4 @@ def vectorized_runner(
             RuntimeWarning,
             stacklevel=2,
         )
-        return make_runner(model, data, "sequential")
+        return SequentialRunner.over(model, data)

@@ -48,9 +48,9 @@ from hefl.net.config import (
 from hefl.net.data import load_client_data
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
+from hefl.net.store import Store, write_atomic
 from hefl.rounds import RoundRecord, fit_config, sample_clients, server_step
 from hefl.simulation import _weighted
-from hefl.store import Store, write_atomic
 
 StatusCode = grpc.StatusCode
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hefl.history import History
-from hefl.store import Store, write_atomic
+from hefl.net.store import Store, write_atomic
 
 
 def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None) -> dict[str, Any]:

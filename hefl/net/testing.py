@@ -1,7 +1,7 @@
 """Helpers to stand up a federation on loopback: tests, the benchmark and the README demo.
 
-Everything is real: a CA and tokens from ``hefl.certs``, a ``run.toml``, one ``.npz`` per
-client, and server/client *processes* started with ``python -m hefl.net.cli``.
+Everything is real: a CA and tokens from ``hefl.net.certs``, a ``run.toml``, one ``.npz`` per
+client, and server/client *processes* started with ``python -m hefl.cli``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hefl.certs import Federation, make_federation
 from hefl.data.federated import ClientData, FederatedData
+from hefl.net.certs import Federation, make_federation
 from hefl.net.data import write_federated
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,9 +125,9 @@ def env() -> dict[str, str]:
 
 
 def spawn(args: Sequence[str], log: Path) -> subprocess.Popen:
-    """``python -m hefl.net.cli ARGS`` with output to ``log``."""
+    """``python -m hefl.cli ARGS`` with output to ``log``."""
     f = open(log, "ab")  # noqa: SIM115 - closed when the process is reaped by the caller
-    return subprocess.Popen([sys.executable, "-m", "hefl.net.cli", *args], stdout=f,
+    return subprocess.Popen([sys.executable, "-m", "hefl.cli", *args], stdout=f,
                             stderr=subprocess.STDOUT, env=env(), cwd=str(ROOT))
 
 

@@ -1,4 +1,4 @@
-"""The ``hefl`` command line (typer + rich).
+"""``hefl simulate`` and ``hefl demo`` (registered on the top-level app by ``hefl.cli``).
 
 hefl simulate [options]     federated training simulated on this machine
 hefl demo                   the README's demo: digits across 100 clients, encrypted updates
@@ -17,11 +17,7 @@ from rich.console import Console
 
 from hefl.errors import HeflError
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="hefl: federated learning with encrypted aggregation, and encrypted inference.",
-)
+app = typer.Typer()  # holds this module's commands; hefl.cli registers them
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
@@ -235,30 +231,3 @@ def demo(
             "bfv upload is 1.7x float32: see BENCHMARKS.md, W4)"
         )
     out.print(f"[bold green]final accuracy: {s['final_accuracy']:.4f}[/]")
-
-
-def _mount() -> None:
-    """Deployment commands at the top level; encrypted inference under ``hefl infer``."""
-    from hefl.inference.cli import app as infer_app
-    from hefl.net.cli import app as net_app
-
-    app.registered_commands.extend(net_app.registered_commands)
-    app.add_typer(infer_app, name="infer")
-
-
-_mount()
-
-# Commands that run gRPC servers or channels end through hefl.net.cli.run_process.
-_GRPC_COMMANDS = {"server", "client"}
-
-
-def main() -> None:  # pragma: no cover - console entry (`hefl`)
-    if len(sys.argv) > 1 and sys.argv[1] in _GRPC_COMMANDS:
-        from hefl.net.cli import run_process
-
-        run_process(app)
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

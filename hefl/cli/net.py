@@ -1,6 +1,5 @@
 """Command line of the deployment: ``server``, ``client``, ``certs``, ``keys``, ``status``,
-``split-data``. The top-level ``hefl`` CLI mounts these commands; ``python -m hefl.net.cli``
-runs them directly."""
+``split-data`` (registered on the top-level app by ``hefl.cli``; ``python -m hefl.cli``)."""
 
 from __future__ import annotations
 
@@ -112,7 +111,7 @@ def certs(
         help="comma-separated key-holder names (encrypted runs, custody 'keyholder')")] = "",
 ) -> None:
     """Make a test CA, server and client certificates, client tokens and the registry."""
-    from hefl.certs import make_federation
+    from hefl.net.certs import make_federation
 
     try:
         fed = make_federation(out, [c.strip() for c in clients.split(",") if c.strip()],
@@ -222,11 +221,3 @@ def run_process(typer_app: typer.Typer) -> NoReturn:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def main() -> None:  # pragma: no cover - console entry
-    run_process(app)
-
-
-if __name__ == "__main__":
-    run_process(app)

@@ -1,0 +1,37 @@
+"""The ``hefl`` command line (typer + rich): one app; every command is registered here.
+
+    hefl simulate | demo                                   hefl.cli.simulate
+    hefl server | client | certs | keys | status | split-data   hefl.cli.net
+    hefl infer serve | score | bench                       hefl.cli.infer
+
+``python -m hefl.cli ...`` runs the same app (the test suite spawns servers and clients so).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from hefl.cli import infer, net, simulate
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="hefl: federated learning with encrypted aggregation, and encrypted inference.",
+)
+app.registered_commands.extend(simulate.app.registered_commands)
+app.registered_commands.extend(net.app.registered_commands)
+app.add_typer(infer.app, name="infer")
+
+# Commands that run gRPC servers or channels end through hefl.cli.net.run_process.
+_GRPC_COMMANDS = {"server", "client"}
+
+
+def main() -> None:  # pragma: no cover - console entry (`hefl`)
+    if len(sys.argv) > 1 and sys.argv[1] in _GRPC_COMMANDS:
+        net.run_process(app)
+    app()
+
+
+__all__ = ["app", "main"]

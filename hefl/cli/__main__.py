@@ -1,0 +1,3 @@
+from hefl.cli import main
+
+main()
