@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hefl.errors import RoundError, UpdateRejected
+from hefl.roles import Scheme
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,27 @@ class PlainAggregator:
     def __init__(self, size: int) -> None:
         self.size = size
 
+    @property
+    def roles(self) -> Scheme:
+        """Plaintext needs no secret: this one object plays all three roles."""
+        return Scheme("plain", self, self, self)
+
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> PlainPayload:
         d = check_update(client_id, delta, self.size, weight)
         return PlainPayload(d * weight, float(weight))
+
+    def reseed(self, seed: int) -> None:
+        """Plaintext encoding is exact: nothing random to seed."""
+
+    def validate(self, client_id: Hashable, payload: Any) -> None:
+        """Raises ``UpdateRejected`` unless ``payload`` is a well-formed plaintext payload."""
+        if not isinstance(payload, PlainPayload):
+            raise UpdateRejected(
+                f"expected a plaintext payload, got {type(payload).__name__}",
+                client_id=client_id,
+                stage="aggregate",
+            )
+        check_update(client_id, payload.weighted_delta, self.size, payload.weight)
 
     def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
         """Sum the valid payloads; leave out (with the reason) those ``check_update`` rejects.
@@ -174,17 +193,11 @@ class PlainAggregator:
         rejected: dict[Hashable, str] = {}
         for cid, p in payloads.items():
             try:
-                if not isinstance(p, PlainPayload):
-                    raise UpdateRejected(
-                        f"expected a plaintext payload, got {type(p).__name__}",
-                        client_id=cid,
-                        stage="aggregate",
-                    )
-                d = check_update(cid, p.weighted_delta, self.size, p.weight)
+                self.validate(cid, p)
             except UpdateRejected as e:
                 rejected[cid] = e.reason
                 continue
-            total += d
+            total += np.asarray(p.weighted_delta, dtype=np.float64)
             weight += p.weight
             ok.append(cid)
         return Aggregate(PlainPayload(total, weight), tuple(ok), rejected)
@@ -194,16 +207,18 @@ class PlainAggregator:
         return mean_from_sum(p.weighted_delta, p.weight, aggregate.count)
 
     def nbytes(self, payload: Any) -> int:
-        """float32 on the wire, plus the weight."""
-        return int(payload.weighted_delta.size) * 4 + 8
+        """float64 on the wire, plus the weight."""
+        return int(payload.weighted_delta.size) * 8 + 8
 
     def dumps(self, payload: PlainPayload) -> bytes:
-        """Little-endian float64 weight, then the weighted delta as float32."""
+        """Little-endian float64 weight, then the weighted delta as float64: exact, so that a
+        deployed server sums bit for bit what a simulation sums (plaintext is the non-private
+        baseline; its size is not the point)."""
         head = np.float64(payload.weight).astype("<f8").tobytes()
-        return head + np.asarray(payload.weighted_delta, "<f4").tobytes()
+        return head + np.asarray(payload.weighted_delta, "<f8").tobytes()
 
     def loads(self, data: bytes) -> PlainPayload:
-        expected = 8 + 4 * self.size
+        expected = 8 + 8 * self.size
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != expected:
             got = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else type(data)
             raise UpdateRejected(
@@ -212,8 +227,7 @@ class PlainAggregator:
                 stage="decode",
             )
         weight = float(np.frombuffer(data[:8], "<f8")[0])
-        delta = np.frombuffer(data[8:], "<f4").astype(np.float64)
-        return PlainPayload(delta, weight)
+        return PlainPayload(np.frombuffer(data[8:], "<f8").astype(np.float64), weight)
 
 
 def mean_from_sum(weighted_sum: np.ndarray, weight: float, count: int) -> tuple[np.ndarray, float]:

@@ -26,7 +26,6 @@ import numpy as np
 from hefl.data.federated import ClientData
 from hefl.errors import ClientError
 
-
 #: Flower's names for the same settings (``config["local_epochs"]`` works as in a Flower client).
 FLOWER_KEYS: dict[str, str] = {
     "server_round": "round",

@@ -7,10 +7,13 @@
     ├── ClientError                one client's contribution was refused (carries id and stage)
     │   └── UpdateRejected         its update failed validation (NaN/Inf, wrong size, ...)
     ├── RoundError                 a round could not complete (e.g. no participating clients)
+    │   ├── RetryRound             this attempt cannot finish (no key holder): retry the round
+    │   └── NothingTrained         every round of a run was skipped (carries the history)
     ├── CryptoError                encryption, decryption or key handling failed
     │   ├── ContextMismatch        a ciphertext was made under another context or key
     │   └── KeyCustodyError        an operation needs a key this party must not hold
     └── TransportError             a message could not be sent, received or parsed
+        └── Refused                the other side refused the request (a status code and why)
 
 Every message says what was wrong and what to do about it.
 """
@@ -60,6 +63,22 @@ class RoundError(HeflError):
     """A round could not complete."""
 
 
+class RetryRound(RoundError):
+    """This attempt at a round cannot finish (e.g. no key holder answered); retry it."""
+
+
+class NothingTrained(RoundError):
+    """Every round of a run was skipped: nothing was trained.
+
+    Attributes:
+        result: what the run produced (its history says why each round was skipped).
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class CryptoError(HeflError):
     """Encryption, decryption or key handling failed."""
 
@@ -74,3 +93,18 @@ class KeyCustodyError(CryptoError):
 
 class TransportError(HeflError):
     """A message could not be sent, received or parsed."""
+
+
+class Refused(TransportError):
+    """The other side refused a request.
+
+    Attributes:
+        code: the status, by gRPC's names (``"PERMISSION_DENIED"``, ``"INVALID_ARGUMENT"``, ...),
+            whatever the transport.
+        reason: why, for the person reading the log.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason

@@ -1,26 +1,40 @@
-"""One federated round, as pure steps shared by simulation and deployment.
+"""One federated round, written once: pure steps that the simulation driver
+(``hefl.simulation.run``) and the deployed coordinator (``hefl.net.coordinator``) both call.
 
-    ids     = sample_clients(num_clients, per_round, seed, round)        server
-    config  = fit_config(algorithm, seed, round, index)                  server -> client
-    payload = client_payload(aggregator, id, global, fit_result)          client
-    agg     = aggregator.aggregate(payloads)                             server
-    params, opt_state = server_step(algorithm, aggregator, agg, ...)     key holder + server
+    plan     = plan_round(ids, per_round, seed, algorithm, r)         server: who, with what config
+    answer   = client_answer(encoder, id, global, fit outcome)        client: FitRes -> payload
+    contrib  = accept(summer, id, answer)                             server: validate one answer
+    params, state, record = finish_round(plan, contribs, rejected,    server (+ key holder):
+                                         summer, decoder, ...)          sum, decode, optimizer step
 
-Only how payloads travel differs between backends (in-process, Ray, gRPC).
+Only how an answer travels differs (in-process call, Ray, gRPC). What is refused, and why, is
+decided here: a client whose fit raised, whose update is malformed, or that sent nothing is left
+out of the round with its reason, and the round goes on; a round with nothing usable keeps the
+global model and is recorded as skipped, with the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from hefl.aggregation import Aggregate, Aggregator
 from hefl.algorithms import Algorithm
 from hefl.client import FitConfig, FitRes
-from hefl.errors import ConfigError
+from hefl.errors import (
+    ClientError,
+    ConfigError,
+    CryptoError,
+    HeflError,
+    RetryRound,
+    RoundError,
+    UpdateRejected,
+)
+from hefl.roles import Decoder, Encoder, Summer
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_num: int) -> list[int]:
@@ -56,33 +70,112 @@ def fit_config(algorithm: Algorithm, seed: int, round_num: int, index: int) -> F
     )
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who takes part in a round and the config each one trains with."""
+
+    round: int
+    chosen: tuple[Hashable, ...]
+    configs: Mapping[Hashable, FitConfig]
+
+
+def plan_round(
+    ids: Sequence[Hashable], per_round: int, seed: int, algorithm: Algorithm, round_num: int
+) -> RoundPlan:
+    """Sample round ``round_num``'s clients from ``ids`` (in that order) and make their configs
+    (a client's shuffling seed depends on its position in ``ids``)."""
+    idx = sample_clients(len(ids), per_round, seed, round_num)
+    return RoundPlan(
+        round_num,
+        tuple(ids[i] for i in idx),
+        {ids[i]: fit_config(algorithm, seed, round_num, i) for i in idx},
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a client sends back for a fit task: an encoded payload (None when it has no
+    examples), or the reason it has none (``error``; never its data)."""
+
+    payload: Any
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def failure_reason(outcome: object) -> str:
+    """The reason recorded for a client whose fit did not produce a result."""
+    if outcome is None:
+        return "no result returned"
+    if isinstance(outcome, ClientError):
+        return outcome.reason
+    if isinstance(outcome, HeflError):
+        return str(outcome)
+    return f"fit raised {type(outcome).__name__}: {outcome}"
+
+
 def client_payload(
-    aggregator: Aggregator, client_id: Hashable, global_params: np.ndarray, res: FitRes
+    encoder: Encoder, client_id: Hashable, global_params: np.ndarray, res: FitRes
 ) -> Any:
     """Client side: the delta ``res.params - global`` (in float64) weighted by sample count,
-    encoded for the aggregator. Raises ``UpdateRejected`` (from the aggregator) for a malformed
-    update."""
+    encoded. Raises ``UpdateRejected`` (from the encoder) for a malformed update."""
     p = np.asarray(res.params)
     if p.dtype.kind != "f":
         p = p.astype(np.float64)
     delta = np.subtract(p, global_params, dtype=np.float64)  # float32 params: no float64 copy
-    return aggregator.encode(client_id, delta, float(res.num_examples))
+    return encoder.encode(client_id, delta, float(res.num_examples))
 
 
-def server_step(
-    algorithm: Algorithm,
-    aggregator: Aggregator,
-    aggregate: Aggregate,
-    params: np.ndarray,
-    opt_state: Any,
-) -> tuple[np.ndarray, Any, float]:
-    """Decode the aggregate (key holder) and apply the server optimizer.
+def client_answer(
+    encoder: Encoder, client_id: Hashable, global_params: np.ndarray, outcome: object
+) -> Answer:
+    """Client side of one fit task: its result encoded, or the reason it failed (a raised
+    exception, a malformed update). Never raises for the client's own failure."""
+    if not isinstance(outcome, FitRes):
+        return Answer(None, 0, {}, failure_reason(outcome))
+    if outcome.num_examples <= 0:
+        return Answer(None, 0, dict(outcome.metrics))  # nothing to contribute (weight 0)
+    try:
+        payload = client_payload(encoder, client_id, global_params, outcome)
+    except UpdateRejected as e:
+        return Answer(None, 0, {}, e.reason)
+    return Answer(payload, outcome.num_examples, dict(outcome.metrics))
 
-    Returns (new params, new optimizer state, total weight). Raises ``RoundError`` when nothing
-    usable arrived."""
-    mean_delta, weight = aggregator.decode(aggregate)
-    new_params, new_state = algorithm.server.apply(params, mean_delta, opt_state)
-    return new_params, new_state, weight
+
+@dataclass(frozen=True)
+class Contribution:
+    """One client's accepted answer, as the server holds it until the round closes."""
+
+    payload: Any
+    num_examples: int
+    metrics: Mapping[str, float]
+    nbytes: int
+
+
+def accept(summer: Summer, client_id: Hashable, answer: Answer, nbytes: int | None = None) -> Contribution:
+    """Server side: validate one answer as it arrives.
+
+    Raises:
+        UpdateRejected: the client reported a failure, or its answer is malformed (NaN metrics,
+            a body without examples, a payload the summer refuses).
+    """
+    if answer.error is not None:
+        raise UpdateRejected(answer.error, client_id=client_id, stage="fit")
+    bad = sorted(k for k, v in answer.metrics.items() if not math.isfinite(float(v)))
+    if bad:
+        raise UpdateRejected(f"metrics {bad} are NaN/Inf", client_id=client_id, stage="submit")
+    if answer.num_examples < 0:
+        raise UpdateRejected("negative number of examples", client_id=client_id, stage="submit")
+    if answer.num_examples == 0:
+        if answer.payload is not None:
+            raise UpdateRejected(
+                "a client with 0 examples must send no update", client_id=client_id,
+                stage="submit",
+            )
+        return Contribution(None, 0, dict(answer.metrics), 0)
+    summer.validate(client_id, answer.payload)
+    size = summer.nbytes(answer.payload) if nbytes is None else nbytes
+    return Contribution(answer.payload, answer.num_examples, dict(answer.metrics), size)
 
 
 @dataclass(frozen=True)
@@ -99,9 +192,83 @@ class RoundRecord:
     skipped: bool = False
     wall_s: float = 0.0
     upload_bytes: int = 0
+    skip_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = dict(self.metrics)
         d["rejected"] = {str(k): v for k, v in self.rejected.items()}
         return d
+
+
+def weighted_mean(values: Sequence[tuple[float, int]]) -> float | None:
+    """``sum(v * n) / sum(n)`` over (value, count) pairs; None when the counts sum to 0."""
+    total = sum(n for _, n in values)
+    return sum(v * n for v, n in values) / total if total else None
+
+
+def finish_round(
+    plan: RoundPlan,
+    contributions: Mapping[Any, Contribution],
+    rejected: Mapping[Any, str],
+    *,
+    summer: Summer,
+    decoder: Decoder,
+    algorithm: Algorithm,
+    params: np.ndarray,
+    opt_state: Any,
+    evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+    started: float | None = None,
+) -> tuple[np.ndarray, Any, RoundRecord]:
+    """Sum the contributions (in the plan's order, not arrival order), decode, apply the server
+    optimizer and record the round.
+
+    A round with nothing usable (no contributor, a decoder that refuses) keeps ``params`` and is
+    recorded as skipped with ``skip_reason``. ``RetryRound`` from the decoder (no key holder
+    answered) propagates: the caller retries the attempt.
+    """
+    order = [cid for cid in plan.chosen if cid in contributions]
+    payloads = {cid: contributions[cid].payload for cid in order if contributions[cid].num_examples > 0}
+    losses = [
+        (float(contributions[cid].metrics["loss"]), contributions[cid].num_examples)
+        for cid in payloads
+        if "loss" in contributions[cid].metrics
+    ]
+    agg = summer.aggregate(payloads)
+    out_rejected = {**rejected, **agg.rejected}
+    weight, reason = 0.0, ""
+    try:
+        mean, weight = decoder.decode(agg)
+        params, opt_state = algorithm.server.apply(params, mean, opt_state)
+    except RetryRound:
+        raise
+    except (RoundError, CryptoError) as e:
+        reason = str(e)  # nothing usable: keep the global model, record why
+    metrics = {k: float(v) for k, v in (evaluate(params) if evaluate else {}).items()}
+    record = RoundRecord(
+        round=plan.round,
+        selected=len(plan.chosen),
+        contributors=agg.count,
+        total_weight=float(weight),
+        train_loss=weighted_mean(losses),
+        metrics=metrics,
+        rejected={str(k): v for k, v in out_rejected.items()},
+        skipped=bool(reason),
+        wall_s=time.perf_counter() - started if started is not None else 0.0,
+        upload_bytes=sum(contributions[cid].nbytes for cid in payloads),
+        skip_reason=reason,
+    )
+    return params, opt_state, record
+
+
+def nothing_trained(records: Sequence[RoundRecord]) -> str | None:
+    """Why a run whose every round was skipped trained nothing (None if some round trained):
+    the last round's skip reason and its rejections."""
+    if not records or any(not r.skipped for r in records):
+        return None
+    last = records[-1]
+    why = "; ".join(f"{c}: {reason}" for c, reason in last.rejected.items())
+    return (
+        f"nothing was trained: all {len(records)} round(s) were skipped. Last round: "
+        f"{last.skip_reason}" + (f" (rejected: {why})" if why else "")
+    )

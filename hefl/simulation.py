@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +36,20 @@ from hefl.algorithms import Algorithm
 from hefl.backends import ClientRunner, SequentialRunner, make_runner
 from hefl.client import Client, EvaluateRes
 from hefl.data.federated import ClientData, FederatedData
-from hefl.errors import ClientError, ConfigError, HeflError, RoundError, UpdateRejected
+from hefl.errors import ConfigError, NothingTrained, UpdateRejected
 from hefl.history import History
-from hefl.rounds import RoundRecord, client_payload, fit_config, sample_clients, server_step
+from hefl.roles import Scheme, as_scheme
+from hefl.rounds import (
+    Contribution,
+    RoundRecord,
+    accept,
+    client_answer,
+    finish_round,
+    nothing_trained,
+    plan_round,
+    sample_clients,
+    weighted_mean,
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,6 @@ class SimulationResult:
     history: History
 
 
-def _weighted(values: Sequence[tuple[float, int]]) -> float | None:
-    total = sum(n for _, n in values)
-    return sum(v * n for v, n in values) / total if total else None
-
-
 def run(
     clients: Mapping[Hashable, Client] | ClientRunner,
     initial_params: np.ndarray,
@@ -62,10 +68,10 @@ def run(
     rounds: int,
     clients_per_round: int,
     seed: int = 0,
-    aggregator: Aggregator | None = None,
+    aggregator: Aggregator | Scheme | None = None,
     evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
     client_eval_every: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds over ``clients``.
@@ -77,28 +83,48 @@ def run(
         rounds: number of rounds.
         clients_per_round: how many clients are sampled each round (all if >= the number).
         seed: drives client sampling and clients' local shuffling.
-        aggregator: plain weighted mean by default; pass an encrypted one to hide updates.
+        aggregator: plain weighted mean by default; pass an encrypted one to hide updates
+            (``hefl.crypto.make_aggregator``) or any ``hefl.roles.Scheme``.
         evaluate: central evaluation ``params -> {"loss": .., "accuracy": ..}`` each round
             (reported as ``test_loss``, ``test_accuracy``).
         client_eval_every: every k rounds, evaluate on every client's own test split
             (``client_loss``, ``client_accuracy``, weighted by examples); 0 = never.
-        progress: show a rich progress bar.
+        progress: show a rich progress bar (default: when the output is a terminal or a
+            notebook).
         on_round: called with each round's record as it completes.
+
+    Raises:
+        NothingTrained: every round was skipped (every client failed, or nothing could be
+            decoded); its ``result`` holds the history with each round's reasons.
     """
-    runner = (
-        clients
+    runner: ClientRunner = (
+        clients  # type: ignore[assignment]
         if hasattr(clients, "fit") and hasattr(clients, "ids")
-        else SequentialRunner(clients)
-    )  # type: ignore[arg-type]
+        else SequentialRunner(clients)  # type: ignore[arg-type]
+    )
     ids = list(runner.ids)
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}")
     sample_clients(len(ids), clients_per_round, seed, 1)  # validates counts early
     params = np.asarray(initial_params, dtype=np.float64).copy()
-    aggregator = aggregator or PlainAggregator(params.size)
+    scheme = as_scheme(aggregator or PlainAggregator(params.size))
+    decoder = scheme.decoder
+    if decoder is None:
+        raise ConfigError(f"scheme {scheme.name!r} has no decoder in this process; simulation "
+                          "needs all three roles (use hefl.crypto.make_aggregator)")
     opt_state = algorithm.server.init(params)
     history = History()
-    position = {cid: i for i, cid in enumerate(ids)}
+
+    def metrics(r: int) -> Callable[[np.ndarray], dict[str, float]]:
+        def of(p: np.ndarray) -> dict[str, float]:
+            m: dict[str, float] = {}
+            if evaluate is not None:
+                m.update({f"test_{k}": float(v) for k, v in evaluate(p).items() if k != "n"})
+            if client_eval_every and r % client_eval_every == 0:
+                m.update(_client_eval(runner, ids, p))
+            return m
+
+        return of
 
     bar = _progress(progress, rounds)
     # Objects alive now (imports, data sets) live for the whole run: freezing them keeps full
@@ -107,56 +133,20 @@ def run(
     try:
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
-            chosen = [ids[i] for i in sample_clients(len(ids), clients_per_round, seed, r)]
-            configs = {cid: fit_config(algorithm, seed, r, position[cid]) for cid in chosen}
-            results = runner.fit(chosen, params, configs)
-            payloads: dict[Hashable, Any] = {}
+            plan = plan_round(ids, clients_per_round, seed, algorithm, r)
+            results = runner.fit(list(plan.chosen), params, plan.configs)
+            contributions: dict[Hashable, Contribution] = {}
             rejected: dict[Hashable, str] = {}
-            losses: list[tuple[float, int]] = []
-            upload = 0
-            for cid in chosen:
-                res = results.get(cid)
-                if isinstance(res, Exception) or res is None:
-                    rejected[cid] = _reason(res, cid)
-                    continue
-                if res.num_examples <= 0:
-                    continue  # an empty client has nothing to contribute (weight 0)
+            for cid in plan.chosen:
+                answer = client_answer(scheme.encoder, cid, params, results.get(cid))
                 try:
-                    payloads[cid] = client_payload(aggregator, cid, params, res)
+                    contributions[cid] = accept(scheme.summer, cid, answer)
                 except UpdateRejected as e:
                     rejected[cid] = e.reason
-                    continue
-                upload += aggregator.nbytes(payloads[cid])
-                if "loss" in res.metrics:
-                    losses.append((float(res.metrics["loss"]), res.num_examples))
-            agg = aggregator.aggregate(payloads)
-            rejected.update(agg.rejected)
-            skipped = False
-            weight = 0.0
-            try:
-                params, opt_state, weight = server_step(
-                    algorithm, aggregator, agg, params, opt_state
-                )
-            except RoundError:
-                skipped = True  # nothing usable: keep the global model, record the round
-            metrics: dict[str, float] = {}
-            if evaluate is not None:
-                metrics.update(
-                    {f"test_{k}": float(v) for k, v in evaluate(params).items() if k != "n"}
-                )
-            if client_eval_every and r % client_eval_every == 0:
-                metrics.update(_client_eval(runner, ids, params))
-            record = RoundRecord(
-                round=r,
-                selected=len(chosen),
-                contributors=agg.count,
-                total_weight=weight,
-                train_loss=_weighted(losses),
-                metrics=metrics,
-                rejected={str(k): v for k, v in rejected.items()},
-                skipped=skipped,
-                wall_s=time.perf_counter() - t0,
-                upload_bytes=upload,
+            params, opt_state, record = finish_round(
+                plan, contributions, rejected, summer=scheme.summer, decoder=decoder,
+                algorithm=algorithm, params=params, opt_state=opt_state, evaluate=metrics(r),
+                started=t0,
             )
             history.append(record)
             if on_round:
@@ -167,23 +157,17 @@ def run(
         gc.unfreeze()
         if bar:
             bar[0].stop()
-    return SimulationResult(params, history)
-
-
-def _reason(res: object, cid: Hashable) -> str:
-    if res is None:
-        return "no result returned"
-    if isinstance(res, ClientError):
-        return res.reason
-    if isinstance(res, HeflError):
-        return str(res)
-    return f"fit raised {type(res).__name__}: {res}"
+    result = SimulationResult(params, history)
+    why = nothing_trained(history.records)
+    if why is not None:
+        raise NothingTrained(why, result)
+    return result
 
 
 def _client_eval(runner: Any, ids: list[Hashable], params: np.ndarray) -> dict[str, float]:
     res = [r for r in runner.evaluate(ids, params).values() if isinstance(r, EvaluateRes)]
-    loss = _weighted([(r.loss, r.num_examples) for r in res])
-    acc = _weighted([(r.metrics.get("accuracy", 0.0), r.num_examples) for r in res])
+    loss = weighted_mean([(r.loss, r.num_examples) for r in res])
+    acc = weighted_mean([(r.metrics.get("accuracy", 0.0), r.num_examples) for r in res])
     out = {}
     if loss is not None:
         out["client_loss"] = loss
@@ -198,7 +182,12 @@ def _describe(record: RoundRecord) -> str:
     return s + (f", accuracy {acc:.3f}" if acc is not None else "")
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool | None, total: int):
+    from rich.console import Console
+
+    if enabled is None:
+        console = Console()
+        enabled = console.is_terminal or console.is_jupyter
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -219,10 +208,10 @@ def simulate(
     clients_per_round: int,
     seed: int = 0,
     test: ClientData | tuple[np.ndarray, np.ndarray] | None = None,
-    aggregator: Aggregator | None = None,
+    aggregator: Aggregator | Scheme | None = None,
     backend: str = "sequential",
     client_eval_every: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     initial_params: np.ndarray | None = None,
     backend_options: Mapping[str, Any] | None = None,

@@ -175,6 +175,11 @@ def test_sequence_model_with_padding_tokens_ignored():
     algo = fedavg(client_lr=0.5, batch_size=4)
     seq, vec, _ = _both(model, _tokens(), algo, rounds=2, per_round=2)
     assert np.abs(seq.params - vec.params).max() < ATOL
+    # a batch whose tokens are all padding has loss 0 on both paths (not NaN: 0/0), so no
+    # client's reported loss is refused
+    for a, b in zip(seq.history.records, vec.history.records, strict=True):
+        assert a.rejected == b.rejected == {}
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-12)
 
 
 def test_lstm_falls_back_because_vmap_would_loop(monkeypatch):

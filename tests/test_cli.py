@@ -39,6 +39,9 @@ def test_unknown_dataset_and_algorithm_are_clear():
     assert r.exit_code == 2 and "fedadam" in r.output
     r = runner.invoke(app, ["simulate", "-k", "0", "--rounds", "1"])
     assert r.exit_code == 2 and "clients per round" in r.output
+    r = runner.invoke(app, ["simulate", "--rounds", "0"])
+    assert r.exit_code == 2 and "--rounds must be at least 1" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_simulate_he_matches_plaintext_and_reports_bytes():

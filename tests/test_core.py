@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import hefl
+import hefl.errors
 from hefl.aggregation import PlainAggregator, PlainPayload, check_update
 from hefl.algorithms import make_algorithm
 from hefl.client import FitRes
@@ -102,9 +103,41 @@ def test_round_with_no_usable_update_keeps_model():
         def fit(self, params, config):
             return params, 0, {}
 
-    res = hefl.run({0: Empty([])}, np.ones(1), hefl.fedavg(), rounds=2, clients_per_round=1)
-    assert res.params[0] == 1.0
-    assert all(r.skipped for r in res.history)
+    class Raises(MeanClient):
+        def fit(self, params, config):
+            raise OSError("disk full")
+
+    clients = {0: Empty([]), 1: Raises([]), 2: MeanClient([4.0])}
+    # seed 2 samples client 0, then 1, then 2: two rounds with nothing usable, then one
+    res = hefl.run(clients, np.ones(1), hefl.fedavg(), rounds=3, clients_per_round=1, seed=2)
+    assert [r.skipped for r in res.history] == [True, True, False]
+    assert all("no usable client updates" in r.skip_reason for r in res.history.records[:2])
+    assert res.history.records[1].rejected == {"1": "fit raised OSError: disk full"}
+    assert res.params[0] == 4.0
+    # every round skipped: the run says so, names the reasons, and keeps what it did
+    with pytest.raises(hefl.errors.NothingTrained, match="all 2 round.*disk full") as e:
+        hefl.run({0: Raises([])}, np.ones(1), hefl.fedavg(), rounds=2, clients_per_round=1)
+    kept = e.value.result
+    assert kept.params[0] == 1.0 and all(r.skipped for r in kept.history)
+    assert kept.history.records[0].rejected == {"0": "fit raised OSError: disk full"}
+
+
+def test_flower_style_client_reads_config_by_key():
+    seen = {}
+
+    class Flowerish(MeanClient):
+        def fit(self, params, config):
+            seen.update(lr=config["lr"], epochs=config["local_epochs"],
+                        rnd=config["server_round"], mom=config.get("momentum", 0.9))
+            return super().fit(params, config)
+
+    hefl.run({0: Flowerish([2.0])}, np.zeros(1), hefl.fedavg(client_lr=0.3, epochs=2),
+             rounds=1, clients_per_round=1)
+    assert seen == {"lr": 0.3, "epochs": 2, "rnd": 1, "mom": 0.9}
+    cfg = hefl.FitConfig(round=1, lr=0.1, epochs=1, batch_size=8)
+    assert dict(cfg)["batch_size"] == 8 and "learning_rate" in cfg
+    with pytest.raises(KeyError, match="Flower names"):
+        cfg["momentum"]
 
 
 def test_zero_clients_per_round_and_no_clients_are_config_errors():

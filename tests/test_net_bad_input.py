@@ -158,7 +158,7 @@ def test_bad_messages_are_refused_and_nothing_is_lost(tmp_path):
         "wrong_run": (C.FAILED_PRECONDITION, "wrong run"),
         "wrong_task": (C.FAILED_PRECONDITION, "task id does not match"),
         "future_round": (C.FAILED_PRECONDITION, "is not open"),
-        "wrong_shape": (C.INVALID_ARGUMENT, "expected 28"),
+        "wrong_shape": (C.INVALID_ARGUMENT, "expected 48"),  # 8 + 8 bytes per parameter
         "nan": (C.INVALID_ARGUMENT, "NaN/Inf"),
         "nan_metric": (C.INVALID_ARGUMENT, "NaN/Inf"),
         "replayed_old_round": (C.FAILED_PRECONDITION, "already completed"),

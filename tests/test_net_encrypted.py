@@ -84,10 +84,15 @@ def test_keyholder_custody_and_min_clients_refusal(tmp_path):
                        aggregation=agg, key_holders=["kh"], server={"min_clients": 3})
     keys = tmp_path / "strict" / "keys"
     opts = {n: {"he_key": keys / "public.ctx"} for n in strict.names}
+    errors: list[BaseException] = []
     records, params, _ = run_in_threads(
         strict, {**opts, "kh": {"he_key": keys / "share.key", "key_holder": True,
-                                "min_clients": 4}})
+                                "min_clients": 4}}, errors=errors)
     assert records[0].skipped and np.allclose(params, 0)
+    assert "refusing to decrypt an aggregate of 3" in records[0].skip_reason
+    # a run whose every round was skipped trained nothing: the server says so, with the reason
+    assert len(errors) == 1 and "nothing was trained" in str(errors[0])
+    assert "refusing to decrypt" in str(errors[0])
 
 
 def test_server_refuses_a_secret_key(tmp_path):

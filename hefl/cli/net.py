@@ -43,11 +43,11 @@ def server(
     try:
         history = srv.run()
     except (HeflError, KeyboardInterrupt) as e:
-        stopped = srv.stopping.is_set() or isinstance(e, KeyboardInterrupt)
+        stopped = srv.coordinator.stopping.is_set() or isinstance(e, KeyboardInterrupt)
         srv.stop()
         if not stopped:
             _fail(e)
-        typer.echo(f"stopped after round {srv.completed}; run the same command to resume",
+        typer.echo(f"stopped after round {srv.coordinator.completed}; run the same command to resume",
                    err=True)
         raise typer.Exit(0) from None
     srv.stop()

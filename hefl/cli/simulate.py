@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from hefl.errors import HeflError
+from hefl.errors import ConfigError, HeflError
 
 app = typer.Typer()  # holds this module's commands; hefl.cli registers them
 err = Console(stderr=True, soft_wrap=True)
@@ -83,6 +83,8 @@ def run_simulation(
     from hefl.algorithms import make_algorithm
     from hefl.simulation import simulate
 
+    if o.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {o.rounds}: no round, no training")
     t0 = time.perf_counter()
     workloads.set_torch_threads(o.threads)
     wl = _workload(o)

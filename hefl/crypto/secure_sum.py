@@ -48,6 +48,7 @@ from hefl.errors import (
     RoundError,
     UpdateRejected,
 )
+from hefl.roles import Scheme
 
 MAGIC_UPDATE = b"HEFLUPD1"
 MAGIC_SUM = b"HEFLSUM1"
@@ -107,7 +108,7 @@ def parse_update(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedUpdate:
         UpdateRejected: not an update, truncated, oversized, or the wrong number of ciphertexts.
         ContextMismatch: made under other parameters or another key.
     """
-    if isinstance(data, (bytes, bytearray)) and len(data) == 8 + 4 * spec.size:
+    if isinstance(data, (bytes, bytearray)) and len(data) == 8 + 8 * spec.size:  # PlainAggregator.dumps
         if bytes(data[:8]) != MAGIC_UPDATE[:8]:
             raise UpdateRejected(
                 "received a plaintext update where a ciphertext was expected; the client must "
@@ -191,6 +192,10 @@ class EncryptingClient:
         parts = np.array_split(chunks, self.workers)
         return tuple(b for part in self._pool.map(_encrypt_part, parts) for b in part)
 
+    def reseed(self, seed: int) -> None:
+        """Draw stochastic rounding from ``default_rng(seed)`` from now on."""
+        self._rng = np.random.default_rng(seed)
+
     def close(self) -> None:
         """Stop the worker processes, if any."""
         if self._pool is not None:
@@ -267,7 +272,13 @@ class SummingServer:
         """Parse one client's update bytes (raises ``UpdateRejected``/``ContextMismatch``)."""
         return parse_update(self.spec, self.public.key_id, data)
 
-    def _ciphertexts(self, cid: Hashable, payload: Any) -> list[Any]:
+    def validate(self, client_id: Hashable, payload: Any) -> None:
+        """Check one update as it arrives: an ``EncryptedUpdate`` under this federation's
+        parameters and key, with one ciphertext per packed chunk. Raises ``UpdateRejected`` or
+        ``ContextMismatch``. (Each ciphertext is parsed once, when ``aggregate`` adds it.)"""
+        self._checked(client_id, payload)
+
+    def _checked(self, cid: Hashable, payload: Any) -> EncryptedUpdate:
         if isinstance(payload, (bytes, bytearray, memoryview)):
             payload = self.loads(bytes(payload))
         if isinstance(payload, (PlainPayload, np.ndarray)):
@@ -288,7 +299,10 @@ class SummingServer:
                 f"{self.spec.n_ciphertexts}: the vector does not match the model",
                 client_id=cid, stage="aggregate",
             )
-        return [self.seal.ciphertext(b) for b in payload.ciphertexts]
+        return payload
+
+    def _ciphertexts(self, cid: Hashable, payload: Any) -> list[Any]:
+        return [self.seal.ciphertext(b) for b in self._checked(cid, payload).ciphertexts]
 
     def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
         """Sum valid updates; each bad one is left out with its reason (never raises for one).
@@ -324,6 +338,9 @@ class SummingServer:
 
     def dumps(self, total: EncryptedSum) -> bytes:
         return total.to_bytes()
+
+    def nbytes(self, payload: EncryptedUpdate) -> int:
+        return len(payload.to_bytes())
 
 
 class KeyHolder:
@@ -409,6 +426,11 @@ class EncryptedAggregator:
         self.custody = custody
         self.spec = server.spec
         self.size = self.spec.size
+
+    @property
+    def roles(self) -> Scheme:
+        """Client, server and key holder as separate parties (``hefl.roles``)."""
+        return Scheme(self.spec.scheme, self.client, self.server, self.key_holder)
 
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
         return self.client.encode(client_id, delta, weight)

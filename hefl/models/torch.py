@@ -101,9 +101,15 @@ class TorchModel:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the labels not equal to ``ignore_index``; 0 (and no
+        gradient) for a batch whose labels are all ignored, where torch's mean would be NaN
+        (0/0) and the client's reported loss with it."""
         if logits.ndim == 3:  # (batch, seq, classes) -> tokens
             logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        return nn.functional.cross_entropy(logits, y, ignore_index=self.ignore_index)
+        total = nn.functional.cross_entropy(
+            logits, y, ignore_index=self.ignore_index, reduction="sum"
+        )
+        return total / (y != self.ignore_index).sum().clamp(min=1)
 
     def fit(
         self, vector: np.ndarray, data: ClientData, config: FitConfig

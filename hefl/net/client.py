@@ -1,9 +1,10 @@
 """The federation client: connects out to the server, trains on local data, sends updates.
 
-    join (token) -> model spec, aggregator, index -> subscribe -> for each FIT task:
-        params, config -> ModelClient.fit -> client_payload (aggregator.encode) -> dumps -> Submit
+    join (token) -> model spec, encoder, index -> subscribe -> for each FIT task:
+        params, config -> ModelClient.fit -> client_answer (encoder.encode) -> dumps -> Submit
 
-The same ``hefl.rounds.client_payload`` as the simulation. On any transport failure (server
+The same ``hefl.rounds.client_answer`` as the simulation: a fit that raises or an update that
+cannot be encoded is reported (reason only) and the client stays in the federation. On any transport failure (server
 restarting, network cut) the client reconnects with exponential backoff and jitter; it gives up
 only after ``give_up_s`` seconds without reaching the server, or when the server refuses its
 credentials (that needs an operator, not a retry).
@@ -11,28 +12,31 @@ credentials (that needs an operator, not a retry).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from hefl.client import FitConfig, ModelClient
-from hefl.errors import HeflError, TransportError
+from hefl.errors import HeflError, Refused, TransportError
 from hefl.net import wire
 from hefl.net.config import build_aggregator, build_model, is_encrypted
 from hefl.net.data import load_client_data
 from hefl.net.keys import key_holder, load_key
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
-from hefl.rounds import client_payload
+from hefl.rounds import client_answer
 
-FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class ClientSettings:
 class ClientSummary:
     run_id: str = ""
     rounds_trained: int = 0
+    rounds_decoded: int = 0
     reconnects: int = 0
     refused: int = 0
 
@@ -97,6 +102,74 @@ def make_channel(s: ClientSettings) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                          certificate_chain=cert)
     return grpc.secure_channel(s.server, creds, options=opts)
+
+
+class Transport(Protocol):
+    """How a client reaches the coordinator: gRPC here, in-process in ``hefl.net.memory``.
+    Refusals raise ``hefl.errors.Refused``; an unreachable server raises ``TransportError``."""
+
+    def join(self, req: pb.JoinRequest) -> pb.JoinReply: ...
+
+    def subscribe(self, req: pb.SubscribeRequest) -> Iterator[tuple[pb.TaskHeader, bytes]]: ...
+
+    def submit(self, header: pb.UpdateHeader, body: bytes) -> pb.SubmitReply: ...
+
+    def close(self) -> None: ...
+
+
+#: gRPC statuses that mean "the server is not there right now": reconnect. Any other status is
+#: the server's answer (a refusal with a reason).
+_UNREACHABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL",
+                "ABORTED"}
+
+
+def _rpc_error(e: grpc.RpcError) -> TransportError:
+    code = e.code().name  # type: ignore[attr-defined]
+    details = e.details() or ""  # type: ignore[attr-defined]
+    if code in _UNREACHABLE:
+        return TransportError(f"{code}: {details}")
+    return Refused(code, details)
+
+
+class GrpcTransport:
+    """The client side of ``hefl.net.grpc_service`` over one channel (TLS unless insecure)."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.channel = make_channel(settings)
+        self.md = settings.token.metadata()
+        self._join = self.channel.unary_unary(
+            wire.method("Join"), request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString)
+        self._subscribe = self.channel.unary_stream(
+            wire.method("Subscribe"), request_serializer=pb.SubscribeRequest.SerializeToString,
+            response_deserializer=pb.ServerFrame.FromString)
+        self._submit = self.channel.stream_unary(
+            wire.method("Submit"), request_serializer=pb.ClientFrame.SerializeToString,
+            response_deserializer=pb.SubmitReply.FromString)
+
+    def join(self, req: pb.JoinRequest) -> pb.JoinReply:
+        try:
+            return self._join(req, metadata=self.md, timeout=30)
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from e
+
+    def subscribe(self, req: pb.SubscribeRequest) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+        stream = self._subscribe(req, metadata=self.md)
+        try:
+            yield from _tasks(stream)
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from e
+        finally:
+            stream.cancel()
+
+    def submit(self, header: pb.UpdateHeader, body: bytes) -> pb.SubmitReply:
+        try:
+            return self._submit(wire.client_frames(header, body), metadata=self.md, timeout=600)
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from e
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 def _tasks(stream: Iterator[pb.ServerFrame]) -> Iterator[tuple[pb.TaskHeader, bytes]]:
@@ -121,10 +194,26 @@ def _take(it: Iterator[pb.ServerFrame], size: int) -> Iterator[pb.ServerFrame]:
         yield f
 
 
-class FederationClient:
-    """One client process's loop. ``run()`` returns when the server says the run is done."""
+def encoding_seed(token: wire.Token, run_id: str, round_num: int) -> int:
+    """A 128-bit seed for one round's encoding: HMAC-SHA256 keyed by the client's token secret
+    (which the server never holds: it keeps only the token's SHA-256) over run id and round."""
+    mac = hmac.new(token.secret.encode(), f"hefl-encode/{run_id}/{round_num}".encode(),
+                   hashlib.sha256)
+    return int.from_bytes(mac.digest()[:16], "little")
 
-    def __init__(self, settings: ClientSettings, log: logging.Logger | None = None) -> None:
+
+class FederationClient:
+    """One client process's loop. ``run()`` returns when the server says the run is done.
+
+    Args:
+        settings: how to reach the server and what to train on.
+        log: structured log (JSON lines).
+        connect: makes a transport (default: ``GrpcTransport(settings)``); tests pass one that
+            reaches a coordinator in this process (``hefl.net.memory``).
+    """
+
+    def __init__(self, settings: ClientSettings, log: logging.Logger | None = None,
+                 connect: Callable[[], Transport] | None = None) -> None:
         self.s = settings
         self.name = settings.token.name
         self.log = log or get_logger(f"hefl.client.{self.name}")
@@ -138,26 +227,30 @@ class FederationClient:
             self.data = load_client_data(settings.data)
         self.key = load_key(settings.he_key) if settings.he_key is not None else None
         self.holder: Any = None
-        self.md = settings.token.metadata()
+        self.connect: Callable[[], Transport] = connect or (lambda: GrpcTransport(settings))
         self.summary = ClientSummary()
         self._model_key: str | None = None
         self._rng = random.Random()
+        self._trained: set[int] = set()
+        self._decoded: set[int] = set()
 
     def run(self) -> ClientSummary:
         delay, cap = self.s.backoff_s
         self._last_ok = time.monotonic()
         while True:
             try:
-                with make_channel(self.s) as channel:
-                    if self._session(channel):
+                transport = self.connect()
+                try:
+                    if self._session(transport):
                         return self.summary
-                    delay = self.s.backoff_s[0]
-            except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
-                if code in FATAL:
-                    raise TransportError(f"server refused this client: {e.details()}") from e  # type: ignore[attr-defined]
-                event(self.log, "reconnecting", level=logging.WARNING, code=code.name,
-                      details=e.details(), delay_s=round(delay, 2))  # type: ignore[attr-defined]
+                finally:
+                    transport.close()
+                delay = self.s.backoff_s[0]
+            except Refused as e:
+                if e.code in FATAL:
+                    raise TransportError(f"server refused this client: {e.reason}") from e
+                event(self.log, "reconnecting", level=logging.WARNING, code=e.code,
+                      details=e.reason, delay_s=round(delay, 2))
             except TransportError as e:
                 event(self.log, "reconnecting", level=logging.WARNING, error=str(e))
             if time.monotonic() - self._last_ok > self.s.give_up_s:
@@ -168,37 +261,26 @@ class FederationClient:
             delay = min(cap, delay * 2)
             self.summary.reconnects += 1
 
-    def _session(self, channel: grpc.Channel) -> bool:
+    def _session(self, transport: Transport) -> bool:
         """Join, subscribe and serve tasks until the stream ends; True when the run is done."""
-        join = channel.unary_unary(
-            wire.method("Join"), request_serializer=pb.JoinRequest.SerializeToString,
-            response_deserializer=pb.JoinReply.FromString,
-        )(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION), metadata=self.md, timeout=30)
+        join = transport.join(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION))
         self._prepare(join)
         self._last_ok = time.monotonic()
         event(self.log, "joined", run_id=join.run_id, index=join.index, rounds=join.rounds)
-        stream = channel.unary_stream(
-            wire.method("Subscribe"), request_serializer=pb.SubscribeRequest.SerializeToString,
-            response_deserializer=pb.ServerFrame.FromString,
-        )(pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None),
-          metadata=self.md)
-        submit = channel.stream_unary(
-            wire.method("Submit"), request_serializer=pb.ClientFrame.SerializeToString,
-            response_deserializer=pb.SubmitReply.FromString,
-        )
-        try:
-            for header, body in _tasks(stream):
+        tasks = transport.subscribe(
+            pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None))
+        with contextlib.closing(tasks):  # type: ignore[type-var]
+            for header, body in tasks:
                 self._last_ok = time.monotonic()
                 if header.kind == pb.TASK_DONE:
                     event(self.log, "run_finished", run_id=join.run_id,
-                          rounds_trained=self.summary.rounds_trained)
+                          rounds_trained=self.summary.rounds_trained,
+                          rounds_decoded=self.summary.rounds_decoded)
                     return True
                 if header.kind == pb.TASK_FIT and self.data is not None:
-                    self._fit(header, body, submit)
+                    self._fit(header, body, transport)
                 elif header.kind == pb.TASK_DECODE and self.holder is not None:
-                    self._decode(header, body, submit)
-        finally:
-            stream.cancel()
+                    self._decode(header, body, transport)
         return False
 
     def _prepare(self, join: pb.JoinReply) -> None:
@@ -223,39 +305,51 @@ class FederationClient:
             if isinstance(self.key, KeyShare):
                 self.holder = key_holder(self.key, size, self.s.min_clients)
         if self.data is not None:
-            self.aggregator = build_aggregator(agg, size, key=self.key)
+            self.encoder = build_aggregator(agg, size, key=self.key)
             self.client = ModelClient(self.model, self.data)
         self.summary.run_id = join.run_id
         self._model_key = key
 
-    def _fit(self, h: pb.TaskHeader, body: bytes, submit: Any) -> None:
+    def _fit(self, h: pb.TaskHeader, body: bytes, transport: Transport) -> None:
+        """Train, encode and answer; a fit that raises or an update that cannot be encoded is
+        reported to the server (the reason only, never data) and the client stays."""
         params = wire.vector_from(body, self.model.spec.size)
         c = h.config
         config = FitConfig(round=c.round, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
                            prox_mu=c.prox_mu, seed=c.seed)
         if self.s.fit_delay_s:
             time.sleep(self.s.fit_delay_s)
-        res = self.client.fit(params, config)
-        out = b""
-        if res.num_examples > 0:
-            out = self.aggregator.dumps(client_payload(self.aggregator, self.name, params, res))
-        header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
-                                 kind=pb.TASK_FIT, num_examples=res.num_examples,
-                                 metrics={k: float(v) for k, v in res.metrics.items()})
         try:
-            reply = submit(wire.client_frames(header, out), metadata=self.md, timeout=600)
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION,  # type: ignore[attr-defined]
-                            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
-                self.summary.refused += 1
-                event(self.log, "update_refused", level=logging.WARNING, round=h.round,
-                      code=e.code().name, details=e.details())  # type: ignore[attr-defined]
-                return
-            raise
-        self.summary.rounds_trained += 1
+            outcome: object = self.client.fit(params, config)
+        except Exception as e:  # noqa: BLE001 - reported to the server; the client stays
+            outcome = e
+        # the encoding's randomness (BFV stochastic rounding) comes from the run, the round and
+        # this client's own secret: a rerun reproduces the model, the server cannot predict it
+        self.encoder.reseed(encoding_seed(self.s.token, h.run_id, h.round))
+        answer = client_answer(self.encoder, self.name, params, outcome)
+        out = self.encoder.dumps(answer.payload) if answer.payload is not None else b""
+        header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
+                                 kind=pb.TASK_FIT, num_examples=answer.num_examples,
+                                 metrics={k: float(v) for k, v in answer.metrics.items()},
+                                 error=answer.error or "")
+        if answer.error:
+            event(self.log, "fit_failed", level=logging.WARNING, round=h.round,
+                  reason=answer.error)
+        try:
+            reply = transport.submit(header, out)
+        except Refused as e:
+            if e.code in FATAL:
+                raise
+            self.summary.refused += 1
+            event(self.log, "update_refused", level=logging.WARNING, round=h.round,
+                  code=e.code, details=e.reason)
+            return
+        if reply.accepted:
+            self._trained.add(h.round)  # a retried round counts once
+            self.summary.rounds_trained = len(self._trained)
         event(self.log, "update_sent", round=h.round, bytes=len(out), message=reply.message)
 
-    def _decode(self, h: pb.TaskHeader, body: bytes, submit: Any) -> None:
+    def _decode(self, h: pb.TaskHeader, body: bytes, transport: Transport) -> None:
         """Key holder: decrypt the sum (if it holds enough contributions), send mean + weight."""
         header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
                                  kind=pb.TASK_DECODE)
@@ -266,6 +360,9 @@ class FederationClient:
             header.metrics["total_weight"] = float(weight)
         except HeflError as e:
             header.error = str(e)
-        submit(wire.client_frames(header, out), metadata=self.md, timeout=600)
+        transport.submit(header, out)
+        if not header.error:
+            self._decoded.add(h.round)
+            self.summary.rounds_decoded = len(self._decoded)
         event(self.log, "decoded", round=h.round, refused=bool(header.error),
               reason=header.error or None)

@@ -6,11 +6,12 @@ client, and server/client *processes* started with ``python -m hefl.cli``.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,11 +173,12 @@ def wait_event(log: Path, name: str, timeout: float = 60.0, **match: Any) -> dic
 
 def run_in_threads(
     demo: Demo, client_options: Mapping[str, Mapping[str, Any]] | None = None,
-    timeout: float = 120.0,
+    timeout: float = 120.0, errors: list[BaseException] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Run the demo's server and clients as threads of this process (cheap protocol tests).
+    """Run the demo's server and clients as threads of this process over real gRPC + TLS.
 
-    Returns (stopped FederationServer, final params, name -> FederationClient).
+    Returns (round records, final params, name -> FederationClient). The server's error, if its
+    run raised, is raised here after cleanup, or appended to ``errors`` when given.
     """
     import threading
 
@@ -192,7 +194,15 @@ def run_in_threads(
 
     srv = FederationServer(load_config(demo.config), log=logger("server"))
     srv.start()
-    runner = threading.Thread(target=srv.run, daemon=True)
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            srv.run()
+        except Exception as e:  # noqa: BLE001 - handed to the caller below
+            failures.append(e)
+
+    runner = threading.Thread(target=drive, daemon=True)
     runner.start()
     opts = client_options or {}
     clients = {}
@@ -210,4 +220,104 @@ def run_in_threads(
     params = srv.store.resume_point(srv.run_id)[1]
     records = srv.store.records(srv.run_id)
     srv.stop()
+    if errors is not None:
+        errors.extend(failures)
+    elif failures:
+        raise failures[0]
     return records, params, clients
+
+
+@dataclass
+class MemoryRun:
+    """A run of the real coordinator and clients in this process over ``MemoryTransport``."""
+
+    coordinator: Any
+    clock: Any
+    clients: dict[str, Any]
+    threads: list[Any]
+    runner: Any
+    outcome: dict[str, Any]
+
+    def wait(self, predicate: Callable[[Any], Any], timeout: float = 60.0) -> None:
+        """Block until ``predicate(coordinator)`` holds (checked on each state change)."""
+        c = self.coordinator
+        with c.cond:
+            if not c.cond.wait_for(lambda: predicate(c), timeout=timeout):
+                raise TimeoutError("the coordinator never reached the awaited state")
+
+    def advance(self, seconds: float) -> None:
+        """Once the coordinator's thread waits on the clock, move the clock by ``seconds``."""
+        self.clock.blocked(self.runner)
+        self.clock.advance(seconds)
+
+    def finish(self, timeout: float = 60.0) -> tuple[list[Any], Any]:
+        """Join everything; returns (round records, final params). Re-raises the run's error."""
+        self.runner.join(timeout)
+        for t in self.threads:
+            t.join(timeout)
+        c = self.coordinator
+        records = c.store.records(c.run_id)
+        params = c.store.resume_point(c.run_id)[1]
+        c.close()
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return records, params
+
+
+def run_in_memory(
+    demo: Demo,
+    client_options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    coordinator_class: Any = None,
+    client_class: Any = None,
+    clock: Any = None,
+) -> MemoryRun:
+    """Start the demo's coordinator and clients as threads of this process, talking through
+    ``hefl.net.memory.MemoryTransport`` with a ``FakeClock`` (no sockets, no sleeps). The
+    coordinator and client classes can be replaced (attack tests subclass them)."""
+    import threading
+
+    from hefl.net.client import ClientSettings, FederationClient
+    from hefl.net.config import load_config
+    from hefl.net.coordinator import Coordinator
+    from hefl.net.logs import get_logger
+    from hefl.net.memory import FakeClock, MemoryTransport
+    from hefl.net.wire import Token
+
+    def logger(name: str):
+        return get_logger(f"hefl.mem.{demo.root.name}.{name}",
+                          stream=open(demo.root / f"{name}.log", "a"))  # noqa: SIM115
+
+    clock = clock or FakeClock()
+    coord = (coordinator_class or Coordinator)(load_config(demo.config), log=logger("server"),
+                                               clock=clock)
+    outcome: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            outcome["history"] = coord.run()
+        except Exception as e:  # noqa: BLE001 - handed to the test by finish()
+            outcome["error"] = e
+
+    runner = threading.Thread(target=drive, daemon=True)
+    runner.start()
+    opts = client_options if client_options is not None else {n: {} for n in demo.names}
+    clients: dict[str, Any] = {}
+    threads = []
+    for n, o in opts.items():
+        token = Token.parse(demo.fed.token(n).read_text())
+        s = ClientSettings(server="memory", data=demo.data.get(n), token=token,
+                           backoff_s=(0.001, 0.01), give_up_s=30, **o)
+        clients[n] = (client_class or FederationClient)(
+            s, log=logger(n), connect=functools.partial(MemoryTransport, coord, token))
+
+        def serve(c=clients[n], name=n) -> None:
+            try:
+                c.summary_result = c.run()
+            except Exception as e:  # noqa: BLE001 - inspected by the test
+                c.error = e
+
+        threads.append(threading.Thread(target=serve, daemon=True))
+    for t in threads:
+        t.start()
+    return MemoryRun(coord, clock, clients, threads, runner, outcome)

@@ -1,0 +1,610 @@
+"""The federation's round state machine, with no transport: sessions, tasks, deadlines, retries
+and who decodes. It imports no grpc; ``hefl.net.grpc_service`` serves it over gRPC and
+``hefl.net.memory`` in-process (tests, attack tests), the same object in both.
+
+Each round (one *attempt* at a time), with the steps of ``hefl.rounds``:
+
+    plan = plan_round(names, per_round, seed, algorithm, r)      same as hefl.simulation.run
+    wait up to join/start timeout for the chosen clients to be connected
+    push a FIT task (global params + config) on each participant's session
+    accept(summer, name, answer) as answers arrive: a failure a client reports (its fit raised,
+        its update was malformed) or a payload the summer refuses is recorded with its reason
+    close when every participant answered or dropped, the wait fraction is reached, or the
+        round deadline passes; fewer than min_clients answers -> the attempt is retried
+    finish_round(...): sum in the plan's order -> decode (here in plaintext; by a key holder
+        reached through a DECODE task when encrypted) -> server optimizer -> commit atomically
+
+Time comes from an injectable ``Clock`` (``RealClock`` in deployment, ``hefl.net.memory.FakeClock``
+in tests), so deadlines are tested without waiting. Every refusal is a ``hefl.errors.Refused``
+with a transport-neutral code (gRPC's status names) and a reason the other side prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from hefl.aggregation import Aggregate
+from hefl.client import FitConfig
+from hefl.data.federated import ClientData
+from hefl.errors import (
+    ClientError,
+    CryptoError,
+    Refused,
+    RetryRound,
+    RoundError,
+    TransportError,
+)
+from hefl.history import History
+from hefl.net import wire
+from hefl.net.config import RunConfig, build_aggregator, build_algorithm, build_model, is_encrypted
+from hefl.net.data import load_client_data
+from hefl.net.logs import event, get_logger
+from hefl.net.proto import hefl_pb2 as pb
+from hefl.net.store import Store, write_atomic
+from hefl.rounds import (
+    Answer,
+    Contribution,
+    RoundPlan,
+    accept,
+    finish_round,
+    nothing_trained,
+    plan_round,
+)
+
+
+class Clock(Protocol):
+    """Where the coordinator's time comes from."""
+
+    def now(self) -> float: ...
+
+    def wait(self, cond: threading.Condition, predicate: Callable[[], Any], timeout: float) -> Any:
+        """Wait on ``cond`` (held) until ``predicate()`` is true or ``timeout`` seconds pass;
+        returns the predicate's last value."""
+        ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, cond: threading.Condition, predicate: Callable[[], Any], timeout: float) -> Any:
+        return cond.wait_for(predicate, timeout=max(0.0, timeout))
+
+
+class NoKeyHolder(RetryRound):
+    """No key holder could decrypt this round's aggregate (the round is retried)."""
+
+
+@dataclass
+class Session:
+    """One live task stream of a client."""
+
+    name: str
+    key_holder: bool = False
+    alive: bool = True
+    sent: set[str] = field(default_factory=set)
+
+
+@dataclass
+class DecodeTask:
+    """An encrypted sum sent to one key holder; its answer is the mean delta and total weight."""
+
+    round: int
+    task_id: str
+    target: str
+    body: bytes
+    answer: tuple[np.ndarray, float] | None = None
+    error: str | None = None
+    open: bool = True
+
+
+@dataclass
+class FitTask:
+    round: int
+    attempt: int
+    task_id: str
+    plan: RoundPlan
+    participants: frozenset[str]
+    body: bytes
+    results: dict[str, Contribution] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # refused answers (may be resent)
+    failed: set[str] = field(default_factory=set)  # reported their own failure: final
+    open: bool = True
+
+    def settled(self) -> bool:
+        return all(
+            n in self.results or n in self.dropped or n in self.failed for n in self.participants
+        )
+
+
+def config_pb(c: FitConfig) -> pb.FitConfig:
+    return pb.FitConfig(
+        round=c.round, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size, prox_mu=c.prox_mu,
+        seed=c.seed,
+    )
+
+
+def parse(cls: Any, raw: bytes, what: str) -> Any:
+    try:
+        return cls.FromString(raw)
+    except (DecodeError, TypeError, ValueError) as e:
+        raise Refused("INVALID_ARGUMENT", f"malformed {what}: {e}") from e
+
+
+class RemoteDecoder:
+    """The decoder role in an encrypted deployment: a key holder reached by a DECODE task."""
+
+    def __init__(self, coordinator: Coordinator, round_num: int) -> None:
+        self.coordinator = coordinator
+        self.round = round_num
+
+    def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
+        return self.coordinator.remote_decode(self.round, aggregate)
+
+
+class Coordinator:
+    """Runs one configured run to completion (resuming from its state directory).
+
+    Transports call ``authenticate``, ``join``, ``subscribe`` / ``next_task`` / ``disconnect``
+    and ``submit``; ``run`` drives the rounds (in its own thread). Nothing here knows gRPC.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, log: logging.Logger | None = None, clock: Clock | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.run_id = cfg.run_id
+        self.clock: Clock = clock or RealClock()
+        self.names = [c.name for c in cfg.clients if c.role == "client"]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.encrypted = is_encrypted(cfg.aggregation)
+        self.custody = str(cfg.aggregation.get("custody", "clients")) if self.encrypted else ""
+        self.registry = {c.name: c for c in cfg.clients}
+        self.algorithm = build_algorithm(cfg.algorithm)
+        self.model = build_model(cfg.model)
+        self.size = int(self.model.spec.size)
+        self.summer = build_aggregator(cfg.aggregation, self.size)  # never a secret key
+        self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
+        self.store = Store(cfg.state_dir)
+        self.test: ClientData | None = (
+            load_client_data(cfg.server.test_data) if cfg.server.test_data else None
+        )
+        self.cond = threading.Condition()
+        self.sessions: dict[str, Session] = {}
+        self.task: FitTask | None = None
+        self.decoding: DecodeTask | None = None
+        self.completed = 0
+        self.retries = 0  # attempts abandoned so far (for status and tests)
+        self.done = False
+        self.stopping = threading.Event()
+        self.max_body = int(cfg.server.max_update_mb * (1 << 20))
+        self.life = secrets.token_hex(4)  # distinguishes task ids across server restarts
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to stop at the next step (it raises ``RoundError``); safe from any
+        thread. Completed rounds stay on disk; the round in flight is redone on restart."""
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.request_stop()
+        self.store.close()
+
+    def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        """Wait (holding ``cond``) until ``predicate`` or stopping, at most ``timeout`` s."""
+        return self.clock.wait(self.cond, lambda: self.stopping.is_set() or predicate(), timeout)
+
+    # ------------------------------------------------------------------ the round driver
+
+    def run(self) -> History:
+        """Run (or resume) the configured rounds; returns the run's full history.
+
+        Raises:
+            RoundError: stopped before the end, a round failed ``max_attempts`` times, or
+                every round was skipped (``NothingTrained``-style message with the reasons).
+        """
+        cfg = self.cfg
+        init = self.model.init_vector()
+        existed = self.store.open_run(
+            self.run_id, cfg.public_dict(), rounds=cfg.rounds, initial=init,
+            opt_state=wire.pack_state(self.algorithm.server.init(init)),
+        )
+        self.store.register_clients(self.run_id, [(c.name, c.revoked) for c in cfg.clients])
+        last, params, state_bytes = self.store.resume_point(self.run_id)
+        opt_state = wire.unpack_state(state_bytes)
+        self.completed = last
+        event(self.log, "resumed" if existed else "run_started", run_id=self.run_id,
+              last_completed_round=last, rounds=cfg.rounds, clients=len(self.names))
+        first = True
+        for r in range(last + 1, cfg.rounds + 1):
+            attempt = 0
+            while True:
+                attempt += 1
+                out = self._attempt(r, attempt, params, opt_state, first)
+                first = False
+                if out is not None:
+                    params, opt_state = out
+                    break
+                with self.cond:
+                    self.retries += 1
+                    self.cond.notify_all()
+                if self.stopping.is_set():
+                    raise RoundError("server stopped before the run finished; restart to resume")
+                if cfg.server.max_attempts and attempt >= cfg.server.max_attempts:
+                    raise RoundError(
+                        f"round {r} failed {attempt} times (fewer than min_clients="
+                        f"{cfg.server.min_clients} answers); state is kept, restart to retry"
+                    )
+                with self.cond:
+                    self._wait(lambda: False, cfg.server.retry_delay_s)
+        self.store.set_status(self.run_id, "finished")
+        history = History(self.store.records(self.run_id))
+        self._export(history, plot=True)
+        event(self.log, "run_finished", run_id=self.run_id, rounds=len(history))
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+            self._wait(lambda: not self.sessions, 5.0)  # let clients hear DONE
+        why = nothing_trained(history.records)
+        if why is not None:
+            event(self.log, "nothing_trained", level=logging.ERROR, reason=why)
+            raise RoundError(why)
+        return history
+
+    def _note(self, name: str, what: str) -> None:
+        """Record a client's last event for ``hefl status`` (best effort, never fatal)."""
+        with contextlib.suppress(sqlite3.Error):
+            self.store.client_event(self.run_id, name, what)
+
+    def _live(self, name: str) -> bool:
+        s = self.sessions.get(name)
+        return s is not None and s.alive
+
+    def _attempt(
+        self, r: int, attempt: int, params: np.ndarray, opt_state: Any, first: bool
+    ) -> tuple[np.ndarray, Any] | None:
+        s = self.cfg.server
+        t0 = time.perf_counter()
+        plan = plan_round(self.names, self.cfg.clients_per_round, self.cfg.seed, self.algorithm, r)
+        chosen = [str(n) for n in plan.chosen]
+        wanted = [n for n in chosen if not self.registry[n].revoked]  # revoked never connect
+        with self.cond:
+            self._wait(lambda: all(self._live(n) for n in wanted),
+                       s.start_timeout_s if first else s.join_timeout_s)
+            participants = frozenset(n for n in chosen if self._live(n))
+            if len(participants) < s.min_clients:
+                event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
+                      reason=f"{len(participants)} of {len(chosen)} chosen clients connected, "
+                      f"min_clients={s.min_clients}", absent=sorted(set(chosen) - participants))
+                return None
+            task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
+                           participants, wire.vector_bytes(params))
+            self.task = task
+            self.cond.notify_all()
+        event(self.log, "round_started", round=r, attempt=attempt, chosen=chosen,
+              participants=sorted(participants))
+        need = math.ceil(s.wait_fraction * len(participants))
+        deadline = self.clock.now() + s.round_timeout_s
+        with self.cond:
+            self._wait(lambda: task.settled() or len(task.results) >= need,
+                       deadline - self.clock.now())
+            task.open = False
+            self.task = None
+            results = dict(task.results)
+            rejected = {n: "not connected at round start" for n in chosen if n not in participants}
+            for n in participants:
+                if n not in results:
+                    rejected[n] = task.rejected.get(n) or task.dropped.get(
+                        n, "straggler: no answer before the round closed"
+                    )
+        if self.stopping.is_set():
+            return None  # shutting down: leave the round to the next server life
+        if len(results) < s.min_clients:
+            event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
+                  reason=f"{len(results)} answers, min_clients={s.min_clients}", rejected=rejected)
+            return None
+        decoder = RemoteDecoder(self, r) if self.encrypted else self.summer
+        evaluate = (lambda p: {f"test_{k}": v for k, v in self.model.evaluate(p, self.test).items()
+                               if k != "n"}) if self.test is not None else None
+        try:
+            params, opt_state, record = finish_round(
+                plan, results, rejected, summer=self.summer, decoder=decoder,
+                algorithm=self.algorithm, params=params, opt_state=opt_state, evaluate=evaluate,
+                started=t0,
+            )
+        except RetryRound as e:
+            event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
+                  reason=str(e))
+            return None
+        if record.skipped:
+            event(self.log, "round_skipped", level=logging.WARNING, round=r,
+                  reason=record.skip_reason)
+        self.store.commit_round(self.run_id, record, params, wire.pack_state(opt_state))
+        with self.cond:
+            self.completed = r
+        self._export(History(self.store.records(self.run_id)), plot=False)
+        event(self.log, "round_completed", round=r, attempt=attempt,
+              contributors=record.contributors, selected=record.selected,
+              rejected=dict(record.rejected), wall_s=round(record.wall_s, 4),
+              metrics=dict(record.metrics))
+        return params, opt_state
+
+    def remote_decode(self, r: int, agg: Aggregate) -> tuple[np.ndarray, float]:
+        """Send the encrypted sum to a live key holder and wait for the mean and total weight.
+
+        Raises:
+            RoundError: nothing to decode, or the key holder refused (the round is skipped).
+            NoKeyHolder: no key holder answered in time (the round is retried).
+        """
+        if agg.count == 0:
+            raise RoundError("no usable client updates this round; nothing to decrypt")
+        body = self.summer.dumps(agg.payload)
+        deadline = self.clock.now() + self.cfg.server.round_timeout_s
+        with self.cond:
+            self._wait(self._key_holders, deadline - self.clock.now())
+            holders = self._key_holders()
+            if not holders:
+                raise NoKeyHolder("no key holder is connected to decrypt the aggregate")
+            task = DecodeTask(r, f"{self.run_id}/{r}/decode/{secrets.token_hex(4)}",
+                              holders[0], body)
+            self.decoding = task
+            self.cond.notify_all()
+        event(self.log, "decode_requested", round=r, key_holder=task.target,
+              contributors=agg.count, bytes=len(body))
+        with self.cond:
+            self._wait(lambda: task.answer is not None or task.error is not None
+                       or not self._live(task.target), deadline - self.clock.now())
+            task.open = False
+            self.decoding = None
+        if task.error is not None:
+            raise RoundError(f"key holder {task.target!r} refused to decrypt: {task.error}")
+        if task.answer is None:
+            raise NoKeyHolder(f"key holder {task.target!r} did not answer")
+        return task.answer
+
+    def _key_holders(self) -> list[str]:
+        return [n for n, s in self.sessions.items() if s.alive and s.key_holder]
+
+    def _export(self, history: History, plot: bool) -> None:
+        rows = "".join(json.dumps(r.to_dict()) + "\n" for r in history)
+        write_atomic(self.cfg.state_dir / "metrics.jsonl", rows)
+        if plot and len(history):
+            import warnings
+
+            with warnings.catch_warnings():  # a run without a test set has no accuracy curve
+                warnings.simplefilter("ignore", UserWarning)
+                history.plot(self.cfg.state_dir / "run.png", title=f"hefl run {self.run_id}")
+
+    # ------------------------------------------------------------------ authentication
+
+    def authenticate(self, token: wire.Token, cert_names: Sequence[str] | None, peer: str = "") -> str:
+        """The registered name behind ``token`` (and, with mTLS, the client certificate's
+        common names); raises ``Refused`` otherwise."""
+        entry = self.registry.get(token.name)
+        if entry is None or not hmac.compare_digest(entry.token_sha256, token.sha256):
+            event(self.log, "auth_refused", level=logging.WARNING, client=token.name, peer=peer)
+            raise Refused("UNAUTHENTICATED",
+                          f"unknown client {token.name!r} or wrong token; ask the operator")
+        if entry.revoked:
+            event(self.log, "auth_refused", level=logging.WARNING, client=token.name,
+                  reason="revoked")
+            raise Refused("PERMISSION_DENIED", f"client {token.name!r} is revoked")
+        if self.cfg.tls.client_ca is not None and token.name not in (cert_names or ()):
+            raise Refused("PERMISSION_DENIED",
+                          f"client certificate {list(cert_names or ())} does not belong to "
+                          f"{token.name!r}")
+        return token.name
+
+    # ------------------------------------------------------------------ requests
+
+    def join(self, name: str, req: pb.JoinRequest, peer: str = "") -> pb.JoinReply:
+        if req.protocol_version != wire.PROTOCOL_VERSION:
+            raise Refused("FAILED_PRECONDITION",
+                          f"protocol version {req.protocol_version} is not supported; this "
+                          f"server speaks {wire.PROTOCOL_VERSION}: upgrade hefl")
+        event(self.log, "client_joined", client=name, peer=peer)
+        self._note(name, "joined")
+        return pb.JoinReply(
+            run_id=self.run_id, protocol_version=wire.PROTOCOL_VERSION,
+            model_json=json.dumps(dict(self.cfg.model)),
+            aggregation_json=json.dumps(
+                {k: v for k, v in self.cfg.aggregation.items() if k != "public"}),
+            index=self.index.get(name, 0), rounds=self.cfg.rounds,
+        )
+
+    def subscribe(self, name: str, req: pb.SubscribeRequest) -> Session:
+        """Open the client's task stream (a reconnect supersedes its previous one)."""
+        if req.run_id != self.run_id:
+            raise Refused("FAILED_PRECONDITION",
+                          f"wrong run {req.run_id!r}: this server runs {self.run_id!r}; join again")
+        if req.key_holder and not self.encrypted:
+            raise Refused("FAILED_PRECONDITION",
+                          "this run aggregates in plaintext; it needs no key holder")
+        role = self.registry[name].role
+        if role == "keyholder" and not req.key_holder:
+            raise Refused("PERMISSION_DENIED",
+                          f"{name!r} is registered as a key holder; start it with --key-holder")
+        if role != "keyholder" and req.key_holder and self.custody != "clients":
+            raise Refused("PERMISSION_DENIED",
+                          f"{name!r} is registered as a data client, not a key holder; in "
+                          f"custody {self.custody!r} only registry entries with role = "
+                          "\"keyholder\" may decrypt")
+        with self.cond:
+            old = self.sessions.get(name)
+            if old is not None:
+                old.alive = False  # superseded by a reconnect
+            sess = Session(name, req.key_holder)
+            self.sessions[name] = sess
+            self.cond.notify_all()
+        event(self.log, "client_connected", client=name, key_holder=req.key_holder)
+        self._note(name, "connected")
+        return sess
+
+    def next_task(self, sess: Session) -> tuple[pb.TaskHeader, bytes] | None:
+        """The next task for this session, waiting up to a heartbeat interval: a task, a
+        heartbeat, or None when the session is over (closed, superseded, server stopping)."""
+        with self.cond:
+            item = self._wait(lambda: self._next(sess), self.cfg.server.heartbeat_s)
+        if item == "dead":
+            return None
+        if not item:
+            return pb.TaskHeader(kind=pb.TASK_HEARTBEAT, run_id=self.run_id), b""
+        return item  # type: ignore[no-any-return]
+
+    def disconnect(self, sess: Session, reason: str) -> None:
+        with self.cond:
+            if self.sessions.get(sess.name) is sess:
+                del self.sessions[sess.name]
+                t = self.task
+                if (sess.alive and t is not None and t.open and sess.name in t.participants
+                        and sess.name not in t.results):
+                    t.dropped[sess.name] = f"disconnected mid-round ({reason})"
+                    event(self.log, "client_dropped", level=logging.WARNING, client=sess.name,
+                          round=t.round, attempt=t.attempt)
+            was_alive, sess.alive = sess.alive, False
+            self.cond.notify_all()
+        if was_alive:
+            event(self.log, "client_disconnected", client=sess.name)
+            if not self.stopping.is_set():
+                self._note(sess.name, "disconnected")
+
+    def _next(self, sess: Session) -> Any:
+        """What to push on this session now (called under the lock); None = nothing."""
+        if not sess.alive or self.stopping.is_set():
+            return "dead"
+        if self.done:
+            return pb.TaskHeader(kind=pb.TASK_DONE, run_id=self.run_id,
+                                 message="run finished"), b""
+        d = self.decoding
+        if d is not None and d.open and d.target == sess.name and d.task_id not in sess.sent:
+            sess.sent.add(d.task_id)
+            return pb.TaskHeader(kind=pb.TASK_DECODE, run_id=self.run_id, round=d.round,
+                                 task_id=d.task_id), d.body
+        t = self.task
+        if (t is not None and t.open and sess.name in t.participants
+                and sess.name not in t.results and t.task_id not in sess.sent):
+            sess.sent.add(t.task_id)
+            header = pb.TaskHeader(kind=pb.TASK_FIT, run_id=self.run_id, round=t.round,
+                                   task_id=t.task_id, config=config_pb(t.plan.configs[sess.name]))
+            return header, t.body
+        return None
+
+    def _check_open(self, name: str, h: pb.UpdateHeader) -> FitTask:
+        """The open task this answer belongs to (called under the lock)."""
+        t = self.task
+        if h.round <= self.completed:
+            raise Refused("FAILED_PRECONDITION",
+                          f"round {h.round} is already completed (replayed or stale answer); "
+                          f"the current round is {self.completed + 1}")
+        if t is None or not t.open or h.round != t.round:
+            raise Refused("FAILED_PRECONDITION", f"round {h.round} is not open; wait for the next task")
+        if h.task_id != t.task_id:
+            raise Refused("FAILED_PRECONDITION",
+                          "task id does not match the open attempt of this round (stale answer "
+                          "after a retry or a server restart); wait for the new task")
+        if name not in t.participants:
+            raise Refused("PERMISSION_DENIED",
+                          f"client {name!r} is not a participant of round {h.round}")
+        if name in t.results or name in t.failed:
+            raise Refused("ALREADY_EXISTS",
+                          f"client {name!r} already answered round {h.round} (replay refused)")
+        return t
+
+    def submit(self, name: str, h: pb.UpdateHeader, chunks: Iterator[bytes]) -> pb.SubmitReply:
+        """A client's answer: a fit result (or the failure it reports), or a key holder's
+        decoded mean. Raises ``Refused`` for anything not expected now."""
+        if h.run_id != self.run_id:
+            raise Refused("FAILED_PRECONDITION",
+                          f"wrong run {h.run_id!r}: this server runs {self.run_id!r}")
+        if h.kind == pb.TASK_DECODE:
+            return self._decoded(name, h, chunks)
+        if h.kind != pb.TASK_FIT:
+            raise Refused("INVALID_ARGUMENT",
+                          f"answers of kind {pb.TaskKind.Name(h.kind)} are not expected")
+        with self.cond:
+            task = self._check_open(name, h)
+        try:
+            body = wire.read_body(chunks, h.body_size, h.body_sha256, self.max_body)
+            payload = self.summer.loads(body) if body else None
+            answer = Answer(payload, int(h.num_examples), dict(h.metrics), h.error or None)
+            result = accept(self.summer, name, answer, nbytes=len(body))
+        except wire.BodyError as e:
+            raise Refused(e.code, str(e)) from e
+        except (ClientError, CryptoError) as e:
+            reason = e.reason if isinstance(e, ClientError) else str(e)
+            with self.cond:
+                if self.task is task and task.open:
+                    task.rejected[name] = reason
+                    if h.error:
+                        task.failed.add(name)
+                    self.cond.notify_all()
+            event(self.log, "update_rejected", level=logging.WARNING, client=name,
+                  round=h.round, reason=reason)
+            if isinstance(e, CryptoError):  # another key set: retrying cannot help
+                raise Refused("PERMISSION_DENIED",
+                              f"update refused: {reason}; this client's key files do not belong "
+                              "to this federation: get them from the operator (`hefl keys`)") from e
+            if h.error:  # the client reported its own failure: recorded, the client stays
+                return pb.SubmitReply(accepted=False, message=f"failure recorded: {reason}")
+            raise Refused("INVALID_ARGUMENT", reason) from e
+        with self.cond:
+            if self._check_open(name, h) is not task:
+                raise Refused("FAILED_PRECONDITION", "the round attempt changed")
+            task.results[name] = result
+            task.rejected.pop(name, None)
+            self.cond.notify_all()
+        event(self.log, "update_accepted", client=name, round=h.round, bytes=len(body))
+        self._note(name, f"answered round {h.round}")
+        return pb.SubmitReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def _decoded(self, name: str, h: pb.UpdateHeader, chunks: Iterator[bytes]) -> pb.SubmitReply:
+        """A key holder's answer: the mean delta (float64) and ``total_weight``, or an error."""
+        with self.cond:
+            d = self.decoding
+            if d is None or not d.open or d.task_id != h.task_id or d.target != name:
+                raise Refused("FAILED_PRECONDITION",
+                              "no such decode task is waiting for this client (stale or forged)")
+        try:
+            body = wire.read_body(chunks, h.body_size, h.body_sha256, 8 * self.size)
+        except wire.BodyError as e:
+            raise Refused(e.code, str(e)) from e
+        answer = None
+        if not h.error:
+            weight = h.metrics.get("total_weight", float("nan"))
+            try:
+                mean = wire.vector_from(body, self.size)
+            except TransportError as e:
+                raise Refused("INVALID_ARGUMENT", str(e)) from e
+            if not (np.isfinite(mean).all() and math.isfinite(weight) and weight > 0):
+                raise Refused("INVALID_ARGUMENT",
+                              "decoded mean or total_weight is not finite and positive")
+            answer = (mean, float(weight))
+        with self.cond:
+            if self.decoding is not d or not d.open:
+                raise Refused("FAILED_PRECONDITION", "the decode task was closed")
+            d.answer, d.error = answer, (h.error or None)
+            self.cond.notify_all()
+        event(self.log, "decode_answered", round=d.round, key_holder=name,
+              refused=bool(h.error))
+        return pb.SubmitReply(accepted=True, message="decode answer accepted")
+
+
+__all__ = ["Clock", "Coordinator", "NoKeyHolder", "RealClock", "Refused", "Session"]
