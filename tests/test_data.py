@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import need_data
 
+from conftest import need_data
 from hefl.data import by_key, load_femnist, load_shakespeare
 from hefl.data.loaders import SHAKESPEARE_VOCAB, shakespeare_sequences
 from hefl.errors import DataError

@@ -42,7 +42,7 @@ def toy_data() -> FederatedData:
 def quiet(name: str, path) -> logging.Logger:
     from hefl.net.logs import get_logger
 
-    return get_logger(name, stream=open(path, "a"))  # noqa: SIM115
+    return get_logger(name, stream=open(path, "a"))
 
 
 def settings(demo, name: str, **kw) -> ClientSettings:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import need_data
 
+from conftest import need_data
 from hefl.algorithms import fedavg
 from hefl.backends import make_runner
 from hefl.backends.vectorized import VectorizedRunner

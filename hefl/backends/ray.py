@@ -14,6 +14,7 @@ trusted processes of one cluster; nothing here is a network protocol for untrust
 is ``hefl.net``).
 
 Example (needs Ray; starts a local instance if none is running):
+    >>> from hefl import fedavg, run  # doctest: +SKIP
     >>> from hefl.backends import make_runner  # doctest: +SKIP
     >>> runner = make_runner(model, data, "ray", num_cpus=2)  # doctest: +SKIP
     >>> result = run(runner, model.init_vector(), fedavg(), rounds=5, clients_per_round=10)

@@ -360,7 +360,7 @@ class VectorizedRunner:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self._step(p, x, y, m, None, 0.0)
-        except Exception as e:  # noqa: BLE001 - any failure means: not vectorizable
+        except Exception as e:  # any failure means: not vectorizable (re-raised as ConfigError)
             raise ConfigError(f"cannot vectorize: torch.func failed on the module ({e})") from e
         slow = [str(w.message) for w in caught if _NO_BATCH_RULE in str(w.message)]
         if slow:

@@ -26,6 +26,7 @@ closes).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -78,10 +79,8 @@ def _bootstrapping() -> bool:
 def _stop(procs: list[subprocess.Popen], conns: list[tuple[Connection, Connection]]) -> None:
     for out, inp in conns:
         for c in (out, inp):
-            try:
+            with contextlib.suppress(OSError):
                 c.close()
-            except OSError:
-                pass
     for p in procs:
         try:
             p.wait(timeout=2)

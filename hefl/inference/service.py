@@ -22,6 +22,7 @@ transports reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.client
 import json
@@ -141,7 +142,7 @@ def _handler(service: ScoringService, log: Callable[[str], None]) -> type:
         protocol_version = "HTTP/1.1"
         server_version = "hefl-infer/1"
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args) -> None:  # `format`: the stdlib's signature
             log(f"{self.address_string()} {format % args}")
 
         def _send(self, status: int, body: bytes, ctype: str) -> None:
@@ -170,13 +171,13 @@ def _handler(service: ScoringService, log: Callable[[str], None]) -> type:
         def _route(self) -> list[str]:
             return [p for p in urlparse(self.path).path.split("/") if p]
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self._route() == ["v1", "model"]:
                 self._json(200, service.info())
             else:
                 self._json(404, {"error": "NotFound", "message": f"no route {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             route = self._route()
             try:
                 body = self._body()
@@ -189,7 +190,7 @@ def _handler(service: ScoringService, log: Callable[[str], None]) -> type:
             except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error reply
                 self._error(e)
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             route = self._route()
             if len(route) == 3 and route[:2] == ["v1", "sessions"]:
                 service.close_session(route[2])
@@ -372,10 +373,8 @@ def score_csv(
                 if progress:
                     progress(sl.stop, len(x))
     finally:
-        try:
+        with contextlib.suppress(HeflError):
             client.close_session(session)
-        except HeflError:
-            pass
     return ScoreSummary(len(x), len(x) - done, done, batches, unknown, time.perf_counter() - t0)
 
 

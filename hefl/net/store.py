@@ -8,13 +8,13 @@ resumes at the last completed round and never loses or repeats one.
 Example:
     >>> import tempfile, numpy as np
     >>> from hefl.rounds import RoundRecord
-
-T = TypeVar("T")
     >>> with tempfile.TemporaryDirectory() as d:
     ...     s = Store(d)
     ...     s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
     ...     s.commit_round("r1", RoundRecord(1, 3, 3, 9.0, 0.5), np.ones(3), b"")
     ...     s.resume_point("r1")[0]
+    ...     s.close()
+    False
     1
 """
 
