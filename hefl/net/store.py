@@ -8,11 +8,9 @@ resumes at the last completed round and never loses or repeats one.
 Example:
     >>> import tempfile, numpy as np
     >>> from hefl.rounds import RoundRecord
-
-T = TypeVar("T")
     >>> with tempfile.TemporaryDirectory() as d:
     ...     s = Store(d)
-    ...     s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
+    ...     _ = s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
     ...     s.commit_round("r1", RoundRecord(1, 3, 3, 9.0, 0.5), np.ones(3), b"")
     ...     s.resume_point("r1")[0]
     1
@@ -20,25 +18,30 @@ T = TypeVar("T")
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
-from hefl.errors import ConfigError, RoundError
+from hefl.errors import ConfigError, RoundError, StateInUse
 from hefl.rounds import RoundRecord
 
 T = TypeVar("T")
 
 DB_NAME = "hefl.db"
+LOCK_NAME = "lock"
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -262,6 +265,150 @@ class Store:
              "last_event": r[4]}
             for r in rows
         ]
+
+
+class StateLock:
+    """An exclusive lock on a state directory, so that one server at a time uses it.
+
+    ``flock(LOCK_EX | LOCK_NB)`` on ``STATE_DIR/lock`` (created mode 0600), which then records
+    the holder's address, pid and host as one JSON line. A second acquirer, in another process or
+    in this one (flock locks belong to an open file description, so a second ``open`` conflicts),
+    fails at once with ``StateInUse`` naming the holder. The kernel releases the lock when the
+    holder closes it or its process exits for any reason, ``kill -9`` included, so a stale file
+    never blocks a restart: the lock is the flock, not the file, and the file is never deleted
+    (deleting it would let two processes lock two different files). Keep a reference: the lock
+    is held until ``release()`` (or ``close()``, or the end of a ``with`` block) or the process
+    exits, not dropped when the object is garbage-collected. The descriptor is not
+    inherited across ``exec``; a ``fork``-ed child without exec shares the lock. flock is
+    per-host: on a network file system shared by two hosts it may not exclude.
+
+    Args:
+        state_dir: the state directory (created if missing).
+        address: what to record as the holder, e.g. ``"127.0.0.1:50051"``.
+
+    Raises:
+        StateInUse: another holder has the lock.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with StateLock(d, "127.0.0.1:5000"):
+        ...         StateLock(d, "127.0.0.1:5001")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hefl.errors.StateInUse: state dir ... is in use by the server at 127.0.0.1:5000 ...
+    """
+
+    def __init__(self, state_dir: str | Path, address: str) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / LOCK_NAME
+        self.address = address
+        self._fd: int | None = None
+        self._guard = threading.Lock()
+        self.acquire()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op if this object holds it); raises ``StateInUse`` if taken."""
+        with self._guard:
+            if self._fd is not None:
+                return
+            self.dir.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot open the lock file {str(self.path)!r}: {e}; check the state_dir "
+                    "exists and is writable by this user"
+                ) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise _in_use(self.dir, holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            with contextlib.suppress(OSError):  # a file another user made: keep its mode
+                os.fchmod(fd, 0o600)
+            self._record()
+
+    def set_address(self, address: str) -> None:
+        """Record another address, e.g. the bound port once known after binding ``HOST:0``."""
+        with self._guard:
+            self.address = address
+            if self._fd is not None:
+                self._record()
+
+    def release(self) -> None:
+        """Give the lock up (idempotent). The file stays, emptied; the next holder rewrites it."""
+        with self._guard:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            try:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    close = release
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _record(self) -> None:
+        assert self._fd is not None
+        line = json.dumps({"address": self.address, "pid": os.getpid(),
+                           "host": socket.gethostname(), "since": time.time()}) + "\n"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, line.encode(), 0)
+        os.fsync(self._fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The holder's record; it may be writing it just now, so wait a moment for a whole line."""
+    for _ in range(20):
+        raw = os.pread(fd, 4096, 0)
+        if raw.endswith(b"\n"):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(raw)
+                if isinstance(rec, dict):
+                    return rec
+        time.sleep(0.01)
+    return {}
+
+
+def _in_use(state_dir: Path, holder: Mapping[str, Any]) -> StateInUse:
+    address = holder.get("address")
+    pid = holder.get("pid")
+    pid = pid if isinstance(pid, int) else None
+    if address:
+        who = f"the server at {address}"
+    else:
+        who = "another process (it recorded no address)"
+    where = [f"pid {pid}"] if pid is not None else []
+    if holder.get("host") and holder.get("host") != socket.gethostname():
+        where.append(f"on host {holder['host']}")
+    if where:
+        who += f" ({' '.join(where)})"
+    return StateInUse(
+        f"state dir {str(state_dir)!r} is in use by {who}; stop it or use another state_dir",
+        state_dir=str(state_dir), address=str(address) if address else None, pid=pid,
+    )
 
 
 def _vec(v: np.ndarray) -> bytes:
