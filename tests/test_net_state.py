@@ -14,8 +14,10 @@ import textwrap
 import pytest
 
 from hefl.errors import ConfigError, StateInUse
+from hefl.net.config import load_config
 from hefl.net.store import LOCK_NAME, StateLock, Store
 from hefl.net.testing import ROOT, env
+from hefl.rounds import sample_clients
 
 # ---------------------------------------------------------------- fault 4: the state-dir lock
 
@@ -122,3 +124,54 @@ def test_lock_excludes_another_process_and_kill_9_releases_it(tmp_path):
     lock = StateLock(tmp_path, "127.0.0.1:5000")
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
+
+
+# ---------------------------------------------------------------- fault 5: revoked vs min_clients
+
+
+def write_config(root, *, clients, min_clients, clients_per_round, rounds=2, keyholders=()):
+    """A run.toml and registry; ``clients`` maps name -> revoked."""
+    reg = [f'[[client]]\nname = "{n}"\ntoken_sha256 = "00"\nrevoked = {str(r).lower()}\n'
+           for n, r in clients.items()]
+    reg += [f'[[client]]\nname = "{n}"\ntoken_sha256 = "00"\nrole = "keyholder"\n'
+            for n in keyholders]
+    (root / "reg.toml").write_text("\n".join(reg))
+    cfg = root / "run.toml"
+    cfg.write_text(f"[run]\nrounds = {rounds}\nclients_per_round = {clients_per_round}\n"
+                   f"[server]\nmin_clients = {min_clients}\n"
+                   '[clients]\nregistry = "reg.toml"\n[tls]\ninsecure = true\n')
+    return cfg
+
+
+def test_revoked_clients_do_not_count_toward_min_clients(tmp_path):
+    three = {"c0": False, "c1": False, "c2": True}
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, clients=three, min_clients=3, clients_per_round=3))
+    assert str(e.value) == (
+        "min_clients=3 can never be met: 1 of the 3 clients is revoked (c2), leaving 2; "
+        "lower min_clients to 2 or less, or set revoked = false for some in the registry")
+    cfg = load_config(write_config(tmp_path, clients=three, min_clients=2, clients_per_round=3))
+    assert [c.name for c in cfg.clients if c.revoked] == ["c2"]
+    with pytest.raises(ConfigError, match="all 3 clients are revoked, so no round can ever run"):
+        load_config(write_config(tmp_path, clients=dict.fromkeys(three, True), min_clients=1,
+                                 clients_per_round=3))
+    # key holders never train: they neither count nor trip the revoked check
+    with pytest.raises(ConfigError, match="only 2 clients take part in a round"):
+        load_config(write_config(tmp_path, clients={"c0": False, "c1": False}, min_clients=3,
+                                 clients_per_round=3, keyholders=["kh"]))
+
+
+def test_a_round_that_samples_revoked_clients_must_still_reach_min_clients(tmp_path):
+    six = {f"c{i}": i == 0 for i in range(6)}  # c0 revoked; 3 of 6 sampled per round
+    rounds_with_c0 = [r for r in range(1, 8) if 0 in sample_clients(6, 3, 0, r)]
+    assert rounds_with_c0 == [2, 7]  # the seed-0 draw this test is built on
+    ok = load_config(write_config(tmp_path, clients=six, min_clients=3, clients_per_round=3,
+                                  rounds=1))  # round 1 samples three non-revoked clients
+    assert ok.server.min_clients == 3
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, clients=six, min_clients=3, clients_per_round=3,
+                                 rounds=7))
+    assert str(e.value).startswith(
+        "min_clients=3 can never be met in round 2 and 1 other round(s): of the 3 clients it "
+        "samples, 1 is revoked (c0); lower min_clients to 2 or less")
+    load_config(write_config(tmp_path, clients=six, min_clients=2, clients_per_round=3, rounds=7))
