@@ -280,8 +280,9 @@ def _check_min_clients(cfg: RunConfig) -> None:
     if m > active:
         raise ConfigError(
             f"min_clients={m} can never be met: {len(revoked)} of the {len(trainers)} clients "
-            f"{'is' if len(revoked) == 1 else 'are'} revoked ({', '.join(sorted(revoked))}), leaving {active}; lower min_clients "
-            f"to {active} or less, or set revoked = false for some in the registry"
+            f"{_is(len(revoked))} revoked ({', '.join(sorted(revoked))}), leaving {active}; "
+            f"lower min_clients to {active} or less, or set revoked = false for some in the "
+            "registry"
         )
     if m <= per_round - len(revoked):
         return  # even a round that samples every revoked client has enough
@@ -304,9 +305,13 @@ def _check_min_clients(cfg: RunConfig) -> None:
                  f"of the {cfg.rounds} rounds samples), " if worst >= 1 else "")
         raise ConfigError(
             f"min_clients={m} can never be met in round {r}{others}: of the {per_round} clients "
-            f"it samples, {len(out)} {'is' if len(out) == 1 else 'are'} revoked ({', '.join(out)}); {lower}set revoked = false "
-            "for some in the registry, or raise clients_per_round (a new run)"
+            f"it samples, {len(out)} {_is(len(out))} revoked ({', '.join(out)}); {lower}set "
+            "revoked = false for some in the registry, or raise clients_per_round (a new run)"
         )
+
+
+def _is(n: int) -> str:
+    return "is" if n == 1 else "are"
 
 
 # ---------------------------------------------------------------- models named in the config
