@@ -3,6 +3,7 @@ min_clients, and changing ``rounds`` of an existing run (extend, shorten, refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,13 +12,19 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
+from hefl.algorithms import fedavg
+from hefl.data.federated import FederatedData
 from hefl.errors import ConfigError, StateInUse
+from hefl.models.linear import LogisticRegressionModel
 from hefl.net.config import load_config
+from hefl.net.status import render, summarize
 from hefl.net.store import LOCK_NAME, StateLock, Store
-from hefl.net.testing import ROOT, env
-from hefl.rounds import sample_clients
+from hefl.net.testing import ROOT, env, events, make_demo, run_in_threads
+from hefl.rounds import RoundRecord, sample_clients
+from hefl.simulation import simulate
 
 # ---------------------------------------------------------------- fault 4: the state-dir lock
 
@@ -175,3 +182,59 @@ def test_a_round_that_samples_revoked_clients_must_still_reach_min_clients(tmp_p
         "min_clients=3 can never be met in round 2 and 1 other round(s): of the 3 clients it "
         "samples, 1 is revoked (c0); lower min_clients to 2 or less")
     load_config(write_config(tmp_path, clients=six, min_clients=2, clients_per_round=3, rounds=7))
+
+
+# ---------------------------------------------------------------- fault 6: changing rounds
+
+
+def test_run_id_ignores_rounds_but_not_what_decides_the_result(tmp_path):
+    two = {"c0": False, "c1": False}
+    cfg = write_config(tmp_path, clients=two, min_clients=1, clients_per_round=2, rounds=2)
+    base = load_config(cfg)
+    cfg.write_text(cfg.read_text().replace("rounds = 2", "rounds = 3"))
+    longer = load_config(cfg)
+    assert longer.rounds == 3 and longer.run_id == base.run_id
+    assert dataclasses.replace(base, seed=1).run_id != base.run_id
+    assert dataclasses.replace(base, model={"kind": "logreg"}).run_id != base.run_id
+    assert dataclasses.replace(base, algorithm={"name": "fedprox"}).run_id != base.run_id
+    assert dataclasses.replace(base, clients=base.clients[:1]).run_id != base.run_id
+
+
+def test_status_shows_the_extended_rounds(tmp_path):
+    s = Store(tmp_path)
+    s.open_run("t-1", {"rounds": 2}, rounds=2, initial=np.zeros(2), opt_state=b"")
+    for r in (1, 2):
+        s.commit_round("t-1", RoundRecord(r, 2, 2, 4.0, 0.5), np.full(2, r), b"")
+    s.set_status("t-1", "finished")
+    assert "run t-1: finished, 2/2 rounds" in render(summarize(tmp_path))
+    s.open_run("t-1", {"rounds": 3}, rounds=3, initial=np.zeros(2), opt_state=b"")
+    info = summarize(tmp_path)
+    assert len(info["runs"]) == 1 and "run t-1: running, 2/3 rounds" in render(info)
+    s.close()
+
+
+def three_clients() -> FederatedData:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(45, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 2] > 0).astype(np.int64)
+    return FederatedData.from_indices(x, y, [range(i, 45, 3) for i in range(3)])
+
+
+@pytest.mark.timeout(120)
+def test_raising_rounds_of_a_finished_run_continues_it(tmp_path):
+    """The unchanged server, restarted with rounds 2 -> 3, runs round 3 only, and the result is
+    the 3-round simulation (no second run from round 0 beside the first)."""
+    data = three_clients()
+    demo = make_demo(tmp_path, data, model={"kind": "logreg", "n_features": 4, "n_classes": 2},
+                     rounds=2, clients_per_round=3, server={"min_clients": 3})
+    records, _, _ = run_in_threads(demo)
+    assert [r.round for r in records] == [1, 2]
+    demo.config.write_text(demo.config.read_text().replace("rounds = 2", "rounds = 3"))
+    records, params, _ = run_in_threads(demo)
+    assert [r.round for r in records] == [1, 2, 3]
+    (run,) = summarize(demo.state)["runs"]
+    assert (run["status"], run["rounds_completed"], run["rounds"]) == ("finished", 3, 3)
+    resumed = events(tmp_path / "server.log", "resumed")
+    assert [e["last_completed_round"] for e in resumed] == [2]
+    ref = simulate(LogisticRegressionModel(4, 2), data, fedavg(), rounds=3, clients_per_round=3)
+    np.testing.assert_allclose(params, ref.params, rtol=0, atol=1e-6)

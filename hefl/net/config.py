@@ -99,8 +99,10 @@ class TLSSettings:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``hefl server`` needs. ``run_id`` depends only on what changes the result
-    (run, algorithm, model, aggregation, client names), so a restart with the same file
-    resumes the same run while server settings (timeouts, revocations) may change."""
+    (run name, clients_per_round, seed, algorithm, model, aggregation, client names), so a
+    restart with the same file resumes the same run while server settings (timeouts,
+    revocations) may change. ``rounds`` is left out too: it only says where the run stops, so
+    raising it continues the run (``Store.open_run`` reports "extended")."""
 
     name: str
     rounds: int
@@ -118,7 +120,6 @@ class RunConfig:
     def run_id(self) -> str:
         ident = {
             "name": self.name,
-            "rounds": self.rounds,
             "clients_per_round": self.clients_per_round,
             "seed": self.seed,
             "algorithm": dict(self.algorithm),

@@ -3,7 +3,9 @@
 One file, ``STATE_DIR/hefl.db``, in WAL mode with ``synchronous=FULL``. A round is committed in
 one transaction (its record, its metrics and the new global model with the optimizer state), so
 after a crash at any point the store holds either the whole round or none of it: a restart
-resumes at the last completed round and never loses or repeats one.
+resumes at the last completed round and never loses or repeats one. Reopening a run with other
+``rounds`` extends or shortens it (``OpenedRun``); one server at a time holds the directory
+(``StateLock``).
 
 Example:
     >>> import tempfile, numpy as np
@@ -31,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -76,6 +78,51 @@ class RunInfo:
     status: str
     created: float
     updated: float
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """What ``Store.open_run`` found and did. Truthy exactly when the run already existed, so
+    ``existed = store.open_run(...)`` used as a bool keeps its old meaning.
+
+    Attributes:
+        run_id: the run.
+        outcome: ``"created"`` (a new run, round 0 stored), ``"resumed"`` (it existed with the
+            same rounds), ``"extended"`` (it existed with fewer rounds; now more) or
+            ``"shortened"`` (it existed with more rounds; now fewer, never below ``completed``).
+        rounds: the run's rounds as now stored (the ``rounds`` passed in).
+        previous_rounds: the rounds stored before this call; None when created.
+        completed: rounds already completed (0 when created); the run continues after it.
+        reopened: it had finished and was set back to ``running`` because it was extended.
+    """
+
+    run_id: str
+    outcome: Literal["created", "resumed", "extended", "shortened"]
+    rounds: int
+    previous_rounds: int | None = None
+    completed: int = 0
+    reopened: bool = False
+
+    def __bool__(self) -> bool:
+        return self.outcome != "created"
+
+    @property
+    def existed(self) -> bool:
+        return self.outcome != "created"
+
+    @property
+    def message(self) -> str:
+        """One line for the log, e.g. "run r extended from 2 to 3 rounds; continues after
+        round 2 (it had finished)"."""
+        r, n, done = self.run_id, self.rounds, self.completed
+        if self.outcome == "created":
+            return f"run {r} created with {n} rounds"
+        if self.outcome == "resumed":
+            return f"run {r} resumed after round {done} of {n}"
+        where = (f"continues after round {done}" if done < n
+                 else f"all {n} are already completed")
+        return (f"run {r} {self.outcome} from {self.previous_rounds} to {n} rounds; {where}"
+                + (" (it had finished)" if self.reopened else ""))
 
 
 def _locked(method: Callable[..., T]) -> Callable[..., T]:
@@ -134,22 +181,59 @@ class Store:
         rounds: int,
         initial: np.ndarray,
         opt_state: bytes,
-    ) -> bool:
-        """Create the run with its round-0 checkpoint, or find it. Returns True if it existed."""
+    ) -> OpenedRun:
+        """Create the run with its round-0 checkpoint, or find it and adopt ``rounds``.
+
+        A run is identified by what decides its result (``RunConfig.run_id``), not by where it
+        stops, so a changed ``rounds`` extends or shortens the stored run instead of starting
+        another: the runs row (and the stored config's top-level ``"rounds"``, if it has one)
+        takes the new value, and a finished run that now has rounds left is set back to
+        ``running``. ``config``, ``initial`` and ``opt_state`` are only stored when creating.
+
+        Returns:
+            ``OpenedRun``; truthy exactly when the run existed.
+
+        Raises:
+            ConfigError: ``rounds`` is below the rounds already completed (history is never
+                deleted).
+        """
         with self._lock, self.db:
-            row = self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            if row:
-                return True
+            row = self.db.execute(
+                "SELECT config, rounds, status FROM runs WHERE run_id=?", (run_id,)
+            ).fetchone()
             now = time.time()
+            if row is None:
+                self.db.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?)",
+                    (run_id, json.dumps(config, sort_keys=True), rounds, now, now),
+                )
+                self.db.execute(
+                    "INSERT INTO checkpoints VALUES (?, 0, ?, ?)",
+                    (run_id, _vec(initial), opt_state),
+                )
+                return OpenedRun(run_id, "created", rounds)
+            stored, before, status = json.loads(row[0]), int(row[1]), str(row[2])
+            done = int(self.db.execute(
+                "SELECT COALESCE(MAX(round), 0) FROM rounds WHERE run_id=?", (run_id,)
+            ).fetchone()[0])
+            if rounds == before:
+                return OpenedRun(run_id, "resumed", rounds, before, done)
+            if rounds < done:
+                raise ConfigError(
+                    f"run {run_id!r} has already completed {done} rounds, more than rounds = "
+                    f"{rounds}; completed rounds are never deleted. Set rounds to {done} or "
+                    "more to keep this run, or change [run] name (or state_dir) for a new run"
+                )
+            reopen = status == "finished" and rounds > done
+            if isinstance(stored, dict) and "rounds" in stored:
+                stored["rounds"] = rounds
             self.db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?)",
-                (run_id, json.dumps(config, sort_keys=True), rounds, now, now),
+                "UPDATE runs SET rounds=?, config=?, status=?, updated=? WHERE run_id=?",
+                (rounds, json.dumps(stored, sort_keys=True), "running" if reopen else status,
+                 now, run_id),
             )
-            self.db.execute(
-                "INSERT INTO checkpoints VALUES (?, 0, ?, ?)",
-                (run_id, _vec(initial), opt_state),
-            )
-        return False
+        outcome: Literal["extended", "shortened"] = "extended" if rounds > before else "shortened"
+        return OpenedRun(run_id, outcome, rounds, before, done, reopen)
 
     def set_status(self, run_id: str, status: str) -> None:
         with self._lock, self.db:
