@@ -2,6 +2,7 @@
 
     HeflError                      base of everything hefl raises on purpose
     ├── ConfigError                a setting is invalid (unknown algorithm, bad rate, ...)
+    │   └── StateInUse             another server holds the state directory's lock
     ├── DataError                  a data set cannot be found, read or split
     ├── ParamsError                parameters do not match the model's ParamSpec
     ├── ClientError                one client's contribution was refused (carries id and stage)
@@ -27,6 +28,25 @@ class HeflError(Exception):
 
 class ConfigError(HeflError, ValueError):
     """A setting is invalid."""
+
+
+class StateInUse(ConfigError):
+    """Another process holds the state directory's lock (``hefl.net.store.StateLock``).
+
+    Attributes:
+        state_dir: the directory concerned.
+        address: the holder's recorded address, or None if it recorded none.
+        pid: the holder's recorded process id, or None.
+    """
+
+    def __init__(
+        self, message: str, *, state_dir: str = "", address: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.state_dir = state_dir
+        self.address = address
+        self.pid = pid
 
 
 class DataError(HeflError):

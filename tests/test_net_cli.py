@@ -69,6 +69,13 @@ def test_config_errors_say_what_to_do(tmp_path):
                    "[tls]\ninsecure = true\n")
     r = runner.invoke(app, ["server", "--config", str(cfg)])
     assert r.exit_code == 2 and "min_clients=2 can never be met" in r.output
+    (tmp_path / "reg2.toml").write_text('[[client]]\nname = "a"\ntoken_sha256 = "00"\n'
+                                        '[[client]]\nname = "b"\ntoken_sha256 = "00"\n'
+                                        "revoked = true\n")
+    cfg.write_text('[run]\nrounds = 2\n[server]\nmin_clients = 2\n'
+                   '[clients]\nregistry = "reg2.toml"\n[tls]\ninsecure = true\n')
+    r = runner.invoke(app, ["server", "--config", str(cfg)])
+    assert r.exit_code == 2 and "1 of the 2 clients is revoked (b), leaving 1" in r.output
     cfg.write_text('[run]\nrounds = 2\n[clients]\nregistry = "reg.toml"\n[tls]\ninsecure = true\n')
     c = load_config(cfg)
     assert c.clients[0].name == "a" and c.state_dir == tmp_path / "state"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hefl.errors import ConfigError, RoundError
-from hefl.net.store import Store, write_atomic
+from hefl.net.store import OpenedRun, Store, write_atomic
 from hefl.rounds import RoundRecord
 
 
@@ -17,13 +17,15 @@ def rec(r: int, **kw) -> RoundRecord:
 
 def test_resume_point_and_records_survive_reopen(tmp_path):
     s = Store(tmp_path, keep_checkpoints=2)
-    assert s.open_run("r", {"a": 1}, rounds=3, initial=np.zeros(4), opt_state=b"s0") is False
+    opened = s.open_run("r", {"a": 1}, rounds=3, initial=np.zeros(4), opt_state=b"s0")
+    assert not opened and (opened.outcome, opened.previous_rounds) == ("created", None)
     assert s.resume_point("r")[0] == 0
     for r in (1, 2, 3):
         s.commit_round("r", rec(r, rejected={"c2": "straggler"}), np.full(4, r), f"s{r}".encode())
     s.close()
     s = Store(tmp_path)
-    assert s.open_run("r", {"a": 1}, rounds=3, initial=np.zeros(4), opt_state=b"") is True
+    opened = s.open_run("r", {"a": 1}, rounds=3, initial=np.zeros(4), opt_state=b"")
+    assert opened and (opened.outcome, opened.completed) == ("resumed", 3)
     last, params, state = s.resume_point("r")
     assert (last, params.tolist(), state) == (3, [3.0] * 4, b"s3")
     records = s.records("r")
@@ -34,6 +36,50 @@ def test_resume_point_and_records_survive_reopen(tmp_path):
     assert n == 2  # older checkpoints pruned
     rows = s.db.execute("SELECT name FROM metrics WHERE round=1 ORDER BY name").fetchall()
     assert ("test_accuracy",) in rows and ("train_loss",) in rows
+
+
+def test_changing_rounds_extends_or_shortens_the_run_and_never_drops_history(tmp_path):
+    s = Store(tmp_path)
+    first = s.open_run("r", {"rounds": 2, "seed": 0}, rounds=2, initial=np.zeros(2),
+                       opt_state=b"s0")
+    assert (bool(first), first.existed, first.message) == (False, False,
+                                                           "run r created with 2 rounds")
+    for r in (1, 2):
+        s.commit_round("r", rec(r), np.full(2, r), f"s{r}".encode())
+    s.set_status("r", "finished")
+
+    more = s.open_run("r", {"rounds": 3, "seed": 0}, rounds=3, initial=np.zeros(2),
+                      opt_state=b"ignored")
+    assert more == OpenedRun("r", "extended", 3, previous_rounds=2, completed=2, reopened=True)
+    assert bool(more) and more.existed
+    assert more.message == ("run r extended from 2 to 3 rounds; continues after round 2 "
+                            "(it had finished)")
+    (info,) = s.runs()
+    assert (info.rounds, info.status, info.config) == (3, "running", {"rounds": 3, "seed": 0})
+    last, params, state = s.resume_point("r")
+    assert (last, params.tolist(), state) == (2, [2.0, 2.0], b"s2")  # not round 0 again
+    s.commit_round("r", rec(3), np.full(2, 3), b"s3")
+
+    again = s.open_run("r", {}, rounds=5, initial=np.zeros(2), opt_state=b"")
+    assert (again.outcome, again.previous_rounds, again.reopened) == ("extended", 3, False)
+    fewer = s.open_run("r", {}, rounds=4, initial=np.zeros(2), opt_state=b"")
+    assert (fewer.outcome, fewer.previous_rounds, fewer.completed) == ("shortened", 5, 3)
+    assert fewer.message == "run r shortened from 5 to 4 rounds; continues after round 3"
+
+    with pytest.raises(ConfigError) as e:
+        s.open_run("r", {}, rounds=2, initial=np.zeros(2), opt_state=b"")
+    assert "run 'r' has already completed 3 rounds, more than rounds = 2" in str(e.value)
+    assert "Set rounds to 3 or more to keep this run" in str(e.value)
+    assert s.completed_rounds("r") == [1, 2, 3] and s.runs()[0].rounds == 4  # untouched
+
+    s.set_status("r", "finished")
+    done = s.open_run("r", {}, rounds=3, initial=np.zeros(2), opt_state=b"")
+    assert done.message == "run r shortened from 4 to 3 rounds; all 3 are already completed"
+    assert not done.reopened and s.runs()[0].status == "finished"
+    s.close()
+    s = Store(tmp_path)  # durable
+    assert s.open_run("r", {}, rounds=3, initial=np.zeros(2), opt_state=b"").outcome == "resumed"
+    assert s.open_run("other", {}, rounds=1, initial=np.ones(2), opt_state=b"").outcome == "created"
 
 
 def test_a_round_is_never_repeated_or_skipped(tmp_path):

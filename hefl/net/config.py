@@ -99,8 +99,10 @@ class TLSSettings:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``hefl server`` needs. ``run_id`` depends only on what changes the result
-    (run, algorithm, model, aggregation, client names), so a restart with the same file
-    resumes the same run while server settings (timeouts, revocations) may change."""
+    (run name, clients_per_round, seed, algorithm, model, aggregation, client names), so a
+    restart with the same file resumes the same run while server settings (timeouts,
+    revocations) may change. ``rounds`` is left out too: it only says where the run stops, so
+    raising it continues the run (``Store.open_run`` reports "extended")."""
 
     name: str
     rounds: int
@@ -118,7 +120,6 @@ class RunConfig:
     def run_id(self) -> str:
         ident = {
             "name": self.name,
-            "rounds": self.rounds,
             "clients_per_round": self.clients_per_round,
             "seed": self.seed,
             "algorithm": dict(self.algorithm),
@@ -241,12 +242,7 @@ def validate(cfg: RunConfig) -> None:
     s = cfg.server
     if s.min_clients < 1:
         raise ConfigError(f"min_clients must be >= 1, got {s.min_clients}")
-    trainers = sum(c.role == "client" for c in cfg.clients)
-    if s.min_clients > min(cfg.clients_per_round, trainers):
-        raise ConfigError(
-            f"min_clients={s.min_clients} can never be met: only {min(cfg.clients_per_round, trainers)}"
-            " clients take part in a round; lower min_clients or raise clients_per_round"
-        )
+    _check_min_clients(cfg)
     if not 0 < s.wait_fraction <= 1:
         raise ConfigError(f"wait_fraction must be in (0, 1], got {s.wait_fraction}")
     if min(s.round_timeout_s, s.start_timeout_s, s.join_timeout_s, s.heartbeat_s) <= 0:
@@ -258,6 +254,65 @@ def validate(cfg: RunConfig) -> None:
         )
     if "name" not in cfg.algorithm:
         raise ConfigError("[algorithm] needs a name, e.g. name = \"fedavg\"")
+
+
+def _check_min_clients(cfg: RunConfig) -> None:
+    """Every round must be able to reach min_clients answers, or it is retried forever.
+
+    Revoked clients are still sampled (the draw depends only on the registered names, seed and
+    round, so revoking one does not change who else is chosen) but never connect, so only the
+    non-revoked ones sampled for a round can answer.
+    """
+    m = cfg.server.min_clients
+    trainers = [c for c in cfg.clients if c.role == "client"]
+    per_round = min(cfg.clients_per_round, len(trainers))
+    if m > per_round:
+        raise ConfigError(
+            f"min_clients={m} can never be met: only {per_round} clients take part in a round;"
+            " lower min_clients or raise clients_per_round"
+        )
+    revoked = {c.name for c in trainers if c.revoked}
+    active = len(trainers) - len(revoked)
+    if not active:
+        raise ConfigError(
+            f"all {len(trainers)} clients are revoked, so no round can ever run; set "
+            "revoked = false for some in the registry or register new clients (a new run)"
+        )
+    if m > active:
+        raise ConfigError(
+            f"min_clients={m} can never be met: {len(revoked)} of the {len(trainers)} clients "
+            f"{_is(len(revoked))} revoked ({', '.join(sorted(revoked))}), leaving {active}; "
+            f"lower min_clients to {active} or less, or set revoked = false for some in the "
+            "registry"
+        )
+    if m <= per_round - len(revoked):
+        return  # even a round that samples every revoked client has enough
+    from hefl.rounds import sample_clients
+
+    names = [c.name for c in trainers]
+    short: list[tuple[int, list[str]]] = []  # (round, revoked clients it samples)
+    worst = per_round
+    for r in range(1, cfg.rounds + 1):
+        chosen = [names[i] for i in sample_clients(len(names), cfg.clients_per_round,
+                                                   cfg.seed, r)]
+        out = sorted(revoked.intersection(chosen))
+        worst = min(worst, len(chosen) - len(out))
+        if len(chosen) - len(out) < m:
+            short.append((r, out))
+    if short:
+        r, out = short[0]
+        others = f" and {len(short) - 1} other round(s)" if len(short) > 1 else ""
+        lower = (f"lower min_clients to {worst} or less (the fewest non-revoked clients any "
+                 f"of the {cfg.rounds} rounds samples), " if worst >= 1 else "")
+        raise ConfigError(
+            f"min_clients={m} can never be met in round {r}{others}: of the {per_round} clients "
+            f"it samples, {len(out)} {_is(len(out))} revoked ({', '.join(out)}); {lower}set "
+            "revoked = false for some in the registry, or raise clients_per_round (a new run)"
+        )
+
+
+def _is(n: int) -> str:
+    return "is" if n == 1 else "are"
 
 
 # ---------------------------------------------------------------- models named in the config

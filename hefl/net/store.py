@@ -3,14 +3,16 @@
 One file, ``STATE_DIR/hefl.db``, in WAL mode with ``synchronous=FULL``. A round is committed in
 one transaction (its record, its metrics and the new global model with the optimizer state), so
 after a crash at any point the store holds either the whole round or none of it: a restart
-resumes at the last completed round and never loses or repeats one.
+resumes at the last completed round and never loses or repeats one. Reopening a run with other
+``rounds`` extends or shortens it (``OpenedRun``); one server at a time holds the directory
+(``StateLock``).
 
 Example:
     >>> import tempfile, numpy as np
     >>> from hefl.rounds import RoundRecord
     >>> with tempfile.TemporaryDirectory() as d:
     ...     s = Store(d)
-    ...     s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
+    ...     _ = s.open_run("r1", {"rounds": 2}, rounds=2, initial=np.zeros(3), opt_state=b"")
     ...     s.commit_round("r1", RoundRecord(1, 3, 3, 9.0, 0.5), np.ones(3), b"")
     ...     s.resume_point("r1")[0]
     ...     s.close()
@@ -20,25 +22,30 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from hefl.errors import ConfigError, RoundError
+from hefl.errors import ConfigError, RoundError, StateInUse
 from hefl.rounds import RoundRecord
 
 T = TypeVar("T")
 
 DB_NAME = "hefl.db"
+LOCK_NAME = "lock"
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +80,51 @@ class RunInfo:
     status: str
     created: float
     updated: float
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """What ``Store.open_run`` found and did. Truthy exactly when the run already existed, so
+    ``existed = store.open_run(...)`` used as a bool keeps its old meaning.
+
+    Attributes:
+        run_id: the run.
+        outcome: ``"created"`` (a new run, round 0 stored), ``"resumed"`` (it existed with the
+            same rounds), ``"extended"`` (it existed with fewer rounds; now more) or
+            ``"shortened"`` (it existed with more rounds; now fewer, never below ``completed``).
+        rounds: the run's rounds as now stored (the ``rounds`` passed in).
+        previous_rounds: the rounds stored before this call; None when created.
+        completed: rounds already completed (0 when created); the run continues after it.
+        reopened: it had finished and was set back to ``running`` because it was extended.
+    """
+
+    run_id: str
+    outcome: Literal["created", "resumed", "extended", "shortened"]
+    rounds: int
+    previous_rounds: int | None = None
+    completed: int = 0
+    reopened: bool = False
+
+    def __bool__(self) -> bool:
+        return self.outcome != "created"
+
+    @property
+    def existed(self) -> bool:
+        return self.outcome != "created"
+
+    @property
+    def message(self) -> str:
+        """One line for the log, e.g. "run r extended from 2 to 3 rounds; continues after
+        round 2 (it had finished)"."""
+        r, n, done = self.run_id, self.rounds, self.completed
+        if self.outcome == "created":
+            return f"run {r} created with {n} rounds"
+        if self.outcome == "resumed":
+            return f"run {r} resumed after round {done} of {n}"
+        where = (f"continues after round {done}" if done < n
+                 else f"all {n} are already completed")
+        return (f"run {r} {self.outcome} from {self.previous_rounds} to {n} rounds; {where}"
+                + (" (it had finished)" if self.reopened else ""))
 
 
 def _locked(method: Callable[..., T]) -> Callable[..., T]:
@@ -131,22 +183,59 @@ class Store:
         rounds: int,
         initial: np.ndarray,
         opt_state: bytes,
-    ) -> bool:
-        """Create the run with its round-0 checkpoint, or find it. Returns True if it existed."""
+    ) -> OpenedRun:
+        """Create the run with its round-0 checkpoint, or find it and adopt ``rounds``.
+
+        A run is identified by what decides its result (``RunConfig.run_id``), not by where it
+        stops, so a changed ``rounds`` extends or shortens the stored run instead of starting
+        another: the runs row (and the stored config's top-level ``"rounds"``, if it has one)
+        takes the new value, and a finished run that now has rounds left is set back to
+        ``running``. ``config``, ``initial`` and ``opt_state`` are only stored when creating.
+
+        Returns:
+            ``OpenedRun``; truthy exactly when the run existed.
+
+        Raises:
+            ConfigError: ``rounds`` is below the rounds already completed (history is never
+                deleted).
+        """
         with self._lock, self.db:
-            row = self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            if row:
-                return True
+            row = self.db.execute(
+                "SELECT config, rounds, status FROM runs WHERE run_id=?", (run_id,)
+            ).fetchone()
             now = time.time()
+            if row is None:
+                self.db.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?)",
+                    (run_id, json.dumps(config, sort_keys=True), rounds, now, now),
+                )
+                self.db.execute(
+                    "INSERT INTO checkpoints VALUES (?, 0, ?, ?)",
+                    (run_id, _vec(initial), opt_state),
+                )
+                return OpenedRun(run_id, "created", rounds)
+            stored, before, status = json.loads(row[0]), int(row[1]), str(row[2])
+            done = int(self.db.execute(
+                "SELECT COALESCE(MAX(round), 0) FROM rounds WHERE run_id=?", (run_id,)
+            ).fetchone()[0])
+            if rounds == before:
+                return OpenedRun(run_id, "resumed", rounds, before, done)
+            if rounds < done:
+                raise ConfigError(
+                    f"run {run_id!r} has already completed {done} rounds, more than rounds = "
+                    f"{rounds}; completed rounds are never deleted. Set rounds to {done} or "
+                    "more to keep this run, or change [run] name (or state_dir) for a new run"
+                )
+            reopen = status == "finished" and rounds > done
+            if isinstance(stored, dict) and "rounds" in stored:
+                stored["rounds"] = rounds
             self.db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, 'running', ?, ?)",
-                (run_id, json.dumps(config, sort_keys=True), rounds, now, now),
+                "UPDATE runs SET rounds=?, config=?, status=?, updated=? WHERE run_id=?",
+                (rounds, json.dumps(stored, sort_keys=True), "running" if reopen else status,
+                 now, run_id),
             )
-            self.db.execute(
-                "INSERT INTO checkpoints VALUES (?, 0, ?, ?)",
-                (run_id, _vec(initial), opt_state),
-            )
-        return False
+        outcome: Literal["extended", "shortened"] = "extended" if rounds > before else "shortened"
+        return OpenedRun(run_id, outcome, rounds, before, done, reopen)
 
     def set_status(self, run_id: str, status: str) -> None:
         with self._lock, self.db:
@@ -262,6 +351,150 @@ class Store:
              "last_event": r[4]}
             for r in rows
         ]
+
+
+class StateLock:
+    """An exclusive lock on a state directory, so that one server at a time uses it.
+
+    ``flock(LOCK_EX | LOCK_NB)`` on ``STATE_DIR/lock`` (created mode 0600), which then records
+    the holder's address, pid and host as one JSON line. A second acquirer, in another process or
+    in this one (flock locks belong to an open file description, so a second ``open`` conflicts),
+    fails at once with ``StateInUse`` naming the holder. The kernel releases the lock when the
+    holder closes it or its process exits for any reason, ``kill -9`` included, so a stale file
+    never blocks a restart: the lock is the flock, not the file, and the file is never deleted
+    (deleting it would let two processes lock two different files). Keep a reference: the lock
+    is held until ``release()`` (or ``close()``, or the end of a ``with`` block) or the process
+    exits, not dropped when the object is garbage-collected. The descriptor is not
+    inherited across ``exec``; a ``fork``-ed child without exec shares the lock. flock is
+    per-host: on a network file system shared by two hosts it may not exclude.
+
+    Args:
+        state_dir: the state directory (created if missing).
+        address: what to record as the holder, e.g. ``"127.0.0.1:50051"``.
+
+    Raises:
+        StateInUse: another holder has the lock.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with StateLock(d, "127.0.0.1:5000"):
+        ...         StateLock(d, "127.0.0.1:5001")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hefl.errors.StateInUse: state dir ... is in use by the server at 127.0.0.1:5000 ...
+    """
+
+    def __init__(self, state_dir: str | Path, address: str) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / LOCK_NAME
+        self.address = address
+        self._fd: int | None = None
+        self._guard = threading.Lock()
+        self.acquire()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op if this object holds it); raises ``StateInUse`` if taken."""
+        with self._guard:
+            if self._fd is not None:
+                return
+            self.dir.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot open the lock file {str(self.path)!r}: {e}; check the state_dir "
+                    "exists and is writable by this user"
+                ) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise _in_use(self.dir, holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            with contextlib.suppress(OSError):  # a file another user made: keep its mode
+                os.fchmod(fd, 0o600)
+            self._record()
+
+    def set_address(self, address: str) -> None:
+        """Record another address, e.g. the bound port once known after binding ``HOST:0``."""
+        with self._guard:
+            self.address = address
+            if self._fd is not None:
+                self._record()
+
+    def release(self) -> None:
+        """Give the lock up (idempotent). The file stays, emptied; the next holder rewrites it."""
+        with self._guard:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            try:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    close = release
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _record(self) -> None:
+        assert self._fd is not None
+        line = json.dumps({"address": self.address, "pid": os.getpid(),
+                           "host": socket.gethostname(), "since": time.time()}) + "\n"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, line.encode(), 0)
+        os.fsync(self._fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """The holder's record; it may be writing it just now, so wait a moment for a whole line."""
+    for _ in range(20):
+        raw = os.pread(fd, 4096, 0)
+        if raw.endswith(b"\n"):
+            with contextlib.suppress(ValueError):
+                rec = json.loads(raw)
+                if isinstance(rec, dict):
+                    return rec
+        time.sleep(0.01)
+    return {}
+
+
+def _in_use(state_dir: Path, holder: Mapping[str, Any]) -> StateInUse:
+    address = holder.get("address")
+    pid = holder.get("pid")
+    pid = pid if isinstance(pid, int) else None
+    if address:
+        who = f"the server at {address}"
+    else:
+        who = "another process (it recorded no address)"
+    where = [f"pid {pid}"] if pid is not None else []
+    if holder.get("host") and holder.get("host") != socket.gethostname():
+        where.append(f"on host {holder['host']}")
+    if where:
+        who += f" ({' '.join(where)})"
+    return StateInUse(
+        f"state dir {str(state_dir)!r} is in use by {who}; stop it or use another state_dir",
+        state_dir=str(state_dir), address=str(address) if address else None, pid=pid,
+    )
 
 
 def _vec(v: np.ndarray) -> bytes:
