@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from hefl.algorithms import fedavg
 from hefl.data.federated import FederatedData
@@ -164,3 +165,55 @@ def test_client_disconnecting_mid_round_is_dropped_then_rejoins(tmp_path):
     assert [r.contributors for r in records] == [2, 3]
     assert "disconnected mid-round" in records[0].rejected["c1"]
     assert run.clients["c1"].summary.reconnects == 1
+
+
+def test_a_second_coordinator_on_the_same_state_dir_is_refused(tmp_path):
+    from hefl.errors import StateInUse
+    from hefl.net.config import load_config
+    from hefl.net.coordinator import Coordinator
+
+    demo = demo_of(tmp_path, toy_data(), rounds=1)
+    first = Coordinator(load_config(demo.config))
+    try:
+        with pytest.raises(StateInUse, match=r"in use by the server at 127\.0\.0\.1:\d+"):
+            Coordinator(load_config(demo.config))
+    finally:
+        first.close()
+    Coordinator(load_config(demo.config)).close()  # released: the next server may start
+
+
+def test_late_client_learns_the_run_finished_and_exits_cleanly(tmp_path):
+    from hefl.net.client import ClientSettings
+    from hefl.net.memory import MemoryTransport
+    from hefl.net.wire import Token
+
+    demo = demo_of(tmp_path, toy_data(), rounds=1, linger_s=30.0)
+    run = run_in_memory(demo, {"c0": {}, "c1": {}})  # c2 arrives after the end
+    run.wait(lambda c: len(c.sessions) == 2)
+    run.advance(60.0)  # start timeout: the round goes ahead with the two that are there
+    run.wait(lambda c: c.done)
+    token = Token.parse(demo.fed.token("c2").read_text())
+    late = FederationClient(ClientSettings(server="memory", data=demo.data["c2"], token=token),
+                            connect=lambda: MemoryTransport(run.coordinator, token))
+    summary = late.run()  # returns (exit 0), does not retry until give_up_s
+    assert summary.run_id == run.coordinator.run_id and summary.rounds_trained == 0
+    assert run.clock.blocked(run.runner) == 60.0 + 30.0  # it lingers for late clients...
+    run.advance(30.0)  # ...then ends
+    records, _ = run.finish()
+    assert [r.contributors for r in records] == [2]
+
+
+def test_extending_rounds_continues_the_finished_run(tmp_path):
+    import re
+
+    demo = demo_of(tmp_path, toy_data(), rounds=2)
+    first, _ = run_in_memory(demo).finish()
+    text = demo.config.read_text()
+    demo.config.write_text(re.sub(r"(?m)^rounds = 2$", "rounds = 3", text))
+    run = run_in_memory(demo)
+    records, params = run.finish()
+    assert [r.round for r in records] == [1, 2, 3]  # rounds 1-2 kept, only round 3 trained
+    assert [comparable(r) for r in records[:2]] == [comparable(r) for r in first]
+    np.testing.assert_array_equal(params, simulated(toy_data(), 3).params)
+    log = (demo.root / "server.log").read_text()
+    assert "extended from 2 to 3 rounds" in log

@@ -108,13 +108,14 @@ def parse_update(spec: HeSpec, key_id: bytes, data: bytes) -> EncryptedUpdate:
         UpdateRejected: not an update, truncated, oversized, or the wrong number of ciphertexts.
         ContextMismatch: made under other parameters or another key.
     """
-    if isinstance(data, (bytes, bytearray)) and len(data) == 8 + 8 * spec.size:  # PlainAggregator.dumps
-        if bytes(data[:8]) != MAGIC_UPDATE[:8]:
-            raise UpdateRejected(
-                "received a plaintext update where a ciphertext was expected; the client must "
-                "encrypt (run it with the federation's HE context)",
-                stage="decode",
-            )
+    plain_size = 8 + 8 * spec.size  # what PlainAggregator.dumps writes for this model
+    if (isinstance(data, (bytes, bytearray)) and len(data) == plain_size
+            and bytes(data[:8]) != MAGIC_UPDATE[:8]):
+        raise UpdateRejected(
+            "received a plaintext update where a ciphertext was expected; the client must "
+            "encrypt (run it with the federation's HE context)",
+            stage="decode",
+        )
     r = wire.Reader(data, "encrypted update", MAGIC_UPDATE)
     fp, kid = r.take(16), r.take(16)
     _check_stamp(spec, key_id, fp, kid, "encrypted update")

@@ -85,6 +85,7 @@ class ServerSettings:
     retry_delay_s: float = 1.0
     max_update_mb: float = 256.0
     heartbeat_s: float = 5.0
+    linger_s: float = 60.0  # after the run: keep telling late clients "finished", then exit
     test_data: Path | None = None
 
 
@@ -245,6 +246,8 @@ def validate(cfg: RunConfig) -> None:
     _check_min_clients(cfg)
     if not 0 < s.wait_fraction <= 1:
         raise ConfigError(f"wait_fraction must be in (0, 1], got {s.wait_fraction}")
+    if s.linger_s < 0:
+        raise ConfigError(f"linger_s must be >= 0 seconds, got {s.linger_s}")
     if min(s.round_timeout_s, s.start_timeout_s, s.join_timeout_s, s.heartbeat_s) <= 0:
         raise ConfigError("timeouts must be positive numbers of seconds")
     if not cfg.tls.insecure and (cfg.tls.cert is None or cfg.tls.key is None):

@@ -54,7 +54,7 @@ from hefl.net.config import RunConfig, build_aggregator, build_algorithm, build_
 from hefl.net.data import load_client_data
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
-from hefl.net.store import Store, write_atomic
+from hefl.net.store import StateLock, Store, write_atomic
 from hefl.rounds import (
     Answer,
     Contribution,
@@ -179,11 +179,17 @@ class Coordinator:
         self.model = build_model(cfg.model)
         self.size = int(self.model.spec.size)
         self.summer = build_aggregator(cfg.aggregation, self.size)  # never a secret key
-        self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
-        self.store = Store(cfg.state_dir)
-        self.test: ClientData | None = (
-            load_client_data(cfg.server.test_data) if cfg.server.test_data else None
-        )
+        # one server per state dir: a second one (another port, same dir) is refused here
+        self.lock = StateLock(cfg.state_dir, cfg.server.address)
+        try:
+            self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
+            self.store = Store(cfg.state_dir)
+            self.test: ClientData | None = (
+                load_client_data(cfg.server.test_data) if cfg.server.test_data else None
+            )
+        except BaseException:
+            self.lock.release()
+            raise
         self.cond = threading.Condition()
         self.sessions: dict[str, Session] = {}
         self.task: FitTask | None = None
@@ -207,6 +213,7 @@ class Coordinator:
     def close(self) -> None:
         self.request_stop()
         self.store.close()
+        self.lock.release()
 
     def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
         """Wait (holding ``cond``) until ``predicate`` or stopping, at most ``timeout`` s."""
@@ -223,7 +230,7 @@ class Coordinator:
         """
         cfg = self.cfg
         init = self.model.init_vector()
-        existed = self.store.open_run(
+        opened = self.store.open_run(
             self.run_id, cfg.public_dict(), rounds=cfg.rounds, initial=init,
             opt_state=wire.pack_state(self.algorithm.server.init(init)),
         )
@@ -231,8 +238,10 @@ class Coordinator:
         last, params, state_bytes = self.store.resume_point(self.run_id)
         opt_state = wire.unpack_state(state_bytes)
         self.completed = last
-        event(self.log, "resumed" if existed else "run_started", run_id=self.run_id,
-              last_completed_round=last, rounds=cfg.rounds, clients=len(self.names))
+        event(self.log, "resumed" if opened else "run_started", run_id=self.run_id,
+              last_completed_round=last, rounds=cfg.rounds, clients=len(self.names),
+              outcome=opened.outcome, previous_rounds=opened.previous_rounds,
+              message=opened.message)
         first = True
         for r in range(last + 1, cfg.rounds + 1):
             attempt = 0
@@ -263,6 +272,9 @@ class Coordinator:
             self.done = True
             self.cond.notify_all()
             self._wait(lambda: not self.sessions, 5.0)  # let clients hear DONE
+            if cfg.server.linger_s > 0:  # a client that (re)joins now learns the run is over
+                event(self.log, "lingering", seconds=cfg.server.linger_s)
+                self._wait(lambda: False, cfg.server.linger_s)
         why = nothing_trained(history.records)
         if why is not None:
             event(self.log, "nothing_trained", level=logging.ERROR, reason=why)

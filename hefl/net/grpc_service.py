@@ -167,6 +167,7 @@ class FederationServer:
         server.start()
         self._grpc = server
         host = addr.rsplit(":", 1)[0]
+        self.coordinator.lock.set_address(f"{host}:{self.port}")  # HOST:0 has its port now
         write_atomic(self.cfg.state_dir / "endpoint", f"{host}:{self.port}\n")
         event(self.log, "listening", address=f"{host}:{self.port}", run_id=self.run_id,
               tls=not self.cfg.tls.insecure, mtls=self.cfg.tls.client_ca is not None)

@@ -16,7 +16,6 @@ Example:
     ...     s.commit_round("r1", RoundRecord(1, 3, 3, 9.0, 0.5), np.ones(3), b"")
     ...     s.resume_point("r1")[0]
     ...     s.close()
-    False
     1
 """
 
@@ -482,10 +481,7 @@ def _in_use(state_dir: Path, holder: Mapping[str, Any]) -> StateInUse:
     address = holder.get("address")
     pid = holder.get("pid")
     pid = pid if isinstance(pid, int) else None
-    if address:
-        who = f"the server at {address}"
-    else:
-        who = "another process (it recorded no address)"
+    who = f"the server at {address}" if address else "another process (it recorded no address)"
     where = [f"pid {pid}"] if pid is not None else []
     if holder.get("host") and holder.get("host") != socket.gethostname():
         where.append(f"on host {holder['host']}")

@@ -90,7 +90,8 @@ def make_demo(
     paths = write_federated(data, root / "data", names, test)
     address = f"127.0.0.1:{free_port()}"
     srv: dict[str, Any] = {"address": address, "min_clients": 1, "round_timeout_s": 60.0,
-           "start_timeout_s": 60.0, "join_timeout_s": 5.0, "heartbeat_s": 2.0}
+           "start_timeout_s": 60.0, "join_timeout_s": 5.0, "heartbeat_s": 2.0,
+           "linger_s": 0.0}  # tests wait for the server to exit; a late-client test sets it
     if test is not None:
         srv["test_data"] = "data/test.npz"
     srv.update(server or {})
@@ -190,7 +191,7 @@ def run_in_threads(
 
     def logger(name: str):
         return get_logger(f"hefl.test.{demo.root.name}.{name}",
-                          stream=open(demo.root / f"{name}.log", "a"))  # noqa: SIM115
+                          stream=open(demo.root / f"{name}.log", "a"))
 
     srv = FederationServer(load_config(demo.config), log=logger("server"))
     srv.start()
@@ -286,7 +287,7 @@ def run_in_memory(
 
     def logger(name: str):
         return get_logger(f"hefl.mem.{demo.root.name}.{name}",
-                          stream=open(demo.root / f"{name}.log", "a"))  # noqa: SIM115
+                          stream=open(demo.root / f"{name}.log", "a"))
 
     clock = clock or FakeClock()
     coord = (coordinator_class or Coordinator)(load_config(demo.config), log=logger("server"),
