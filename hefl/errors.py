@@ -13,6 +13,7 @@
     ├── CryptoError                encryption, decryption or key handling failed
     │   ├── ContextMismatch        a ciphertext was made under another context or key
     │   └── KeyCustodyError        an operation needs a key this party must not hold
+    │       └── DecodeRefused      a key holder refused to decrypt (unverified, repeated, too few)
     └── TransportError             a message could not be sent, received or parsed
         └── Refused                the other side refused the request (a status code and why)
 
@@ -109,6 +110,12 @@ class ContextMismatch(CryptoError):
 
 class KeyCustodyError(CryptoError):
     """An operation needs a key that this party must not hold."""
+
+
+class DecodeRefused(KeyCustodyError):
+    """A key holder refused a decode request: a signature that does not verify, fewer than
+    ``min_clients`` distinct registered signers, a second decryption of a round, a replayed model.
+    The key holder logs the reason; the server records the round as skipped."""
 
 
 class TransportError(HeflError):

@@ -102,7 +102,7 @@ def test_bad_messages_are_refused_and_nothing_is_lost(tmp_path):
         join = ch.unary_unary(wire.method("Join"),
                               request_serializer=pb.JoinRequest.SerializeToString,
                               response_deserializer=pb.JoinReply.FromString)
-        run_id = join(pb.JoinRequest(protocol_version=1), metadata=md).run_id
+        run_id = join(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION), metadata=md).run_id
         sub = ch.unary_stream(wire.method("Subscribe"),
                               request_serializer=pb.SubscribeRequest.SerializeToString,
                               response_deserializer=pb.ServerFrame.FromString)
@@ -197,7 +197,7 @@ def test_unknown_revoked_and_mtls_identity(tmp_path):
                                 request_serializer=pb.JoinRequest.SerializeToString,
                                 response_deserializer=pb.JoinReply.FromString)
             try:
-                return grpc.StatusCode.OK, fn(pb.JoinRequest(protocol_version=1), metadata=md,
+                return grpc.StatusCode.OK, fn(pb.JoinRequest(protocol_version=wire.PROTOCOL_VERSION), metadata=md,
                                               timeout=10).index
             except grpc.RpcError as e:
                 return e.code(), e.details()

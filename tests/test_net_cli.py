@@ -89,7 +89,8 @@ def test_keys_ceremony_files_and_custody_hints(tmp_path):
                    '[aggregation]\nkind = "bfv"\ncustody = "keyholder"\n')
     r = runner.invoke(app, ["keys", "--config", str(cfg), "--out", str(tmp_path / "k")])
     assert r.exit_code == 0, r.output
-    assert "the key holder only" in r.output and "never give it share.key" in r.output
+    assert "only the key holder" in r.output and "never give it share.key" in r.output
+    assert "--registry" in r.output  # the key holder verifies signatures against its own copy
     share = tmp_path / "k" / "share.key"
     assert (share.stat().st_mode & 0o777) == 0o600
     from hefl.crypto import KeyShare, PublicContext

@@ -1,6 +1,6 @@
 """Encrypted aggregation deployed: the server holds only the public context, clients encrypt,
-a key holder (a client in custody "clients", a separate process in custody "keyholder") decrypts
-the sum. The result equals the plaintext simulation within the quantization error."""
+a registered key holder (in both custodies; in custody "clients" the data clients also hold the
+key, to encrypt) decrypts the sum, after verifying the signed contributions. The result equals the plaintext simulation within the quantization error."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hefl.models.linear import LogisticRegressionModel
 from hefl.net.config import load_config
 from hefl.net.server import FederationServer
 from hefl.net.store import Store
-from hefl.net.testing import make_demo, run_in_threads, spawn_client, spawn_server
+from hefl.net.testing import make_demo, run_in_threads, spawn, spawn_client, spawn_server
 from hefl.simulation import simulate
 
 MODEL = {"kind": "logreg", "n_features": 64, "n_classes": 10}
@@ -41,12 +41,20 @@ def plaintext(data: FederatedData, rounds: int) -> np.ndarray:
 def test_encrypted_processes_custody_clients_equal_plaintext(tmp_path):
     data = small_digits()
     demo = make_demo(tmp_path, data, model=MODEL, rounds=3, clients_per_round=3,
-                     aggregation=BFV, server={"min_clients": 2})
+                     aggregation=BFV, server={"min_clients": 2}, key_holders=["kh"])
     share = tmp_path / "keys" / "share.key"
     server = spawn_server(demo)
+    # the data clients hold the key and encrypt with it, but only the registered key holder
+    # decrypts (data clients never answer DECODE); their identity keys default to NAME.id
+    # beside the token file
     clients = [spawn_client(demo, n, "--he-key", str(share)) for n in demo.names]
+    holder = spawn(["client", "--server", demo.address, "--ca", str(demo.fed.ca),
+                    "--token-file", str(demo.fed.token("kh")), "--key-holder",
+                    "--he-key", str(share), "--registry", str(demo.fed.registry)],
+                   tmp_path / "client-kh.log")
+    clients.append(holder)
     try:
-        assert [p.wait(120) for p in [server, *clients]] == [0] * 4
+        assert [p.wait(120) for p in [server, *clients]] == [0] * 5
     finally:
         for p in [server, *clients]:
             if p.poll() is None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 
 from hefl.data.federated import FederatedData
-from hefl.errors import TransportError
+from hefl.errors import RoundError, TransportError
 from hefl.net.config import build_model
 from hefl.net.keys import write_keys
 from hefl.net.testing import make_demo, run_in_memory
@@ -57,8 +58,17 @@ def test_client_with_another_federations_key_is_refused_and_stops(tmp_path):
 
 def test_rerun_of_an_encrypted_run_reproduces_the_model_exactly(tmp_path):
     demo = encrypted_demo(tmp_path, rounds=2)
-    first = run_in_memory(demo, options(demo)).finish()[1]
+    ledger = {"state_dir": tmp_path / "kh-first"}
+    first = run_in_memory(demo, options(demo, kh=ledger)).finish()[1]
     shutil.rmtree(demo.state)
-    second = run_in_memory(demo, options(demo)).finish()[1]
+    # the same key holder refuses to decrypt the rounds of this run a second time: a server
+    # that wipes its state could otherwise difference two decryptions of one round
+    wiped = run_in_memory(demo, options(demo, kh=ledger))
+    with pytest.raises(RoundError, match="already decrypted"):
+        wiped.finish()
+    shutil.rmtree(demo.state)
+    # a fresh key holder (an empty ledger) decrypts: stochastic rounding is seeded from the run
+    # and each client's secret, so the model is reproduced bit for bit
+    second = run_in_memory(demo, options(demo, kh={"state_dir": tmp_path / "kh-new"})).finish()[1]
     assert not np.allclose(first, 0)
     np.testing.assert_array_equal(first, second)

@@ -74,9 +74,19 @@ def client(
     he_key: Annotated[Path | None, typer.Option(
         help="encrypted runs: share.key, or public.ctx in custody 'keyholder'")] = None,
     key_holder: Annotated[bool, typer.Option(
-        help="run as the key holder (no data; decrypts sums)")] = False,
+        help="run as the key holder (no data; decrypts verified sums)")] = False,
     min_clients: Annotated[int, typer.Option(
         help="as key holder: refuse sums of fewer contributions")] = 2,
+    identity: Annotated[Path | None, typer.Option(
+        help="Ed25519 identity key that signs this client's updates (default: NAME.id beside "
+        "--token-file)")] = None,
+    registry: Annotated[Path | None, typer.Option(
+        help="as key holder: your own copy of clients.toml (whose signatures to accept)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="as key holder: where decryptions are remembered (default: decoded/ beside "
+        "--he-key)")] = None,
+    share_metrics: Annotated[bool, typer.Option(
+        help="encrypted runs: also send the training loss in clear")] = False,
     fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
 ) -> None:
     """Join a federation and train on local data until the server ends the run."""
@@ -86,12 +96,16 @@ def client(
     try:
         if token_file is not None:
             token = token_file.read_text().strip()
+            beside = token_file.with_suffix(".id")
+            if identity is None and beside.exists():
+                identity = beside
         if not token:
             raise HeflError("pass --token NAME:SECRET, --token-file PATH or set HEFL_TOKEN")
         settings = ClientSettings(
             server=server, data=data, token=Token.parse(token), ca=ca, cert=cert, key=key,
             insecure=insecure, server_name=server_name, give_up_s=give_up_after,
             fit_delay_s=fit_delay, he_key=he_key, key_holder=key_holder, min_clients=min_clients,
+            identity=identity, registry=registry, state_dir=state_dir, share_metrics=share_metrics,
         )
         summary = FederationClient(settings).run()
     except (HeflError, OSError) as e:
@@ -108,7 +122,7 @@ def certs(
     days: Annotated[int, typer.Option(help="validity in days")] = 365,
     overwrite: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
     key_holders: Annotated[str, typer.Option(
-        help="comma-separated key-holder names (encrypted runs, custody 'keyholder')")] = "",
+        help="comma-separated key-holder names (encrypted runs: they decrypt verified sums)")] = "",
 ) -> None:
     """Make a test CA, server and client certificates, client tokens and the registry."""
     from hefl.net.certs import make_federation
@@ -122,7 +136,7 @@ def certs(
         _fail(e)
     typer.echo(f"CA {fed.ca}\nserver {fed.server_cert} {fed.server_key}\n"
                f"registry {fed.registry} (give the server this)\n"
-               f"clients {fed.client_dir}/NAME.{{token,pem,key}} (give each client its own)")
+               f"clients {fed.client_dir}/NAME.{{token,id,pem,key}} (give each client its own)")
 
 
 @app.command()
@@ -142,8 +156,10 @@ def keys(
         files = write_keys(cfg["aggregation"], size, out, overwrite=overwrite)
     except HeflError as e:
         _fail(e)
-    holder = ("every data client (--he-key share.key)" if files.custody == "clients"
-              else "the key holder only (hefl client --key-holder --he-key share.key)")
+    decrypts = ("the key holder (hefl client --key-holder --he-key share.key --registry "
+                "clients.toml)")
+    holder = (f"every data client (--he-key share.key, to encrypt) and {decrypts}"
+              if files.custody == "clients" else f"only {decrypts}")
     clients = ("" if files.custody == "clients"
                else f"\ndata clients get {files.public} (--he-key public.ctx)")
     typer.echo(f"server: {files.public} ([aggregation] public = ...); never give it share.key\n"

@@ -6,9 +6,13 @@
     out/server.pem  out/server.key              server certificate (SANs: localhost, 127.0.0.1, ...)
     out/clients/NAME.pem  out/clients/NAME.key  client certificates (for mTLS)
     out/clients/NAME.token                      the client's secret token (give it to NAME only)
-    out/clients.toml                            the server's registry: names and token SHA-256
+    out/clients/NAME.id                         its Ed25519 identity key: signs its contributions
+    out/clients.toml                            the registry: names, token SHA-256, public
+                                                identity keys (the server and every key holder
+                                                get a copy; it holds no secret)
 
-Keys are ECDSA P-256, private files are mode 0600. Built on the ``cryptography`` package; nothing
+TLS keys are ECDSA P-256, identity keys Ed25519 (``hefl.net.identity``); private files are mode
+0600. Built on the ``cryptography`` package; nothing
 here implements a primitive.
 """
 
@@ -42,6 +46,9 @@ class Federation:
 
     def token(self, name: str) -> Path:
         return self.client_dir / f"{name}.token"
+
+    def identity(self, name: str) -> Path:
+        return self.client_dir / f"{name}.id"
 
     def client_cert(self, name: str) -> tuple[Path, Path]:
         return self.client_dir / f"{name}.pem", self.client_dir / f"{name}.key"
@@ -158,6 +165,7 @@ def make_federation(
         ConfigError: no clients, a bad client name, or ``out`` already holds a CA (pass
             ``overwrite=True`` to replace it).
     """
+    from hefl.net.identity import Identity
     from hefl.net.wire import NAME_RE, Token
 
     out = Path(out)
@@ -177,7 +185,8 @@ def make_federation(
     s_key, s_cert = issue(ca_key, ca_cert, "hefl-server", server=True, hosts=hosts, days=days)
     _write(out / "server.pem", _pem_cert(s_cert))
     _write(out / "server.key", _pem_key(s_key), private=True)
-    lines = ["# hefl client registry: names (index order) and token SHA-256; no secrets.\n"]
+    lines = ["# hefl client registry: names (index order), token SHA-256 and public identity keys;"
+             " no secrets.\n"]
     for name in everyone:
         role = "keyholder" if name in key_holders else "client"
         c_key, c_cert = issue(ca_key, ca_cert, name, server=False, days=days)
@@ -185,8 +194,10 @@ def make_federation(
         _write(out / "clients" / f"{name}.key", _pem_key(c_key), private=True)
         token = Token.parse(new_token(name))
         _write(out / "clients" / f"{name}.token", f"{token}\n".encode(), private=True)
+        ident = Identity.generate()
+        ident.save(out / "clients" / f"{name}.id")
         lines.append(f'\n[[client]]\nname = "{name}"\ntoken_sha256 = "{token.sha256}"\n'
-                     f'revoked = false\nrole = "{role}"\n')
+                     f'revoked = false\nrole = "{role}"\nsign_key = "{ident.public_hex}"\n')
     _write(out / "clients.toml", "".join(lines).encode())
     return Federation(out / "ca.pem", out / "server.pem", out / "server.key",
                       out / "clients.toml", out / "clients")

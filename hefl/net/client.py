@@ -29,8 +29,10 @@ import grpc
 from hefl.client import FitConfig, ModelClient
 from hefl.errors import HeflError, Refused, TransportError
 from hefl.net import wire
-from hefl.net.config import build_aggregator, build_model, is_encrypted
+from hefl.net.config import build_aggregator, build_model, is_encrypted, load_registry
 from hefl.net.data import load_client_data
+from hefl.net.decrypt import DecodeLedger, VerifiedDecryptor, registry_signers
+from hefl.net.identity import Identity, digest, statement
 from hefl.net.keys import key_holder, load_key
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
@@ -56,9 +58,18 @@ class ClientSettings:
         torch_threads: torch intra-op threads (W1 uses 1).
         he_key: encrypted aggregation: ``share.key`` (custody "clients", or the key holder) or
             ``public.ctx`` (custody "keyholder" data clients) from ``hefl keys``.
-        key_holder: a key-holder process: no data, only decrypts sums (needs ``share.key``).
+        key_holder: a key-holder process: no data, only decrypts verified sums (needs
+            ``share.key`` and ``registry``). Data clients never decrypt, in any custody.
         min_clients: as key holder, refuse to decrypt sums of fewer contributions (local
             policy; the server cannot lower it).
+        identity: Ed25519 identity key (``NAME.id`` from ``hefl certs``): a data client signs its
+            encrypted updates with it (the CLI's default: ``NAME.id`` beside the token file).
+        registry: as key holder, its own copy of the registry (``clients.toml``): whose
+            signatures it accepts. Never taken from the server.
+        state_dir: as key holder, where it remembers what it decrypted (default: ``decoded/``
+            beside ``share.key``).
+        share_metrics: in encrypted runs, also send the training loss in clear (off: the
+            server learns no per-client metadata; the sample count is always encrypted).
     """
 
     server: str
@@ -76,6 +87,10 @@ class ClientSettings:
     he_key: Path | None = None
     key_holder: bool = False
     min_clients: int = 2
+    identity: Path | None = None
+    registry: Path | None = None
+    state_dir: Path | None = None
+    share_metrics: bool = False
 
 
 @dataclass
@@ -220,13 +235,18 @@ class FederationClient:
         if settings.key_holder:
             if settings.he_key is None:
                 raise TransportError("a key holder needs --he-key share.key")
+            if settings.registry is None:
+                raise TransportError(
+                    "a key holder needs --registry clients.toml: its own copy of the registry, "
+                    "to verify whose contributions it decrypts")
             self.data = None
         elif settings.data is None:
             raise TransportError("pass --data PATH (the client's .npz)")
         else:
             self.data = load_client_data(settings.data)
         self.key = load_key(settings.he_key) if settings.he_key is not None else None
-        self.holder: Any = None
+        self.holder: Any = None  # a VerifiedDecryptor, only in a key-holder process
+        self.identity: Identity | None = None
         self.connect: Callable[[], Transport] = connect or (lambda: GrpcTransport(settings))
         self.summary = ClientSummary()
         self._model_key: str | None = None
@@ -281,6 +301,9 @@ class FederationClient:
                     self._fit(header, body, transport)
                 elif header.kind == pb.TASK_DECODE and self.holder is not None:
                     self._decode(header, body, transport)
+                elif header.kind == pb.TASK_DECODE:  # a server that asks a data client to decrypt
+                    event(self.log, "decode_ignored", level=logging.WARNING, round=header.round,
+                          reason="a data client never decrypts; only a registered key holder")
         return False
 
     def _prepare(self, join: pb.JoinReply) -> None:
@@ -300,15 +323,29 @@ class FederationClient:
                     f"this federation aggregates encrypted ({agg.get('kind')}): pass --he-key "
                     "with the key file from `hefl keys`"
                 )
-            from hefl.crypto import KeyShare
-
-            if isinstance(self.key, KeyShare):
-                self.holder = key_holder(self.key, size, self.s.min_clients)
+            if self.s.key_holder:
+                self.holder = self._decryptor(size)
+            else:
+                self.identity = self._identity()
         if self.data is not None:
             self.encoder = build_aggregator(agg, size, key=self.key)
             self.client = ModelClient(self.model, self.data)
         self.summary.run_id = join.run_id
         self._model_key = key
+
+    def _decryptor(self, size: int) -> VerifiedDecryptor:
+        assert self.s.registry is not None and self.s.he_key is not None
+        state = self.s.state_dir or Path(self.s.he_key).parent / "decoded"
+        ledger = DecodeLedger(Path(state) / f"{self.name}.sqlite")
+        signers = registry_signers(load_registry(Path(self.s.registry)))
+        return VerifiedDecryptor(key_holder(self.key, size, self.s.min_clients), signers, ledger)
+
+    def _identity(self) -> Identity:
+        path = self.s.identity
+        if path is None:
+            raise TransportError("encrypted runs sign every update: pass --identity NAME.id "
+                                 "(from `hefl certs`)")
+        return Identity.load(path)
 
     def _fit(self, h: pb.TaskHeader, body: bytes, transport: Transport) -> None:
         """Train, encode and answer; a fit that raises or an update that cannot be encoded is
@@ -332,6 +369,13 @@ class FederationClient:
                                  kind=pb.TASK_FIT, num_examples=answer.num_examples,
                                  metrics={k: float(v) for k, v in answer.metrics.items()},
                                  error=answer.error or "")
+        if self.identity is not None:  # encrypted: the count travels only inside the ciphertext
+            header.num_examples = 1 if out else 0
+            if not self.s.share_metrics:
+                header.ClearField("metrics")
+            if out:
+                header.signature = self.identity.sign(
+                    statement(h.run_id, h.round, h.task_id, digest(body), digest(out)))
         if answer.error:
             event(self.log, "fit_failed", level=logging.WARNING, round=h.round,
                   reason=answer.error)
@@ -355,11 +399,14 @@ class FederationClient:
                                  kind=pb.TASK_DECODE)
         out = b""
         try:
-            mean, weight = self.holder.decode(body)
+            mean, weight = self.holder.decode(h.run_id, h.round, body)
             out = wire.vector_bytes(mean)
             header.metrics["total_weight"] = float(weight)
         except HeflError as e:
             header.error = str(e)
+        if header.error:
+            event(self.log, "decode_refused", level=logging.WARNING, round=h.round,
+                  reason=header.error)
         transport.submit(header, out)
         if not header.error:
             self._decoded.add(h.round)

@@ -67,10 +67,15 @@ class ClientEntry:
     token_sha256: str
     revoked: bool = False
     role: str = "client"  # "client" (trains) or "keyholder" (decrypts sums, never sampled)
+    sign_key: str = ""  # public Ed25519 identity key (hex): verifies the client's signatures
 
     def __post_init__(self) -> None:
         if self.role not in ("client", "keyholder"):
             raise ConfigError(f"client {self.name!r}: role must be 'client' or 'keyholder'")
+        if self.sign_key:
+            from hefl.net.identity import public_key
+
+            public_key(self.sign_key)
 
 
 @dataclass(frozen=True)

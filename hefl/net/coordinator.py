@@ -30,8 +30,9 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -52,6 +53,8 @@ from hefl.history import History
 from hefl.net import wire
 from hefl.net.config import RunConfig, build_aggregator, build_algorithm, build_model, is_encrypted
 from hefl.net.data import load_client_data
+from hefl.net.decrypt import registry_signers
+from hefl.net.identity import digest, statement, verify
 from hefl.net.logs import event, get_logger
 from hefl.net.proto import hefl_pb2 as pb
 from hefl.net.store import StateLock, Store, write_atomic
@@ -121,10 +124,15 @@ class FitTask:
     participants: frozenset[str]
     body: bytes
     results: dict[str, Contribution] = field(default_factory=dict)
+    signed: dict[str, pb.SignedUpdate] = field(default_factory=dict)  # encrypted runs
     dropped: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # refused answers (may be resent)
     failed: set[str] = field(default_factory=set)  # reported their own failure: final
     open: bool = True
+    model: bytes = b""  # SHA-256 of the body: the model digest clients sign
+
+    def __post_init__(self) -> None:
+        self.model = digest(self.body)
 
     def settled(self) -> bool:
         return all(
@@ -147,14 +155,22 @@ def parse(cls: Any, raw: bytes, what: str) -> Any:
 
 
 class RemoteDecoder:
-    """The decoder role in an encrypted deployment: a key holder reached by a DECODE task."""
+    """The decoder role in an encrypted deployment: a key holder reached by a DECODE task.
 
-    def __init__(self, coordinator: Coordinator, round_num: int) -> None:
+    What it sends is not the server's sum but a ``DecodeRequest``: the signed contributions the
+    sum was made of (``request(aggregate)`` builds it), so the key holder can verify every one
+    and recompute the sum itself (``hefl.net.decrypt``)."""
+
+    def __init__(self, coordinator: Coordinator, round_num: int,
+                 request: Callable[[Aggregate], bytes]) -> None:
         self.coordinator = coordinator
         self.round = round_num
+        self.request = request
 
     def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
-        return self.coordinator.remote_decode(self.round, aggregate)
+        if aggregate.count == 0:
+            raise RoundError("no usable client updates this round; nothing to decrypt")
+        return self.coordinator.remote_decode(self.round, self.request(aggregate))
 
 
 class Coordinator:
@@ -175,6 +191,9 @@ class Coordinator:
         self.encrypted = is_encrypted(cfg.aggregation)
         self.custody = str(cfg.aggregation.get("custody", "clients")) if self.encrypted else ""
         self.registry = {c.name: c for c in cfg.clients}
+        # encrypted runs: whose signatures a contribution must carry (the key holder checks
+        # them again against its own copy of the registry)
+        self.signers = registry_signers(cfg.clients) if self.encrypted else {}
         self.algorithm = build_algorithm(cfg.algorithm)
         self.model = build_model(cfg.model)
         self.size = int(self.model.spec.size)
@@ -296,6 +315,9 @@ class Coordinator:
         s = self.cfg.server
         t0 = time.perf_counter()
         plan = plan_round(self.names, self.cfg.clients_per_round, self.cfg.seed, self.algorithm, r)
+        pending = self._pending(r)
+        if pending.exists():  # a previous life asked for this round's decryption: ask again
+            return self._finish_pending(plan, attempt, params, opt_state, t0)
         chosen = [str(n) for n in plan.chosen]
         wanted = [n for n in chosen if not self.registry[n].revoked]  # revoked never connect
         with self.cond:
@@ -321,6 +343,7 @@ class Coordinator:
             task.open = False
             self.task = None
             results = dict(task.results)
+            signed = dict(task.signed)
             rejected = {n: "not connected at round start" for n in chosen if n not in participants}
             for n in participants:
                 if n not in results:
@@ -333,7 +356,24 @@ class Coordinator:
             event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
                   reason=f"{len(results)} answers, min_clients={s.min_clients}", rejected=rejected)
             return None
-        decoder = RemoteDecoder(self, r) if self.encrypted else self.summer
+        model = task.model
+
+        def request(agg: Aggregate) -> bytes:
+            body = pb.DecodeRequest(
+                run_id=self.run_id, round=r, model_digest=model,
+                updates=[signed[str(c)] for c in agg.contributors]).SerializeToString()
+            write_atomic(self._pending(r).with_suffix(".json"),
+                         json.dumps({"rejected": {**rejected, **agg.rejected}}))
+            write_atomic(self._pending(r), body)  # before the key holder can answer it
+            return body
+
+        decoder = RemoteDecoder(self, r, request) if self.encrypted else self.summer
+        return self._finish(plan, attempt, results, rejected, decoder, params, opt_state, t0)
+
+    def _finish(self, plan: RoundPlan, attempt: int, results: Mapping[str, Contribution],
+                rejected: Mapping[str, str], decoder: Any, params: np.ndarray, opt_state: Any,
+                t0: float) -> tuple[np.ndarray, Any] | None:
+        r = plan.round
         evaluate = (lambda p: {f"test_{k}": v for k, v in self.model.evaluate(p, self.test).items()
                                if k != "n"}) if self.test is not None else None
         try:
@@ -350,6 +390,8 @@ class Coordinator:
             event(self.log, "round_skipped", level=logging.WARNING, round=r,
                   reason=record.skip_reason)
         self.store.commit_round(self.run_id, record, params, wire.pack_state(opt_state))
+        for p in (self._pending(r), self._pending(r).with_suffix(".json")):
+            p.unlink(missing_ok=True)
         with self.cond:
             self.completed = r
         self._export(History(self.store.records(self.run_id)), plot=False)
@@ -359,16 +401,32 @@ class Coordinator:
               metrics=dict(record.metrics))
         return params, opt_state
 
-    def remote_decode(self, r: int, agg: Aggregate) -> tuple[np.ndarray, float]:
-        """Send the encrypted sum to a live key holder and wait for the mean and total weight.
+    def _pending(self, r: int) -> Path:
+        """Where this round's decode request is kept until the round is committed."""
+        return self.cfg.state_dir / "pending" / f"{self.run_id}-r{r}.decode"
+
+    def _finish_pending(self, plan: RoundPlan, attempt: int, params: np.ndarray, opt_state: Any,
+                        t0: float) -> tuple[np.ndarray, Any] | None:
+        """Finish a round whose decryption a previous server life requested: send the key
+        holder the very same request (it answers the same request once more, and only it)."""
+        r = plan.round
+        body = self._pending(r).read_bytes()
+        meta = json.loads(self._pending(r).with_suffix(".json").read_text())
+        req = pb.DecodeRequest.FromString(body)
+        results = {u.client: Contribution(self.summer.loads(u.payload), 1, {}, len(u.payload))
+                   for u in req.updates}
+        event(self.log, "decode_resumed", round=r, attempt=attempt, contributors=len(results))
+        decoder = RemoteDecoder(self, r, lambda agg: body)
+        return self._finish(plan, attempt, results, meta["rejected"], decoder, params, opt_state,
+                            t0)
+
+    def remote_decode(self, r: int, body: bytes) -> tuple[np.ndarray, float]:
+        """Send a decode request to a live key holder and wait for the mean and total weight.
 
         Raises:
-            RoundError: nothing to decode, or the key holder refused (the round is skipped).
+            RoundError: the key holder refused (the round is skipped).
             NoKeyHolder: no key holder answered in time (the round is retried).
         """
-        if agg.count == 0:
-            raise RoundError("no usable client updates this round; nothing to decrypt")
-        body = self.summer.dumps(agg.payload)
         deadline = self.clock.now() + self.cfg.server.round_timeout_s
         with self.cond:
             self._wait(self._key_holders, deadline - self.clock.now())
@@ -379,8 +437,7 @@ class Coordinator:
                               holders[0], body)
             self.decoding = task
             self.cond.notify_all()
-        event(self.log, "decode_requested", round=r, key_holder=task.target,
-              contributors=agg.count, bytes=len(body))
+        event(self.log, "decode_requested", round=r, key_holder=task.target, bytes=len(body))
         with self.cond:
             self._wait(lambda: task.answer is not None or task.error is not None
                        or not self._live(task.target), deadline - self.clock.now())
@@ -454,11 +511,11 @@ class Coordinator:
         if role == "keyholder" and not req.key_holder:
             raise Refused("PERMISSION_DENIED",
                           f"{name!r} is registered as a key holder; start it with --key-holder")
-        if role != "keyholder" and req.key_holder and self.custody != "clients":
+        if role != "keyholder" and req.key_holder:
             raise Refused("PERMISSION_DENIED",
-                          f"{name!r} is registered as a data client, not a key holder; in "
-                          f"custody {self.custody!r} only registry entries with role = "
-                          "\"keyholder\" may decrypt")
+                          f"{name!r} is registered as a data client, not a key holder: data "
+                          "clients never decrypt (in any custody); only registry entries with "
+                          "role = \"keyholder\" may")
         with self.cond:
             old = self.sessions.get(name)
             if old is not None:
@@ -555,6 +612,7 @@ class Coordinator:
             task = self._check_open(name, h)
         try:
             body = wire.read_body(chunks, h.body_size, h.body_sha256, self.max_body)
+            signed = self._signed(name, h, task, body) if self.encrypted and body else None
             payload = self.summer.loads(body) if body else None
             answer = Answer(payload, int(h.num_examples), dict(h.metrics), h.error or None)
             result = accept(self.summer, name, answer, nbytes=len(body))
@@ -581,11 +639,35 @@ class Coordinator:
             if self._check_open(name, h) is not task:
                 raise Refused("FAILED_PRECONDITION", "the round attempt changed")
             task.results[name] = result
+            if signed is not None:
+                task.signed[name] = signed
             task.rejected.pop(name, None)
             self.cond.notify_all()
         event(self.log, "update_accepted", client=name, round=h.round, bytes=len(body))
         self._note(name, f"answered round {h.round}")
         return pb.SubmitReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def _signed(self, name: str, h: pb.UpdateHeader, task: FitTask,
+                body: bytes) -> pb.SignedUpdate:
+        """An encrypted update must carry its sender's signature over this round, attempt,
+        model and body (else ``Refused``: the client's identity key is not the registered one)."""
+        message = statement(self.run_id, h.round, h.task_id, task.model, digest(body))
+        if not verify(self.signers.get(name, ""), message, h.signature):
+            reason = (f"the update of {name!r} does not carry {name}'s valid signature for "
+                      f"round {h.round}")
+            with self.cond:
+                if self.task is task and task.open:
+                    task.rejected[name] = reason
+                    task.failed.add(name)  # final: its identity key is not the registered one
+                    self.cond.notify_all()
+            event(self.log, "update_rejected", level=logging.WARNING, client=name,
+                  round=h.round, reason=reason)
+            raise Refused(
+                "PERMISSION_DENIED",
+                f"{reason}: sign with the identity key `hefl certs` made for {name} "
+                f"(clients/{name}.id), whose public key the registry lists")
+        return pb.SignedUpdate(client=name, task_id=h.task_id, signature=h.signature,
+                               payload=body)
 
     def _decoded(self, name: str, h: pb.UpdateHeader, chunks: Iterator[bytes]) -> pb.SubmitReply:
         """A key holder's answer: the mean delta (float64) and ``total_weight``, or an error."""

@@ -128,9 +128,10 @@ class FederationServer:
     """
 
     def __init__(
-        self, cfg: RunConfig, log: logging.Logger | None = None, clock: Clock | None = None
+        self, cfg: RunConfig, log: logging.Logger | None = None, clock: Clock | None = None,
+        coordinator_class: type[Coordinator] = Coordinator,
     ) -> None:
-        self.coordinator = Coordinator(cfg, log=log, clock=clock)
+        self.coordinator = coordinator_class(cfg, log=log, clock=clock)
         self.cfg = cfg
         self.log = self.coordinator.log
         self._grpc: grpc.Server | None = None

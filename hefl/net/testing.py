@@ -60,6 +60,14 @@ class Demo:
     address: str
     state: Path
 
+    def party_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``ClientSettings`` options for ``name``: its identity key, and for a key holder the
+        registry it verifies signatures against; explicit ``options`` win."""
+        base: dict[str, Any] = {"identity": self.fed.identity(name)}
+        if options.get("key_holder"):
+            base["registry"] = self.fed.registry
+        return {**base, **options}
+
     def client_args(self, name: str, *, tls: bool = True) -> list[str]:
         args = ["--server", self.address, "--data", str(self.data[name]),
                 "--token-file", str(self.fed.token(name))]
@@ -175,11 +183,13 @@ def wait_event(log: Path, name: str, timeout: float = 60.0, **match: Any) -> dic
 def run_in_threads(
     demo: Demo, client_options: Mapping[str, Mapping[str, Any]] | None = None,
     timeout: float = 120.0, errors: list[BaseException] | None = None,
+    coordinator_class: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Run the demo's server and clients as threads of this process over real gRPC + TLS.
 
     Returns (round records, final params, name -> FederationClient). The server's error, if its
-    run raised, is raised here after cleanup, or appended to ``errors`` when given.
+    run raised, is raised here after cleanup, or appended to ``errors`` when given. The
+    coordinator class can be replaced (attack tests over gRPC subclass it).
     """
     import threading
 
@@ -193,7 +203,10 @@ def run_in_threads(
         return get_logger(f"hefl.test.{demo.root.name}.{name}",
                           stream=open(demo.root / f"{name}.log", "a"))
 
-    srv = FederationServer(load_config(demo.config), log=logger("server"))
+    from hefl.net.coordinator import Coordinator
+
+    srv = FederationServer(load_config(demo.config), log=logger("server"),
+                           coordinator_class=coordinator_class or Coordinator)
     srv.start()
     failures: list[BaseException] = []
 
@@ -210,7 +223,8 @@ def run_in_threads(
     for n in opts or demo.names:
         s = ClientSettings(server=demo.address, data=demo.data.get(n), ca=demo.fed.ca,
                            token=Token.parse(demo.fed.token(n).read_text()),
-                           backoff_s=(0.05, 0.5), give_up_s=timeout, **opts.get(n, {}))
+                           backoff_s=(0.05, 0.5), give_up_s=timeout,
+                           **demo.party_options(n, opts.get(n, {})))
         clients[n] = FederationClient(s, log=logger(n))
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients.values()]
     for t in threads:
@@ -275,7 +289,8 @@ def run_in_memory(
 ) -> MemoryRun:
     """Start the demo's coordinator and clients as threads of this process, talking through
     ``hefl.net.memory.MemoryTransport`` with a ``FakeClock`` (no sockets, no sleeps). The
-    coordinator and client classes can be replaced (attack tests subclass them)."""
+    coordinator and client classes can be replaced (attack tests subclass them); ``client_class``
+    may map names to classes, to make only some clients rogue."""
     import threading
 
     from hefl.net.client import ClientSettings, FederationClient
@@ -308,9 +323,10 @@ def run_in_memory(
     for n, o in opts.items():
         token = Token.parse(demo.fed.token(n).read_text())
         s = ClientSettings(server="memory", data=demo.data.get(n), token=token,
-                           backoff_s=(0.001, 0.01), give_up_s=30, **o)
-        clients[n] = (client_class or FederationClient)(
-            s, log=logger(n), connect=functools.partial(MemoryTransport, coord, token))
+                           backoff_s=(0.001, 0.01), give_up_s=30, **demo.party_options(n, o))
+        cls = (client_class.get(n, FederationClient) if isinstance(client_class, Mapping)
+               else client_class or FederationClient)
+        clients[n] = cls(s, log=logger(n), connect=functools.partial(MemoryTransport, coord, token))
 
         def serve(c=clients[n], name=n) -> None:
             try:

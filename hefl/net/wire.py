@@ -20,7 +20,7 @@ import numpy as np
 from hefl.errors import TransportError
 from hefl.net.proto import hefl_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CHUNK_BYTES = 1 << 20
 # Largest single gRPC message either side accepts: one chunk plus header room.
 MAX_FRAME_BYTES = CHUNK_BYTES + (64 << 10)

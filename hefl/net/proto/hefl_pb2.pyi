@@ -4,7 +4,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -97,7 +97,7 @@ class ServerFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "task_id", "kind", "num_examples", "metrics", "body_size", "body_sha256", "error")
+    __slots__ = ("run_id", "round", "task_id", "kind", "num_examples", "metrics", "body_size", "body_sha256", "error", "signature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class UpdateHeader(_message.Message):
     BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     task_id: str
@@ -123,7 +124,32 @@ class UpdateHeader(_message.Message):
     body_size: int
     body_sha256: bytes
     error: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., error: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SignedUpdate(_message.Message):
+    __slots__ = ("client", "task_id", "signature", "payload")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    task_id: str
+    signature: bytes
+    payload: bytes
+    def __init__(self, client: _Optional[str] = ..., task_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("run_id", "round", "model_digest", "updates")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    model_digest: bytes
+    updates: _containers.RepeatedCompositeFieldContainer[SignedUpdate]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., model_digest: _Optional[bytes] = ..., updates: _Optional[_Iterable[_Union[SignedUpdate, _Mapping]]] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
     __slots__ = ("header", "chunk")
