@@ -306,3 +306,16 @@ def test_check_range_bfv_boundary(lanes_per_slot):
     zero_weight[1] = 1
     with pytest.raises(CryptoError, match="1 of 5 coordinates"):
         check_range(spec, zero_weight)
+
+
+def test_deployment_keys_carry_clip_norm(tmp_path):
+    """`hefl keys` with `[aggregation] clip_norm`: the deployed client's encoder scales to it."""
+    from hefl.net.keys import client_encoder, load_key, write_keys
+
+    files = write_keys({"kind": "bfv", "custody": "clients", "clip_norm": 0.5}, 4, tmp_path)
+    key = load_key(files.share)
+    assert key.spec.clip_norm == 0.5
+    encoder = client_encoder(key, 4)
+    encoder.encode("c", np.array([0.3, 0.4, 0.0, 0.0]) * 2, 1.0)  # norm 1.0 -> scaled by 0.5
+    st = encoder.last_clip
+    assert st.changed and st.scaled == pytest.approx(0.5) and st.clipped == 0
