@@ -10,13 +10,83 @@ weight stay below ``2**lane_bits`` per lane, so lanes never carry into each othe
 ``sum_i w_i q_i = lane - Q * W`` exactly.
 
 CKKS: the weighted update ``w * clip(x)`` itself, two reals per complex slot.
+
+Bounds: ``clip_update`` applies the optional L2 clip and the per-coordinate clip and counts what
+it cut (``ClipStats``). ``check_range`` is the key holder's check that a decrypted aggregate is one
+honest clients can produce: every BFV lane in ``[0, 2 Q W]`` (each client's lane is ``w_i (q_i +
+Q)`` in ``[0, 2 Q w_i]``), every CKKS value within ``W * clip`` plus the noise margin, padding
+empty, ``W <= max_weight``. It detects a client that packed more weight than it declared (or a
+lane that wrapped) only when the aggregate leaves these bounds: a malicious client can still bias
+the mean *within* them (no range proofs; see RoFL, Burkhalter et al. 2021, and ACORN, Bell et al.
+2023, for zero-knowledge bounds on each update).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from hefl.crypto.spec import HeSpec
+from hefl.errors import CryptoError
+
+#: Relative slack on the CKKS bound ``W * clip`` for float64 rounding of the clients' products.
+CKKS_REL_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """What clipping did to one update (known only to the client that encoded it).
+
+    Attributes:
+        clipped: coordinates outside ``[-clip, clip]`` (after any L2 scaling), cut to ``+-clip``.
+        of: coordinates in the update.
+        norm: L2 norm of the update as given, before any scaling.
+        scaled: the factor the update was multiplied by, ``min(1, clip_norm / norm)``; 1.0
+            without an L2 clip or when the norm was within it.
+    """
+
+    clipped: int
+    of: int
+    norm: float
+    scaled: float = 1.0
+
+    @property
+    def changed(self) -> bool:
+        """True when clipping altered the update (some value cut or the norm scaled)."""
+        return self.clipped > 0 or self.scaled < 1.0
+
+
+def l2_norm(x: np.ndarray) -> float:
+    """Euclidean norm of finite ``x`` without overflow (rescaled by its largest magnitude)."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0.0:
+        return 0.0
+    return peak * float(np.linalg.norm(x / peak))
+
+
+def clip_update(delta: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, ClipStats]:
+    """Scale ``delta`` to L2 norm at most ``spec.clip_norm`` (if set), then clip each value to
+    ``[-clip, clip]``; return the result and what was cut.
+
+    Only the encrypted client clips (the bounds are what makes the sum exact and checkable);
+    plaintext aggregation (``hefl.aggregation.PlainAggregator``) averages updates as they are.
+
+    Example:
+        >>> from hefl.crypto.spec import bfv_spec
+        >>> d, st = clip_update(np.array([3.0, 4.0, 0.1]), bfv_spec(3, clip_norm=2.5))
+        >>> d.round(3).tolist(), st.clipped, round(st.norm, 3), round(st.scaled, 3)
+        ([1.0, 1.0, 0.05], 2, 5.001, 0.5)
+    """
+    d = np.asarray(delta, dtype=np.float64)
+    norm = l2_norm(d)
+    scale = 1.0
+    if spec.clip_norm is not None and norm > spec.clip_norm:
+        scale = spec.clip_norm / norm
+        d = d * scale
+    clipped = int(np.count_nonzero(np.abs(d) > spec.clip))
+    out = np.clip(d, -spec.clip, spec.clip)
+    return out, ClipStats(clipped=clipped, of=int(d.size), norm=norm, scaled=scale)
 
 
 def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
@@ -45,16 +115,79 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
     return out.reshape(spec.n_ciphertexts, spec.slot_values)
 
 
+def _lanes(flat: np.ndarray, spec: HeSpec) -> np.ndarray:
+    """All BFV lanes of the update slots (``1 .. n_values``), padding lanes included."""
+    slots = flat[1 : spec.n_values]
+    mask = np.uint64((1 << spec.lane_bits) - 1)
+    shifts = np.arange(spec.lanes, dtype=np.uint64) * np.uint64(spec.lane_bits)
+    return ((slots[:, None] >> shifts) & mask).reshape(-1)
+
+
 def unpack(values: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, float]:
     """Decrypted aggregate slots -> (weighted sum of updates, total weight)."""
     flat = np.asarray(values).reshape(-1)
     if spec.scheme == "bfv":
         flat = flat.astype(np.uint64)
         weight = int(flat[0])
-        slots = flat[1 : spec.n_values]
-        mask = np.uint64((1 << spec.lane_bits) - 1)
-        shifts = np.arange(spec.lanes, dtype=np.uint64) * np.uint64(spec.lane_bits)
-        lanes = ((slots[:, None] >> shifts) & mask).reshape(-1)[: spec.size]
+        lanes = _lanes(flat, spec)[: spec.size]
         ints = lanes.astype(np.int64) - np.int64(spec.quant_max) * weight
         return ints.astype(np.float64) * (spec.clip / spec.quant_max), float(weight)
     return flat[1 : 1 + spec.size].astype(np.float64), float(flat[0])
+
+
+def check_range(spec: HeSpec, values: np.ndarray) -> None:
+    """Refuse decrypted aggregate slots that no set of honest clients within the spec produces.
+
+    BFV: total weight ``W <= max_weight``; every lane ``<= 2 Q W`` (lanes are non-negative by
+    construction); padding lanes, unused slots and the bits above the top lane all zero (a lane
+    that wrapped past ``2**lane_bits`` carries into the next lane or those bits, and is caught
+    when that breaks a bound). CKKS: ``W <= max_weight`` and every ``|value| <= W clip`` (the
+    padding ``~0``), each up to the noise margin ``error_bound * max(W, 1) * (1 + clip)``: the
+    decrypted sum and weight are each off by at most ``error_bound * max(W, 1)``.
+
+    Raises:
+        CryptoError: the aggregate is out of range, with how many coordinates and what it means.
+    """
+    flat = np.asarray(values).reshape(-1)
+    bfv = spec.scheme == "bfv"
+    if bfv:
+        flat = flat.astype(np.uint64)
+    weight: float = int(flat[0]) if bfv else float(flat[0])
+    margin = 0.0 if bfv else spec.error_bound * max(abs(weight), 1.0) * (1.0 + spec.clip)
+    limit = spec.max_weight if bfv else spec.max_weight * (1.0 + CKKS_REL_SLACK) + margin
+    if weight > limit:
+        raise CryptoError(
+            f"total weight {weight:g} exceeds the supported bound {spec.max_weight}; the sum may "
+            "have overflowed and is discarded: rebuild with a larger max_weight"
+        )
+    bad, stray, what = _bfv_outliers(spec, flat) if bfv else _ckks_outliers(spec, flat, margin)
+    if bad or stray:
+        raise CryptoError(
+            f"aggregate out of range: {bad} of {spec.size} coordinates lie outside {what} for "
+            f"total weight W={weight:g}"
+            + (f", and {stray} padding values are not empty" if stray else "")
+            + ". Honest clients cannot produce this: a client packed more weight than it "
+            "declared or values beyond clip, or a lane wrapped. The aggregate is discarded; "
+            "rerun the round, and if it recurs find the client by leaving contributors out "
+            "(updates carry no range proof)"
+        )
+
+
+def _bfv_outliers(spec: HeSpec, flat: np.ndarray) -> tuple[int, int, str]:
+    """(lanes above ``2 Q W``, non-empty padding, the bound in words) for uint64 slots whose
+    weight (``flat[0]``) is already known to be at most ``max_weight``."""
+    bound = 2 * spec.quant_max * int(flat[0])  # < 2**lane_bits since W <= max_weight
+    lanes = _lanes(flat, spec)
+    top = np.uint64(spec.lanes * spec.lane_bits)
+    bad = int(np.count_nonzero(lanes[: spec.size] > np.uint64(bound)))
+    stray = int(np.count_nonzero(lanes[spec.size :]) + np.count_nonzero(flat[spec.n_values :])
+                + np.count_nonzero(flat[1 : spec.n_values] >> top))
+    return bad, stray, f"[0, 2*Q*W] = [0, {bound}] (Q={spec.quant_max})"
+
+
+def _ckks_outliers(spec: HeSpec, flat: np.ndarray, margin: float) -> tuple[int, int, str]:
+    """(values beyond ``W clip`` + margin, padding beyond the margin, the bound in words)."""
+    bound = max(float(flat[0]), 0.0) * spec.clip * (1.0 + CKKS_REL_SLACK) + margin
+    bad = int(np.count_nonzero(np.abs(flat[1 : 1 + spec.size]) > bound))
+    stray = int(np.count_nonzero(np.abs(flat[1 + spec.size :]) > margin))
+    return bad, stray, f"[-W*clip, W*clip] = +-{bound:.6g} (noise margin {margin:.3g})"

@@ -13,9 +13,12 @@ weight is encrypted with its update (entry 0 of the packed vector), so the serve
 update nor the sample count; the key holder learns only the sum and the total weight, and only for
 ``min_clients`` or more contributors.
 
-Threat model: honest-but-curious server and key holder. Ciphertexts are not authenticated, so a
-malicious client can spoil a round (e.g. claim a weight it does not have); the key holder detects a
-total weight over the bound and refuses the aggregate.
+Threat model: honest-but-curious server and key holder. Ciphertexts are not authenticated and carry
+no range proof, so a malicious client can spoil a round or bias the mean *within* the bounds (e.g.
+pack its values as if its weight were larger than the one it declares). What the aggregate reveals
+is checked: the key holder refuses (``CryptoError``, with the count of coordinates out of range) a
+total weight over the bound or any coordinate outside what clients of that total weight can send
+(``hefl.crypto.packing.check_range``). Clients count what their clip cut (``last_clip``).
 
 Example:
     >>> import numpy as np
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +41,7 @@ import numpy as np
 from hefl.aggregation import Aggregate, PlainPayload, check_update
 from hefl.crypto import wire
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
-from hefl.crypto.packing import pack, unpack
+from hefl.crypto.packing import ClipStats, check_range, clip_update, pack, unpack
 from hefl.crypto.seal import save
 from hefl.crypto.spec import CUSTODY, HeSpec, bfv_spec, ckks_spec
 from hefl.errors import (
@@ -49,6 +53,8 @@ from hefl.errors import (
     UpdateRejected,
 )
 from hefl.roles import Scheme
+
+log = logging.getLogger(__name__)
 
 MAGIC_UPDATE = b"HEFLUPD1"
 MAGIC_SUM = b"HEFLSUM1"
@@ -145,6 +151,13 @@ class EncryptingClient:
         workers: encrypt ciphertexts in this many processes (1: in this process). The worker
             processes are this client's own children and receive its key once, at start, over a
             local pipe; call ``close()`` (or let the client be collected) to stop them.
+
+    Attributes:
+        last_clip: what clipping did to the last update ``encode`` accepted (``ClipStats``:
+            values cut to ``+-clip``, out of how many, the L2 norm and the L2 scale factor), or
+            None before the first one. The first update that is clipped logs one warning on
+            ``hefl.crypto.secure_sum``; later ones log at DEBUG (a deployed client can log its
+            own event from ``last_clip.changed`` after each ``encode``).
     """
 
     def __init__(
@@ -176,6 +189,8 @@ class EncryptingClient:
         self._key_bytes = key.to_bytes() if workers > 1 else b""
         self.workers = workers
         self._pool: Any = None
+        self.last_clip: ClipStats | None = None
+        self._warned = False
 
     def _encrypt_all(self, chunks: np.ndarray) -> tuple[bytes, ...]:
         if self.workers == 1 or len(chunks) < 2 * self.workers:
@@ -204,12 +219,16 @@ class EncryptingClient:
             self._pool = None
 
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
-        """Encrypt ``weight * clip(delta)`` and the weight.
+        """Encrypt ``weight * clip(delta)`` and the weight; record the clipping in ``last_clip``.
+
+        With ``spec.clip_norm`` set, ``delta`` is first scaled to L2 norm at most ``clip_norm``
+        (only here, in the encrypted client: plaintext aggregation does not clip).
 
         Raises:
             UpdateRejected: wrong length, NaN/Inf, or a weight outside [0, max_weight].
         """
         spec = self.spec
+        self.last_clip = None  # never left describing an earlier update if this one is refused
         d = check_update(client_id, delta, spec.size, weight)
         w = float(weight)
         if spec.scheme == "bfv" and w != round(w):
@@ -224,8 +243,24 @@ class EncryptingClient:
                 "aggregator with a larger max_weight",
                 client_id=client_id, stage="encode",
             )
+        d, self.last_clip = clip_update(d, spec)
+        self._report_clip(client_id, self.last_clip)
         chunks = pack(d, w, spec, self._rng)
         return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
+
+    def _report_clip(self, client_id: Hashable, stats: ClipStats) -> None:
+        """Log a clipped update: a warning the first time for this client, then DEBUG."""
+        if not stats.changed:
+            return
+        level = logging.DEBUG if self._warned else logging.WARNING
+        self._warned = True
+        log.log(
+            level,
+            "client %r: %d of %d values clipped to +-%g, L2 norm %.4g scaled by %.4g; clipping "
+            "biases the mean toward zero: raise clip/clip_norm or lower the client learning rate "
+            "(further clipping by this encoder is logged at DEBUG)",
+            client_id, stats.clipped, stats.of, self.spec.clip, stats.norm, stats.scaled,
+        )
 
     def dumps(self, update: EncryptedUpdate) -> bytes:
         return update.to_bytes()
@@ -372,7 +407,9 @@ class KeyHolder:
         Raises:
             KeyCustodyError: fewer than ``min_clients`` contributions.
             RoundError: nothing to average (no contributor or total weight 0).
-            CryptoError: the total weight exceeds the supported bound (the sum may be corrupt).
+            CryptoError: the total weight exceeds the supported bound, or coordinates lie outside
+                what clients of that total weight can send (``check_range``: a client lied about
+                its weight or a lane wrapped); the aggregate is discarded.
         """
         if isinstance(total, Aggregate):
             total = total.payload
@@ -397,12 +434,8 @@ class KeyHolder:
             )
         cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
         slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
+        check_range(self.spec, slots)
         weighted_sum, weight = unpack(slots, self.spec)
-        if weight > self.spec.max_weight * (1 + 1e-9):
-            raise CryptoError(
-                f"total weight {weight:g} exceeds the supported bound {self.spec.max_weight}; the "
-                "sum may have overflowed and is discarded: rebuild with a larger max_weight"
-            )
         if weight <= 0:
             raise RoundError(
                 f"no usable client updates this round ({total.count} contributors, total weight "
@@ -500,8 +533,8 @@ def make_aggregator(
             ``"keyholder"`` (a separate key holder; clients encrypt with the public key).
         min_clients: the key holder refuses aggregates of fewer contributions.
         seed: seeds the clients' stochastic rounding (None: OS entropy).
-        options: ``bits``, ``clip``, ``max_weight``, ``max_clients`` (and ``lanes`` for BFV,
-            ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
+        options: ``bits``, ``clip``, ``clip_norm``, ``max_weight``, ``max_clients`` (and
+            ``lanes`` for BFV, ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
     """
     spec = make_spec(scheme, size, custody=custody, **options)
     ceremony = key_ceremony(spec)

@@ -71,6 +71,10 @@ class HeSpec:
         clip: values are clipped to [-clip, clip] before encryption.
         max_weight: largest supported total weight of one aggregate (integer for BFV).
         max_clients: largest number of contributions one aggregate may hold.
+        clip_norm: when set, each client scales its update by ``min(1, clip_norm / ||delta||_2)``
+            before the per-coordinate clip (the clipping DP-FedAvg needs); None: no L2 clip.
+            Left out of the canonical bytes when None, so specs made before this field existed
+            keep their fingerprint.
     """
 
     scheme: str
@@ -86,6 +90,7 @@ class HeSpec:
     clip: float
     max_weight: int
     max_clients: int
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -98,6 +103,7 @@ class HeSpec:
             )
         if self.size < 1:
             raise ConfigError(f"size must be >= 1, got {self.size}")
+        _check_clip_norm(self.clip_norm)
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -135,8 +141,11 @@ class HeSpec:
 
     # -- wire ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Canonical JSON (public; never pickle)."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        """Canonical JSON (public; never pickle). ``clip_norm`` is omitted when None."""
+        fields = asdict(self)
+        if fields["clip_norm"] is None:
+            del fields["clip_norm"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HeSpec:
@@ -150,6 +159,23 @@ class HeSpec:
     def fingerprint(self) -> bytes:
         """16 bytes naming these parameters; stamped on every message."""
         return hashlib.sha256(self.to_bytes()).digest()[:16]
+
+
+def _check_clip_norm(clip_norm: float | None) -> None:
+    """Raise ``ConfigError`` unless ``clip_norm`` is None or a positive finite number."""
+    if clip_norm is None:
+        return
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not (
+        clip_norm > 0 and math.isfinite(clip_norm)
+    ):
+        raise ConfigError(
+            f"clip_norm must be a positive number (the largest L2 norm of one client's update) "
+            f"or unset, got {clip_norm!r}"
+        )
+
+
+def _as_float(x: float | None) -> float | None:
+    return None if x is None else float(x)
 
 
 def _ring_for(coeff_bits: int) -> int | None:
@@ -169,13 +195,15 @@ def bfv_spec(
     max_weight: int = 2**16,
     max_clients: int = 128,
     lanes: int | None = None,
+    clip_norm: float | None = None,
 ) -> HeSpec:
     """The cheapest BFV parameters for these bounds.
 
     Lane width is ``bits + ceil(log2(max_weight))`` (a lane holds ``sum_i w_i (q_i + Q)`` <
     ``2**bits * max_weight``). The plaintext prime has ``lanes * lane_bits + 1`` bits; the
     ciphertext prime adds the noise of ``max_clients`` fresh ciphertexts. The most lanes that fit
-    in one <= 60-bit prime are used (or exactly ``lanes`` if given).
+    in one <= 60-bit prime are used (or exactly ``lanes`` if given). ``clip_norm`` (None: off)
+    bounds the L2 norm of each client's update before the per-coordinate clip (see ``HeSpec``).
 
     Example:
         >>> s = bfv_spec(1000, bits=12, max_weight=2**9, max_clients=64)
@@ -190,6 +218,7 @@ def bfv_spec(
         raise ConfigError(f"BFV max_weight must be a positive integer, got {max_weight}")
     if max_clients < 1:
         raise ConfigError(f"max_clients must be >= 1, got {max_clients}")
+    _check_clip_norm(clip_norm)
     lane_bits = bits + math.ceil(math.log2(int(max_weight)))
     # the weight slot must not wrap even when every client sends max_weight (so the key holder
     # can always tell that the bound was exceeded), and t = 1 mod 2N needs at least 18 bits
@@ -202,7 +231,8 @@ def bfv_spec(
         n = _ring_for(coeff_bits)
         if n is not None and k >= 1:
             return HeSpec("bfv", int(size), n, coeff_bits, plain_bits, symmetric, bits, k,
-                          lane_bits, 0, float(clip), int(max_weight), int(max_clients))
+                          lane_bits, 0, float(clip), int(max_weight), int(max_clients),
+                          _as_float(clip_norm))
     raise ConfigError(
         f"no BFV parameters at 128-bit security hold {bits}-bit values with total weight "
         f"{max_weight} over {max_clients} clients; lower bits, max_weight or max_clients"
@@ -217,11 +247,12 @@ def ckks_spec(
     max_weight: float = 2**16,
     max_clients: int = 128,
     coeff_bits: int = 54,
+    clip_norm: float | None = None,
 ) -> HeSpec:
     """CKKS with one prime and complex packing (two reals per slot).
 
     The scale leaves room for sums up to ``max_weight * max(clip, 1)`` (the weight slot too) plus
-    one sign bit and one bit of margin.
+    one sign bit and one bit of margin. ``clip_norm`` as in ``bfv_spec``.
 
     Example:
         >>> s = ckks_spec(1000)
@@ -232,6 +263,7 @@ def ckks_spec(
         raise ConfigError(f"clip must be a positive number, got {clip}")
     if not (max_weight > 0 and math.isfinite(max_weight)):
         raise ConfigError(f"max_weight must be a positive number, got {max_weight}")
+    _check_clip_norm(clip_norm)
     n = _ring_for(coeff_bits)
     if n is None:
         raise ConfigError(f"coeff_bits={coeff_bits} exceeds one 60-bit prime at 128-bit security")
@@ -242,4 +274,4 @@ def ckks_spec(
             "lower max_weight or raise coeff_bits"
         )
     return HeSpec("ckks", int(size), n, coeff_bits, 0, symmetric, 0, 2, 0, scale_bits,
-                  float(clip), int(math.ceil(max_weight)), int(max_clients))
+                  float(clip), int(math.ceil(max_weight)), int(max_clients), _as_float(clip_norm))

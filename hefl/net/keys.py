@@ -24,7 +24,7 @@ from typing import Any
 from hefl.errors import ConfigError, CryptoError, KeyCustodyError, UpdateRejected
 
 HE_KINDS = ("bfv", "ckks")
-SPEC_OPTIONS = ("bits", "clip", "max_weight", "max_clients", "lanes", "coeff_bits")
+SPEC_OPTIONS = ("bits", "clip", "clip_norm", "max_weight", "max_clients", "lanes", "coeff_bits")
 CONFIG_KEYS = ("kind", "custody", "public", *SPEC_OPTIONS)
 
 
