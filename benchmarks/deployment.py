@@ -41,7 +41,7 @@ def _ts(e: dict) -> float:
 
 def run_grpc(config: str, he: str) -> dict:
     from hefl.net.store import Store
-    from hefl.net.testing import events, make_demo, spawn_client, spawn_server
+    from hefl.net.testing import events, make_demo, spawn_client, spawn_key_holder, spawn_server
     from hefl.workloads import w1
 
     wl = w1(config)
@@ -52,11 +52,15 @@ def run_grpc(config: str, he: str) -> dict:
             algorithm={"name": "fedavg", "client_lr": wl.client_lr, "batch_size": wl.batch_size},
             server={"min_clients": wl.clients_per_round},
             aggregation=None if he == "none" else {"kind": he, "custody": "clients"},
+            key_holders=() if he == "none" else ("kh",),
         )
-        extra = [] if he == "none" else ["--he-key", str(demo.root / "keys" / "share.key")]
+        share = demo.root / "keys" / "share.key"
+        extra = [] if he == "none" else ["--he-key", str(share)]
         t0 = time.perf_counter()
         server = spawn_server(demo)
         clients = [spawn_client(demo, n, *extra) for n in demo.names]
+        if he != "none":  # the registered key holder verifies and decrypts each round's sum
+            clients.append(spawn_key_holder(demo, "kh", share))
         rc = [p.wait(900) for p in [server, *clients]]
         wall = time.perf_counter() - t0
         if any(rc):
@@ -130,8 +134,9 @@ def main() -> None:
     ap.add_argument("--config", default="a", choices=["a", "b", "c"])
     ap.add_argument("--transport", default=None, choices=["grpc", "inproc"])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--he", default="none", choices=["none", "bfv", "ckks"],
-                    help="encrypted aggregation (custody 'clients')")
+    ap.add_argument("--he", default="none", choices=["none", "bfv"],
+                    help="encrypted aggregation (custody 'clients' + a key holder); CKKS is "
+                    "refused in deployment until noise flooding lands")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -10,7 +10,11 @@ coeff [60, 40, 60], scale 2^40, server multiplies by the weights):
 - client encrypt seconds (one client, one core; median over clients), including serialization;
 - server aggregate seconds (from the clients' bytes to the serialized sum);
 - decrypt seconds (from the sum's bytes to the mean);
-- max abs error of the mean vs the plaintext weighted mean (float64).
+- max abs error of the mean vs the plaintext weighted mean (float64);
+- ours only, the deployment's verified decryption (``hefl.net.decrypt``): ``sign_s`` (one client:
+  SHA-256 of its upload + Ed25519 signature), ``verify_s`` (key holder: every client's digest and
+  signature), ``verified_decode_s`` (key holder: verify, recompute the sum from the clients'
+  bytes, decrypt, ledger write) and ``decode_request_mb`` (what the key holder downloads).
 
 Medians over ``--repeat`` runs (implementations alternate within each run).
 
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KEYS = ("bytes_per_param", "expansion_vs_fp32", "encrypt_s", "aggregate_s", "decrypt_s",
         "max_abs_err")
+VERIFIED = ("sign_s", "verify_s", "verified_decode_s", "decode_request_mb")
 
 
 def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
@@ -53,7 +58,9 @@ def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
     t2 = time.perf_counter()
     ref = sum(x.astype(np.float64) * w for x, w in zip(xs, ws, strict=True)) / sum(ws)
     nbytes = statistics.median(len(b) for b in blobs.values())
+    verified = _verified(agg, blobs) if hasattr(agg, "key_holder") else {}
     return {
+        **verified,
         "bytes_per_param": nbytes / size,
         "expansion_vs_fp32": nbytes / (4 * size),
         "encrypt_s": statistics.median(enc),
@@ -61,6 +68,42 @@ def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
         "decrypt_s": t2 - t1,
         "max_abs_err": float(np.abs(mean - ref).max()),
     }
+
+
+def _verified(agg, blobs: dict) -> dict:
+    """Cost of signing, verifying and the key holder recomputing the sum (one round)."""
+    import tempfile
+
+    from hefl.net.decrypt import DecodeLedger, VerifiedDecryptor
+    from hefl.net.identity import Identity, digest, statement
+    from hefl.net.proto import hefl_pb2 as pb
+
+    model = digest(b"global model bytes")
+    ids = {i: Identity.generate() for i in blobs}
+    sign, updates = [], []
+    for i, b in blobs.items():
+        t0 = time.perf_counter()
+        sig = ids[i].sign(statement("bench", 1, "bench/1/1", model, digest(b)))
+        sign.append(time.perf_counter() - t0)
+        updates.append(pb.SignedUpdate(client=f"c{i}", task_id="bench/1/1", signature=sig,
+                                       payload=b))
+    body = pb.DecodeRequest(run_id="bench", round=1, model_digest=model,
+                            updates=updates).SerializeToString()
+    t0 = time.perf_counter()
+    for u in updates:
+        ids[int(u.client[1:])].key.public_key().verify(
+            u.signature, statement("bench", 1, u.task_id, model, digest(u.payload)))
+    verify = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = DecodeLedger(Path(tmp) / "ledger.sqlite")
+        dec = VerifiedDecryptor(agg.key_holder, {f"c{i}": k.public_hex for i, k in ids.items()},
+                                ledger)
+        t0 = time.perf_counter()
+        dec.decode("bench", 1, body)
+        decode = time.perf_counter() - t0
+        ledger.close()
+    return {"sign_s": statistics.median(sign), "verify_s": verify,
+            "verified_decode_s": decode, "decode_request_mb": len(body) / 2**20}
 
 
 def _reload(agg, total, sum_bytes):
@@ -107,8 +150,8 @@ def main() -> None:
         runs["ours"].append(measure(ours, xs, ws))
         if base is not None:
             runs["baseline"].append(measure(base, xs, ws))
-    med = {k: {key: statistics.median(r[key] for r in v) for key in KEYS}
-           for k, v in runs.items() if v}
+    med = {k: {key: statistics.median(r[key] for r in v) for key in (*KEYS, *VERIFIED)
+               if key in v[0]} for k, v in runs.items() if v}
     out = {"params": args.params, "clients": args.clients, **med["ours"],
            "baseline": {"params": args.params, "clients": args.clients, **med["baseline"]}
            if "baseline" in med else None}
@@ -136,6 +179,12 @@ def _table(out: dict, ours: str, repeat: int) -> None:
             f"encrypt {b['encrypt_s'] / out['encrypt_s']:.1f}x, "
             f"aggregate {b['aggregate_s'] / out['aggregate_s']:.1f}x, "
             f"decrypt {b['decrypt_s'] / out['decrypt_s']:.1f}x"
+        )
+    if "verified_decode_s" in out:
+        lines.append(
+            f"verified decryption (deployment): sign {out['sign_s'] * 1e3:.1f} ms per client, "
+            f"verify all {out['verify_s'] * 1e3:.1f} ms, key holder verify + recompute sum + "
+            f"decrypt {out['verified_decode_s']:.3f} s, request {out['decode_request_mb']:.1f} MB"
         )
     try:
         from rich.console import Console

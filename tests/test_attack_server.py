@@ -369,3 +369,22 @@ def test_sybil_padding_over_grpc_and_tls_is_refused(tmp_path):
                                         coordinator_class=Sybil)
     assert records[0].skipped and "valid signature" in records[0].skip_reason
     assert ledger_rounds(demo) == [] and np.allclose(params, 0)
+
+
+def test_no_ckks_decryption_is_published_to_a_server(tmp_path):
+    """CKKS's raw decryption reveals the secret key to the server that made the sum (Li and
+    Micciancio 2021): a deployment config with CKKS is refused, and a key holder holding a CKKS
+    key refuses every decode request, before it parses it."""
+    from hefl.crypto import make_aggregator
+    from hefl.errors import ConfigError, DecodeRefused
+    from hefl.net.decrypt import VerifiedDecryptor
+
+    with pytest.raises(ConfigError, match="Li-Micciancio"):
+        demo_for(tmp_path, aggregation={"kind": "ckks", "custody": "keyholder"})
+        from hefl.net.config import load_config
+
+        load_config(tmp_path / "run.toml")
+    holder = make_aggregator("ckks", 8, custody="keyholder").key_holder
+    decryptor = VerifiedDecryptor(holder, {}, DecodeLedger(tmp_path / "l.sqlite"))
+    with pytest.raises(DecodeRefused, match="does not publish CKKS"):
+        decryptor.decode("run", 1, b"anything")

@@ -18,7 +18,13 @@ from hefl.models.linear import LogisticRegressionModel
 from hefl.net.config import load_config
 from hefl.net.server import FederationServer
 from hefl.net.store import Store
-from hefl.net.testing import make_demo, run_in_threads, spawn, spawn_client, spawn_server
+from hefl.net.testing import (
+    make_demo,
+    run_in_threads,
+    spawn_client,
+    spawn_key_holder,
+    spawn_server,
+)
 from hefl.simulation import simulate
 
 MODEL = {"kind": "logreg", "n_features": 64, "n_classes": 10}
@@ -48,11 +54,7 @@ def test_encrypted_processes_custody_clients_equal_plaintext(tmp_path):
     # decrypts (data clients never answer DECODE); their identity keys default to NAME.id
     # beside the token file
     clients = [spawn_client(demo, n, "--he-key", str(share)) for n in demo.names]
-    holder = spawn(["client", "--server", demo.address, "--ca", str(demo.fed.ca),
-                    "--token-file", str(demo.fed.token("kh")), "--key-holder",
-                    "--he-key", str(share), "--registry", str(demo.fed.registry)],
-                   tmp_path / "client-kh.log")
-    clients.append(holder)
+    clients.append(spawn_key_holder(demo, "kh", share))
     try:
         assert [p.wait(120) for p in [server, *clients]] == [0] * 5
     finally:

@@ -364,6 +364,10 @@ class FederationClient:
         # this client's own secret: a rerun reproduces the model, the server cannot predict it
         self.encoder.reseed(encoding_seed(self.s.token, h.run_id, h.round))
         answer = client_answer(self.encoder, self.name, params, outcome)
+        clip = getattr(self.encoder, "last_clip", None)
+        if clip is not None and clip.changed:  # never silent: how much of the update was cut
+            event(self.log, "clipped", level=logging.WARNING, round=h.round,
+                  clipped=clip.clipped, of=clip.of, norm=clip.norm, scaled=clip.scaled)
         out = self.encoder.dumps(answer.payload) if answer.payload is not None else b""
         header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
                                  kind=pb.TASK_FIT, num_examples=answer.num_examples,

@@ -43,6 +43,16 @@ from hefl.errors import ConfigError, CryptoError, DecodeRefused, UpdateRejected
 from hefl.net.identity import digest, statement, verify
 from hefl.net.proto import hefl_pb2 as pb
 
+#: Why a key holder publishes no CKKS decryption to a server (yet): the raw approximate
+#: decryption c0 + c1*s, re-encoded by the server that made the sum, yields the secret key
+#: (Li and Micciancio, EUROCRYPT 2021). Noise flooding before release (Li, Micciancio, Schultz,
+#: Sorrell, CRYPTO 2022) is the fix; until it lands, deployments use BFV, whose decryption is
+#: the exact integer sum and carries nothing secret-dependent.
+CKKS_UNSAFE = (
+    "this key holder does not publish CKKS decryptions: without noise flooding the server "
+    "could recover the secret key from one decrypted aggregate (Li-Micciancio 2021); use "
+    "[aggregation] kind = \"bfv\" for deployments (CKKS stays available in simulation)")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decodes (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, request BLOB NOT NULL, model BLOB NOT NULL,
@@ -146,6 +156,8 @@ class VerifiedDecryptor:
 
     def decode(self, run_id: str, round_num: int, body: bytes) -> tuple[np.ndarray, float]:
         """The mean update and total weight of a verified request; raises ``DecodeRefused``."""
+        if self.holder.spec.scheme == "ckks":
+            raise DecodeRefused(CKKS_UNSAFE)
         req = parse_request(body)
         if req.run_id != run_id or req.round != round_num:
             raise DecodeRefused(

@@ -150,6 +150,15 @@ def spawn_client(demo: Demo, name: str, *extra: str, tls: bool = True) -> subpro
                  demo.root / f"client-{name}.log")
 
 
+def spawn_key_holder(demo: Demo, name: str, share: Path, *extra: str,
+                     tls: bool = True) -> subprocess.Popen:
+    """``hefl client --key-holder`` for registered key holder ``name`` (its own registry copy)."""
+    args = ["client", "--server", demo.address, "--token-file", str(demo.fed.token(name)),
+            "--key-holder", "--he-key", str(share), "--registry", str(demo.fed.registry),
+            *(["--ca", str(demo.fed.ca)] if tls else ["--insecure"]), *extra]
+    return spawn(args, demo.root / f"client-{name}.log")
+
+
 def events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
     """The structured events in a log file (non-JSON lines skipped)."""
     import json
