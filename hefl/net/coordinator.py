@@ -189,7 +189,6 @@ class Coordinator:
         self.names = [c.name for c in cfg.clients if c.role == "client"]
         self.index = {n: i for i, n in enumerate(self.names)}
         self.encrypted = is_encrypted(cfg.aggregation)
-        self.custody = str(cfg.aggregation.get("custody", "clients")) if self.encrypted else ""
         self.registry = {c.name: c for c in cfg.clients}
         # encrypted runs: whose signatures a contribution must carry (the key holder checks
         # them again against its own copy of the registry)

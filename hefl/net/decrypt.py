@@ -219,9 +219,9 @@ class VerifiedDecryptor:
             raise DecodeRefused(f"signed contributions that cannot be summed: {why}")
         try:
             return self.holder.decode(agg.payload)  # type: ignore[no-any-return]
+        except DecodeRefused:
+            raise
         except (UpdateRejected, CryptoError) as e:
-            if isinstance(e, DecodeRefused):
-                raise
             raise DecodeRefused(str(e)) from e
 
 
