@@ -21,7 +21,7 @@ from hefl.net.decrypt import DecodeLedger
 from hefl.net.identity import Identity
 from hefl.net.proto import hefl_pb2 as pb
 from hefl.net.store import Store
-from hefl.net.testing import events, make_demo, run_in_memory, run_in_threads
+from hefl.net.testing import events, make_demo, run_in_memory, run_in_threads, wait_event
 
 LOGREG = {"kind": "logreg", "n_features": 4, "n_classes": 2}
 BFV = {"kind": "bfv", "custody": "keyholder", "bits": 16, "clip": 1.0}
@@ -267,8 +267,8 @@ def test_a_data_client_never_answers_decode_and_cannot_pose_as_key_holder(tmp_pa
                 raise RoundError(str(e)) from e
 
     run = run_in_memory(demo, options(demo), coordinator_class=AsksAClient)
-    run.wait(lambda c: c.decoding is not None)
-    run.advance(2.0)  # the data client never answers; the decode times out
+    wait_event(demo.root / f"{VICTIM}.log", "decode_ignored", timeout=30)  # it got the task
+    run.advance(2.0)  # delivered, but the data client never answers: the decode times out
     with pytest.raises(RoundError, match=f"{VICTIM!r} did not answer"):
         run.finish()
     assert events(demo.root / f"{VICTIM}.log", "decode_ignored")
