@@ -112,6 +112,11 @@ class KeyCustodyError(CryptoError):
     """An operation needs a key that this party must not hold."""
 
 
+class FloodBudgetSpent(KeyCustodyError):
+    """A CKKS key answered all the decryptions its noise flooding is sized for
+    (``HeSpec.flood_queries``); a new key set is needed."""
+
+
 class DecodeRefused(KeyCustodyError):
     """A key holder refused a decode request: a signature that does not verify, fewer than
     ``min_clients`` distinct registered signers, a second decryption of a round, a replayed model.

@@ -371,20 +371,39 @@ def test_sybil_padding_over_grpc_and_tls_is_refused(tmp_path):
     assert ledger_rounds(demo) == [] and np.allclose(params, 0)
 
 
-def test_no_ckks_decryption_is_published_to_a_server(tmp_path):
-    """CKKS's raw decryption reveals the secret key to the server that made the sum (Li and
-    Micciancio 2021): a deployment config with CKKS is refused, and a key holder holding a CKKS
-    key refuses every decode request, before it parses it."""
-    from hefl.crypto import make_aggregator
-    from hefl.errors import ConfigError, DecodeRefused
-    from hefl.net.decrypt import VerifiedDecryptor
+def test_ckks_deployment_publishes_only_flooded_decryptions(tmp_path):
+    """CKKS's raw decryption would reveal the secret key to the server that made the sum (Li and
+    Micciancio 2021). Deployed with CKKS, the key holder floods every decryption: the server's
+    key-recovery algebra on what it is sent matches no key coefficient, and asking twice for the
+    same round (hoping to average the noise away) returns the stored answer, bit for bit."""
+    from test_attack_ckks_key_recovery import coefficients, recover_key, true_key
 
-    with pytest.raises(ConfigError, match="Li-Micciancio"):
-        demo_for(tmp_path, aggregation={"kind": "ckks", "custody": "keyholder"})
-        from hefl.net.config import load_config
+    from hefl.crypto import KeyHolder, SummingServer
+    from hefl.net.keys import load_key
 
-        load_config(tmp_path / "run.toml")
-    holder = make_aggregator("ckks", 8, custody="keyholder").key_holder
-    decryptor = VerifiedDecryptor(holder, {}, DecodeLedger(tmp_path / "l.sqlite"))
-    with pytest.raises(DecodeRefused, match="does not publish CKKS"):
-        decryptor.decode("run", 1, b"anything")
+    demo = demo_for(tmp_path, aggregation={"kind": "ckks", "custody": "keyholder"})
+
+    class Averager(Coordinator):
+        seen: list = []
+
+        def remote_decode(self, r, body):
+            out = super().remote_decode(r, body)
+            Averager.seen.append((body, out, super().remote_decode(r, body)))
+            return out
+
+    records, params = run_in_memory(demo, options(demo), coordinator_class=Averager).finish()
+    assert not records[0].skipped and np.all(np.isfinite(params))
+    body, (mean, weight), (mean2, weight2) = Averager.seen[0]
+    np.testing.assert_array_equal(mean, mean2)
+    assert weight == weight2
+    holder = KeyHolder(load_key(demo.root / "keys" / "share.key"))  # the test's view only
+    req = pb.DecodeRequest.FromString(body)
+    total = SummingServer(holder.share.public()).aggregate(
+        {u.client: bytes(u.payload) for u in req.updates}).payload
+    seal = holder.share.seal
+    published = seal.encode(np.concatenate([[weight], mean * weight, np.zeros(
+        seal.spec.poly_degree - 1 - mean.size)]))
+    p = coefficients(published, holder.spec.n_primes * holder.spec.poly_degree)
+    candidate = recover_key(seal, seal.ciphertext(total.ciphertexts[0]), p)
+    assert sum(a == b for a, b in zip(candidate, true_key(holder), strict=True)) == 0
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -18,6 +19,7 @@ from hefl.aggregation import PlainAggregator
 from hefl.crypto import (
     EncryptedUpdate,
     EncryptingClient,
+    HeSpec,
     KeyHolder,
     KeyShare,
     PublicContext,
@@ -26,6 +28,7 @@ from hefl.crypto import (
     ckks_spec,
     key_ceremony,
     make_aggregator,
+    make_spec,
 )
 from hefl.crypto.seal import Seal
 from hefl.errors import (
@@ -419,3 +422,16 @@ def test_seal_itself_refuses_parameters_below_128_bit_security():
     object.__setattr__(bad, "coeff_bits", 60)  # N=2048 allows at most 54 bits at 128-bit security
     with pytest.raises(CryptoError, match="128-bit"):
         Seal.of(bad)
+
+
+def test_flooding_options_belong_to_ckks_and_leave_bfv_specs_unchanged():
+    assert b"flood" not in make_spec("bfv", 10).to_bytes()  # BFV fingerprints as before
+    ckks = make_spec("ckks", 10, flood_queries=2**10)
+    assert ckks.flood_queries == 2**10 and HeSpec.from_bytes(ckks.to_bytes()) == ckks
+    assert ckks.flood_std < make_spec("ckks", 10).flood_std  # fewer decryptions, less noise
+    with pytest.raises(ConfigError, match="flood_queries do not apply to BFV"):
+        make_spec("bfv", 10, flood_queries=5)
+    with pytest.raises(ConfigError, match="needs noise flooding"):
+        HeSpec(**{**dataclasses.asdict(ckks), "flood_security": 0})
+    with pytest.raises(ConfigError, match="lower max_clients"):
+        make_spec("ckks", 10, coeff_bits=54)  # one prime cannot carry the flooding noise

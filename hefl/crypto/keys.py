@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hefl.crypto import wire
+from hefl.crypto.flooding import flood
 from hefl.crypto.seal import Seal, save
 from hefl.crypto.spec import HeSpec
 from hefl.errors import ConfigError, ContextMismatch, KeyCustodyError
@@ -165,8 +166,13 @@ class PartialDecryption:
 
 
 def partial_decrypt(share: KeyShare, ciphertexts: Sequence[Any]) -> PartialDecryption:
-    """Key-holder step: decrypt an aggregate's ciphertexts with this share."""
+    """Key-holder step: decrypt an aggregate's ciphertexts with this share.
+
+    CKKS ciphertexts are flooded first (``hefl.crypto.flooding``; they are changed in place), so
+    no raw ``c0 + c1*s`` ever leaves this function.
+    """
     seal = share.seal
+    flood(seal, ciphertexts)
     dec = seal.decryptor(share.seal_key())
     values = np.stack([seal.decrypt(dec, ct) for ct in ciphertexts])
     return PartialDecryption(share.party, share.key_id, values)

@@ -15,6 +15,7 @@ import atexit
 import itertools
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Callable
@@ -82,6 +83,25 @@ def load(factory: Callable[[], Any], context: Any, data: bytes) -> Any:
     return obj
 
 
+#: SEAL's serialization header (magic, header size, version 4.3, compression none, total size).
+_HEADER = struct.Struct("<HBBBBHQ")
+
+
+def load_array(target: Any, data: np.ndarray) -> None:
+    """Replace the coefficient array of ``target`` (a SEAL ``DynArray``, e.g. a ciphertext's
+    ``dyn_array()``) by ``data`` (uint64), through SEAL's own loader (uncompressed format)."""
+    body = struct.pack("<Q", data.size) + np.ascontiguousarray(data, dtype="<u8").tobytes()
+    path = _path()
+    try:
+        with open(path, "wb") as f:
+            f.write(_HEADER.pack(0xA15E, _HEADER.size, 4, 3, 0, 0, _HEADER.size + len(body)))
+            f.write(body)
+        target.load(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 @dataclass(frozen=True)
 class Seal:
     """A SEAL context for a ``HeSpec``, with its encoder and evaluator (no keys)."""
@@ -98,7 +118,7 @@ class Seal:
         parms = sealapi.EncryptionParameters(scheme)
         parms.set_poly_modulus_degree(spec.poly_degree)
         try:
-            q = sealapi.CoeffModulus.Create(spec.poly_degree, [spec.coeff_bits])
+            q = sealapi.CoeffModulus.Create(spec.poly_degree, list(spec.coeff_primes))
             parms.set_coeff_modulus(q)
             if spec.scheme == "bfv":
                 parms.set_plain_modulus(
@@ -116,6 +136,11 @@ class Seal:
             sealapi.BatchEncoder(context) if spec.scheme == "bfv" else sealapi.CKKSEncoder(context)
         )
         return cls(spec, context, encoder, sealapi.Evaluator(context))
+
+    @property
+    def coeff_moduli(self) -> tuple[int, ...]:
+        """The data-level primes of the ciphertext modulus."""
+        return tuple(int(m.value()) for m in self.context.first_context_data().parms().coeff_modulus())
 
     @property
     def plain_modulus(self) -> int:
@@ -195,6 +220,32 @@ class Seal:
         out = np.empty(2 * z.size)
         out[0::2], out[1::2] = z.real, z.imag
         return out
+
+    def add_to_decryption(self, cts: list[Any], noise: np.ndarray) -> None:
+        """Add integer polynomial ``noise[i]`` (coefficient form, int64) to what ``cts[i]``
+        decrypts to, in place: ``c0 += noise[i]`` in SEAL's NTT domain (CKKS noise flooding).
+
+        SEAL refuses to make a ciphertext whose second polynomial is zero ("transparent"), so
+        ``(noise, 1)`` is added and ``(0, 1)`` subtracted; both are SEAL-transformed to NTT form.
+        """
+        moduli = self.coeff_moduli
+        n = self.spec.poly_degree
+        ones = np.ones(n * len(moduli), dtype=np.uint64)
+        offset = self._coefficient_ciphertext(cts[0].scale, np.zeros_like(ones), ones)
+        for ct, f in zip(cts, noise, strict=True):
+            c0 = np.concatenate([np.mod(f, q).astype(np.uint64) for q in moduli])
+            flood = self._coefficient_ciphertext(ct.scale, c0, ones)
+            self.evaluator.add_inplace(ct, flood)
+            self.evaluator.sub_inplace(ct, offset)
+
+    def _coefficient_ciphertext(self, scale: float, c0: np.ndarray, c1: np.ndarray) -> Any:
+        """The ciphertext ``(c0, c1)`` given in coefficient form, moved to NTT form by SEAL."""
+        ct = sealapi.Ciphertext(self.context)
+        ct.resize(self.context, self.context.first_parms_id(), 2)
+        load_array(ct.dyn_array(), np.concatenate([c0, c1]))
+        ct.scale = scale
+        self.evaluator.transform_to_ntt_inplace(ct)
+        return ct
 
     def noise_budget(self, decryptor: Any, ct: Any) -> int:
         """BFV invariant noise budget in bits (for tests and diagnostics)."""

@@ -40,6 +40,7 @@ import numpy as np
 
 from hefl.aggregation import Aggregate, PlainPayload, check_update
 from hefl.crypto import wire
+from hefl.crypto.flooding import FloodBudget
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
 from hefl.crypto.packing import ClipStats, check_range, clip_update, pack, unpack
 from hefl.crypto.seal import save
@@ -48,6 +49,7 @@ from hefl.errors import (
     ConfigError,
     ContextMismatch,
     CryptoError,
+    FloodBudgetSpent,
     KeyCustodyError,
     RoundError,
     UpdateRejected,
@@ -89,7 +91,7 @@ class EncryptedSum:
 
 def _blob_limit(spec: HeSpec) -> int:
     """Largest ciphertext accepted: two uncompressed polynomials plus SEAL's header, doubled."""
-    return 2 * (2 * 8 * spec.poly_degree + 4096)
+    return 2 * (2 * 8 * spec.poly_degree * spec.n_primes + 4096)
 
 
 def _check_stamp(
@@ -393,6 +395,7 @@ class KeyHolder:
         self.share = share
         self.spec = share.spec
         self.min_clients = min_clients
+        self.budget = FloodBudget(self.spec)  # CKKS: decryptions answered under this key
 
     @classmethod
     def from_bytes(cls, share: bytes, *, min_clients: int = 2) -> KeyHolder:
@@ -407,6 +410,7 @@ class KeyHolder:
         Raises:
             KeyCustodyError: fewer than ``min_clients`` contributions.
             RoundError: nothing to average (no contributor or total weight 0).
+            FloodBudgetSpent: CKKS: this key answered ``flood_queries`` decryptions already.
             CryptoError: the total weight exceeds the supported bound, or coordinates lie outside
                 what clients of that total weight can send (``check_range``: a client lied about
                 its weight or a lane wrapped); the aggregate is discarded.
@@ -433,6 +437,7 @@ class KeyHolder:
                 f"{self.spec.max_clients}; it cannot be decrypted correctly"
             )
         cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
+        self.budget.spend(len(cts))
         slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
         check_range(self.spec, slots)
         weighted_sum, weight = unpack(slots, self.spec)
@@ -475,6 +480,8 @@ class EncryptedAggregator:
     def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
         try:
             return self.key_holder.decode(aggregate)
+        except FloodBudgetSpent:
+            raise  # the run cannot go on under this key: stop, do not skip rounds forever
         except (KeyCustodyError, CryptoError) as e:
             raise RoundError(str(e)) from e
 
@@ -511,6 +518,11 @@ def make_spec(scheme: str, size: int, *, custody: str = "clients", **options: An
         raise ConfigError(f"unknown HE scheme {scheme!r}; choose one of {', '.join(PRESETS)}")
     base, defaults = PRESETS[scheme]
     build = bfv_spec if base == "bfv" else ckks_spec
+    only = {"bfv": ("coeff_bits", "flood_security", "flood_queries"), "ckks": ("bits", "lanes")}
+    wrong = sorted(set(options) & set(only[base]))
+    if wrong:
+        raise ConfigError(f"option(s) {', '.join(wrong)} do not apply to {base.upper()}; "
+                          f"drop them or choose the other scheme")
     return build(size, symmetric=custody == "clients", **{**defaults, **options})
 
 

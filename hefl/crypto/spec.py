@@ -18,8 +18,13 @@ prime and no evaluation keys are needed):
 
 ``ckks``
     Cheon-Kim-Kim-Song (ASIACRYPT 2017) with both the real and the imaginary part of each slot used,
-    so a ring of degree N carries N real values, like BFV with one lane. Approximate: error of the
-    order of ``2**-(scale_bits - 12)`` relative to the values.
+    so a ring of degree N carries N real values, like BFV with one lane. A raw CKKS decryption
+    ``c0 + c1*s`` reveals the secret key to whoever holds the ciphertext (Li & Micciancio,
+    EUROCRYPT 2021), so the key holder *floods* every decryption with fresh Gaussian noise sized
+    for ``flood_security`` bits of statistical security over ``flood_queries`` decryptions (Li,
+    Micciancio, Schultz & Sorrell, CRYPTO 2022; ``hefl.crypto.flooding``). That noise needs a large
+    scale, hence N = 4096 with two data primes (92 bits) plus SEAL's 17-bit special prime: 109 bits,
+    the 128-bit bound. Error: Gaussian, ``flood_std`` per value of the sum (about 1e-6).
 
 Ciphertext cost per value is about ``coeff_bits + 4`` bits when clients hold the key (SEAL's seeded
 symmetric ciphertexts: the second polynomial is replaced by a 64-byte seed) and twice that with
@@ -28,8 +33,9 @@ public-key encryption (separate key holder), divided by ``lanes``. The solver th
 plaintext, and the most lanes that fit.
 
 Security: the total coefficient modulus stays within the HomomorphicEncryption.org standard bound
-for 128-bit classical security (N=2048: 54 bits, N=4096: 109 bits; one prime of at most 60 bits is
-used), and SEAL itself re-checks this (``sec_level_type.tc128``) whenever a context is built.
+for 128-bit classical security (N=2048: 54 bits, N=4096: 109 bits; BFV uses one prime of at most 60
+bits, CKKS two data primes and a special prime), and SEAL itself re-checks this
+(``sec_level_type.tc128``) whenever a context is built.
 """
 
 from __future__ import annotations
@@ -48,6 +54,18 @@ CUSTODY = ("clients", "keyholder")
 MAX_COEFF_BITS_128 = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 #: SEAL primes are at most 60 bits; we use exactly one (aggregation needs no key switching).
 MAX_PRIME_BITS = 60
+#: SEAL drops the last prime of a multi-prime modulus from the data level (its key-switching
+#: "special prime"); aggregation switches no keys, so it is the smallest prime = 1 mod 2N.
+SPECIAL_PRIME_BITS = 17
+#: SEAL's encryption noise: a normal of standard deviation 3.2 clipped at 6 sigma (19.2); secret
+#: key and public-key randomness u are ternary.
+SEAL_NOISE_STD, SEAL_NOISE_MAX = 3.2, 19.2
+#: Tail factor of the ciphertext-noise bound: a sub-Gaussian of parameter v exceeds 11 v with
+#: probability below 2 exp(-60.5) < 2**-86 per coefficient.
+NOISE_TAIL = 11.0
+#: Largest flooding deviation the sampler draws exactly (rounded float64 normals keep unit
+#: granularity below 2**51; see ``hefl.crypto.flooding``).
+MAX_FLOOD_STD = 2.0**48
 #: Bits of q above t taken by one fresh ciphertext's noise (measured with SEAL's invariant noise
 #: budget at N = 2048 and 4096: symmetric ~5 bits, public-key ~11 bits) plus a 3-bit safety margin.
 NOISE_BITS = {True: 8, False: 14}
@@ -73,8 +91,13 @@ class HeSpec:
         max_clients: largest number of contributions one aggregate may hold.
         clip_norm: when set, each client scales its update by ``min(1, clip_norm / ||delta||_2)``
             before the per-coordinate clip (the clipping DP-FedAvg needs); None: no L2 clip.
-            Left out of the canonical bytes when None, so specs made before this field existed
-            keep their fingerprint.
+        flood_security: CKKS: statistical security s (bits) of the noise flooding that every
+            decryption gets; 0 for BFV (its decryption rounds to the exact integers: no leak).
+        flood_queries: CKKS: the most ciphertext decryptions one key may answer (tau); the key
+            holder refuses more. The flooding deviation grows as sqrt(tau).
+
+    Fields added after the first release (``clip_norm``, ``flood_*``) are left out of the canonical
+    bytes when unset, so specs made before they existed keep their fingerprint.
     """
 
     scheme: str
@@ -91,19 +114,79 @@ class HeSpec:
     max_weight: int
     max_clients: int
     clip_norm: float | None = None
+    flood_security: int = 0
+    flood_queries: int = 0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown HE scheme {self.scheme!r}; choose one of {SCHEMES}")
         bound = MAX_COEFF_BITS_128.get(self.poly_degree)
-        if bound is None or self.coeff_bits > min(bound, MAX_PRIME_BITS):
+        if bound is None or sum(self.coeff_primes) > bound or (
+            self.scheme == "bfv" and self.coeff_bits > MAX_PRIME_BITS
+        ):
             raise ConfigError(
-                f"coeff_bits={self.coeff_bits} at N={self.poly_degree} is not a single prime "
-                "within the 128-bit security bound; lower max_clients, max_weight or bits"
+                f"coeff_bits={self.coeff_bits} at N={self.poly_degree} is not within the 128-bit "
+                "security bound; lower max_clients, max_weight or bits"
             )
         if self.size < 1:
             raise ConfigError(f"size must be >= 1, got {self.size}")
         _check_clip_norm(self.clip_norm)
+        if self.scheme == "ckks" and (self.flood_security < 1 or self.flood_queries < 1):
+            raise ConfigError(
+                "CKKS needs noise flooding: flood_security >= 1 bits and flood_queries >= 1 "
+                "(without it a decryption reveals the secret key)"
+            )
+
+    @property
+    def coeff_primes(self) -> tuple[int, ...]:
+        """Bit sizes of the primes given to SEAL: the data primes (product ``2**coeff_bits``),
+        then SEAL's special prime when there is more than one."""
+        k = math.ceil(self.coeff_bits / MAX_PRIME_BITS)
+        if k == 1:
+            return (self.coeff_bits,)
+        base, extra = divmod(self.coeff_bits, k)
+        return tuple(base + (i < extra) for i in range(k)) + (SPECIAL_PRIME_BITS,)
+
+    @property
+    def n_primes(self) -> int:
+        """Primes of a ciphertext at the data level."""
+        return math.ceil(self.coeff_bits / MAX_PRIME_BITS)
+
+    # -- CKKS noise flooding -----------------------------------------------------------------
+    @property
+    def noise_bound(self) -> float:
+        """Bound on each coefficient of the decryption error of ``max_clients`` summed fresh
+        ciphertexts (the ``ct.t`` that flooding must hide).
+
+        Symmetric: each error is SEAL's clipped normal, so at most ``19.2 * clients`` (or the
+        sub-Gaussian bound if smaller). Public key: ``e1 - e_pk*u + e2*s`` sums ``2N + 1`` clipped
+        normals times ternary coefficients, a sub-Gaussian of parameter ``3.2 sqrt(2N+1)`` per
+        ciphertext; ``NOISE_TAIL`` times that over ``clients`` ciphertexts.
+        """
+        c = self.max_clients
+        per = 1 if self.symmetric else 2 * self.poly_degree + 1
+        tail = NOISE_TAIL * SEAL_NOISE_STD * math.sqrt(c * per)
+        return min(tail, SEAL_NOISE_MAX * c * per)
+
+    @property
+    def flood_std(self) -> float:
+        """Deviation of the flooding noise added to each coefficient of ``c0 + c1 s`` (0: none).
+
+        ``sqrt(12 tau) 2**(s/2) t`` for ``tau`` decryptions, ``s`` bits of statistical security
+        and ciphertext noise bound ``t`` (Li, Micciancio, Schultz & Sorrell, CRYPTO 2022, as
+        implemented by OpenFHE's ``NOISE_FLOODING_DECRYPT``).
+        """
+        if self.scheme != "ckks":
+            return 0.0
+        return (math.sqrt(12.0 * self.flood_queries) * 2.0 ** (self.flood_security / 2)
+                * self.noise_bound)
+
+    @property
+    def value_std(self) -> float:
+        """Deviation of the flooding noise on each decrypted real value (sum domain): the
+        canonical embedding maps i.i.d. coefficients of deviation ``flood_std`` to real and
+        imaginary slot parts of deviation ``flood_std * sqrt(N/2)``, divided by the scale."""
+        return self.flood_std * math.sqrt(self.poly_degree / 2) / 2.0**self.scale_bits
 
     # -- geometry --------------------------------------------------------------------------
     @property
@@ -133,18 +216,21 @@ class HeSpec:
 
         BFV: exact integer sums, so only stochastic rounding: strictly below ``clip / Q``.
         CKKS: a conservative bound on the encoding and encryption noise of ``max_clients``
-        ciphertexts divided by the scale (measured errors are far smaller).
+        ciphertexts divided by the scale, plus 8 deviations of the flooding noise (exceeded with
+        probability about 1e-15 per value).
         """
         if self.scheme == "bfv":
             return self.clip / self.quant_max
-        return self.max_clients * self.poly_degree * 2.0**6 / 2.0**self.scale_bits
+        return (self.max_clients * self.poly_degree * 2.0**6 / 2.0**self.scale_bits
+                + 8.0 * self.value_std)
 
     # -- wire ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Canonical JSON (public; never pickle). ``clip_norm`` is omitted when None."""
+        """Canonical JSON (public; never pickle). Unset later fields are omitted."""
         fields = asdict(self)
-        if fields["clip_norm"] is None:
-            del fields["clip_norm"]
+        for name, unset in (("clip_norm", None), ("flood_security", 0), ("flood_queries", 0)):
+            if fields[name] == unset:
+                del fields[name]
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -246,32 +332,47 @@ def ckks_spec(
     clip: float = 1.0,
     max_weight: float = 2**16,
     max_clients: int = 128,
-    coeff_bits: int = 54,
+    coeff_bits: int = 92,
     clip_norm: float | None = None,
+    flood_security: int = 40,
+    flood_queries: int = 2**20,
 ) -> HeSpec:
-    """CKKS with one prime and complex packing (two reals per slot).
+    """CKKS with complex packing (two reals per slot) and flooded decryption.
 
     The scale leaves room for sums up to ``max_weight * max(clip, 1)`` (the weight slot too) plus
-    one sign bit and one bit of margin. ``clip_norm`` as in ``bfv_spec``.
+    one sign bit and one bit of margin. ``clip_norm`` as in ``bfv_spec``. ``flood_security`` and
+    ``flood_queries`` size the noise flooding (see ``HeSpec``); a key answers at most
+    ``flood_queries`` ciphertext decryptions (2**20: 4,280 rounds of a 1M-parameter model).
 
     Example:
         >>> s = ckks_spec(1000)
-        >>> (s.poly_degree, s.coeff_bits, s.scale_bits)
-        (2048, 54, 36)
+        >>> (s.poly_degree, s.coeff_primes, s.scale_bits)
+        (4096, (46, 46, 17), 74)
     """
     if not (clip > 0 and math.isfinite(clip)):
         raise ConfigError(f"clip must be a positive number, got {clip}")
     if not (max_weight > 0 and math.isfinite(max_weight)):
         raise ConfigError(f"max_weight must be a positive number, got {max_weight}")
     _check_clip_norm(clip_norm)
-    n = _ring_for(coeff_bits)
+    if max_clients < 1:
+        raise ConfigError(f"max_clients must be >= 1, got {max_clients}")
+    n = 4096 if coeff_bits > MAX_PRIME_BITS else _ring_for(coeff_bits)
     if n is None:
-        raise ConfigError(f"coeff_bits={coeff_bits} exceeds one 60-bit prime at 128-bit security")
+        raise ConfigError(f"coeff_bits={coeff_bits} is beyond 128-bit security at N <= 4096")
     scale_bits = coeff_bits - 2 - math.ceil(math.log2(max_weight * max(clip, 1.0)))
     if scale_bits < 20:
         raise ConfigError(
             f"CKKS scale 2^{scale_bits} is too small for total weight {max_weight}; "
             "lower max_weight or raise coeff_bits"
         )
-    return HeSpec("ckks", int(size), n, coeff_bits, 0, symmetric, 0, 2, 0, scale_bits,
-                  float(clip), int(math.ceil(max_weight)), int(max_clients), _as_float(clip_norm))
+    spec = HeSpec("ckks", int(size), n, coeff_bits, 0, symmetric, 0, 2, 0, scale_bits,
+                  float(clip), int(math.ceil(max_weight)), int(max_clients), _as_float(clip_norm),
+                  int(flood_security), int(flood_queries))
+    if spec.flood_std > MAX_FLOOD_STD or spec.value_std > 2.0**-12:
+        raise ConfigError(
+            f"noise flooding for {flood_security}-bit security over {flood_queries} decryptions "
+            f"and {max_clients} clients needs deviation 2^{math.log2(spec.flood_std):.1f} "
+            f"(error {spec.value_std:.2g} per value); lower max_clients, max_weight or "
+            "flood_queries, or use BFV"
+        )
+    return spec

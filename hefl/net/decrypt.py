@@ -21,6 +21,11 @@ forge a count (the count is the number of verified signatures), decode twice and
 replay an old round (the signature names the round). Each refusal raises ``DecodeRefused`` with
 the reason, which the key holder logs and sends back.
 
+CKKS decryptions are flooded with fresh noise (``hefl.crypto.flooding``) so the answer does not
+reveal the secret key; a repeated request gets the stored answer (the same noise, nothing to
+average), and the key answers at most ``flood_queries`` ciphertext decryptions (counted from the
+ledger across restarts).
+
 Not prevented here: a server may broadcast a *slightly changed* model in a later round to a
 subset differing by one client and difference the two aggregates; differential privacy bounds
 that (docs/threat-model.md).
@@ -42,16 +47,6 @@ from google.protobuf.message import DecodeError
 from hefl.errors import ConfigError, CryptoError, DecodeRefused, UpdateRejected
 from hefl.net.identity import digest, statement, verify
 from hefl.net.proto import hefl_pb2 as pb
-
-#: Why a key holder publishes no CKKS decryption to a server (yet): the raw approximate
-#: decryption c0 + c1*s, re-encoded by the server that made the sum, yields the secret key
-#: (Li and Micciancio, EUROCRYPT 2021). Noise flooding before release (Li, Micciancio, Schultz,
-#: Sorrell, CRYPTO 2022) is the fix; until it lands, deployments use BFV, whose decryption is
-#: the exact integer sum and carries nothing secret-dependent.
-CKKS_UNSAFE = (
-    "this key holder does not publish CKKS decryptions: without noise flooding the server "
-    "could recover the secret key from one decrypted aggregate (Li-Micciancio 2021); use "
-    "[aggregation] kind = \"bfv\" for deployments (CKKS stays available in simulation)")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decodes (
@@ -120,6 +115,11 @@ class DecodeLedger:
             raise DecodeRefused(f"round {d.round} of run {d.run_id!r} was decrypted "
                                 "meanwhile; refusing a second decryption") from e
 
+    def count(self) -> int:
+        """Rounds decrypted so far."""
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM decodes").fetchone()[0])
+
     def close(self) -> None:
         with self._lock:
             self.db.close()
@@ -149,6 +149,9 @@ class VerifiedDecryptor:
         self.signers = dict(signers)
         self.ledger = ledger
         self.summer = SummingServer(holder.share.public())
+        # CKKS: the decryptions this key already answered count against its flooding budget
+        spent = ledger.count() * holder.spec.n_ciphertexts
+        holder.budget.used = max(holder.budget.used, spent)
 
     @property
     def min_clients(self) -> int:
@@ -156,8 +159,6 @@ class VerifiedDecryptor:
 
     def decode(self, run_id: str, round_num: int, body: bytes) -> tuple[np.ndarray, float]:
         """The mean update and total weight of a verified request; raises ``DecodeRefused``."""
-        if self.holder.spec.scheme == "ckks":
-            raise DecodeRefused(CKKS_UNSAFE)
         req = parse_request(body)
         if req.run_id != run_id or req.round != round_num:
             raise DecodeRefused(

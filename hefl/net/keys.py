@@ -24,7 +24,8 @@ from typing import Any
 from hefl.errors import ConfigError, CryptoError, KeyCustodyError, UpdateRejected
 
 HE_KINDS = ("bfv", "ckks")
-SPEC_OPTIONS = ("bits", "clip", "clip_norm", "max_weight", "max_clients", "lanes", "coeff_bits")
+SPEC_OPTIONS = ("bits", "clip", "clip_norm", "max_weight", "max_clients", "lanes", "coeff_bits",
+                "flood_security", "flood_queries")
 CONFIG_KEYS = ("kind", "custody", "public", *SPEC_OPTIONS)
 
 
