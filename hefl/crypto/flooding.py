@@ -68,9 +68,9 @@ class FloodBudget:
 
     def spend(self, n: int) -> None:
         """Count ``n`` more decryptions, or raise ``FloodBudgetSpent`` (nothing counted)."""
-        limit = self.spec.flood_queries
         if self.spec.scheme != "ckks":
             return
+        limit = self.spec.flood_queries
         if self.used + n > limit:
             raise FloodBudgetSpent(
                 f"this CKKS key has answered {self.used} ciphertext decryptions; {n} more would "

@@ -52,7 +52,8 @@ CUSTODY = ("clients", "keyholder")
 
 #: HomomorphicEncryption.org 128-bit classical bound on log2(q), by ring degree N.
 MAX_COEFF_BITS_128 = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
-#: SEAL primes are at most 60 bits; we use exactly one (aggregation needs no key switching).
+#: SEAL primes are at most 60 bits; BFV uses exactly one (aggregation needs no key switching),
+#: CKKS as many as its flooded scale needs.
 MAX_PRIME_BITS = 60
 #: SEAL drops the last prime of a multi-prime modulus from the data level (its key-switching
 #: "special prime"); aggregation switches no keys, so it is the smallest prime = 1 mod 2N.
@@ -141,7 +142,7 @@ class HeSpec:
     def coeff_primes(self) -> tuple[int, ...]:
         """Bit sizes of the primes given to SEAL: the data primes (product ``2**coeff_bits``),
         then SEAL's special prime when there is more than one."""
-        k = math.ceil(self.coeff_bits / MAX_PRIME_BITS)
+        k = self.n_primes
         if k == 1:
             return (self.coeff_bits,)
         base, extra = divmod(self.coeff_bits, k)
