@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KEYS = ("bytes_per_param", "expansion_vs_fp32", "encrypt_s", "aggregate_s", "decrypt_s",
         "max_abs_err")
 VERIFIED = ("sign_s", "verify_s", "verified_decode_s", "decode_request_mb")
+THRESHOLD = ("partial_s", "fuse_s")
 
 
 def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
@@ -58,7 +59,9 @@ def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
     t2 = time.perf_counter()
     ref = sum(x.astype(np.float64) * w for x, w in zip(xs, ws, strict=True)) / sum(ws)
     nbytes = statistics.median(len(b) for b in blobs.values())
-    verified = _verified(agg, blobs) if hasattr(agg, "key_holder") else {}
+    custody = getattr(agg, "custody", None)
+    verified = (_threshold(agg, total.payload) if custody == "threshold"
+                else _verified(agg, blobs) if custody else {})
     return {
         **verified,
         "bytes_per_param": nbytes / size,
@@ -106,6 +109,20 @@ def _verified(agg, blobs: dict) -> dict:
             "verified_decode_s": decode, "decode_request_mb": len(body) / 2**20}
 
 
+def _threshold(agg, total) -> dict:
+    """One member's partial decryption and the fusion of ``threshold`` partials, timed apart."""
+    from hefl.crypto import threshold
+
+    members = tuple(range(1, agg.spec.threshold + 1))
+    committee = agg.key_holder
+    cts = [agg.server.seal.ciphertext(b) for b in total.ciphertexts]
+    t0 = time.perf_counter()
+    parts = [committee.members[m].partial(total, members) for m in members]
+    t1 = time.perf_counter()
+    threshold.fuse(agg.spec, parts, cts)
+    return {"partial_s": (t1 - t0) / len(members), "fuse_s": time.perf_counter() - t1}
+
+
 def _reload(agg, total, sum_bytes):
     """The aggregate as the key holder receives it: from bytes."""
     from dataclasses import replace
@@ -122,7 +139,10 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--scheme", default="bfv", choices=["bfv", "ckks"])
-    ap.add_argument("--custody", default="clients", choices=["clients", "keyholder"])
+    ap.add_argument("--custody", default="clients",
+                    choices=["clients", "keyholder", "threshold"])
+    ap.add_argument("--key-holders", type=int, default=None, help="threshold committee size")
+    ap.add_argument("--threshold", type=int, default=None, help="members needed to decrypt")
     ap.add_argument("--bits", type=int, default=None, help="BFV quantization bits (default 16)")
     ap.add_argument("--max-weight", type=int, default=None, help="supported total weight")
     ap.add_argument("--max-clients", type=int, default=None, help="supported clients per sum")
@@ -138,7 +158,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     xs = [rng.uniform(-1, 1, args.params).astype(np.float32) for _ in range(args.clients)]
     options = {k: v for k, v in (("bits", args.bits), ("max_weight", args.max_weight),
-                                 ("max_clients", args.max_clients)) if v}
+                                 ("max_clients", args.max_clients),
+                                 ("key_holders", args.key_holders),
+                                 ("threshold", args.threshold)) if v}
     ours = make_aggregator(args.scheme, args.params, custody=args.custody,
                            min_clients=min(2, args.clients), seed=args.seed, **options)
     # sample counts up to 1000, kept within the configuration's supported total weight
@@ -150,7 +172,7 @@ def main() -> None:
         runs["ours"].append(measure(ours, xs, ws))
         if base is not None:
             runs["baseline"].append(measure(base, xs, ws))
-    med = {k: {key: statistics.median(r[key] for r in v) for key in (*KEYS, *VERIFIED)
+    med = {k: {key: statistics.median(r[key] for r in v) for key in (*KEYS, *VERIFIED, *THRESHOLD)
                if key in v[0]} for k, v in runs.items() if v}
     out = {"params": args.params, "clients": args.clients, **med["ours"],
            "baseline": {"params": args.params, "clients": args.clients, **med["baseline"]}
@@ -186,6 +208,9 @@ def _table(out: dict, ours: str, repeat: int) -> None:
             f"verify all {out['verify_s'] * 1e3:.1f} ms, key holder verify + recompute sum + "
             f"decrypt {out['verified_decode_s']:.3f} s, request {out['decode_request_mb']:.1f} MB"
         )
+    if "partial_s" in out:
+        lines.append(f"threshold: one member's partial decryption {out['partial_s']:.3f} s, "
+                     f"fusing the partials {out['fuse_s']:.3f} s")
     try:
         from rich.console import Console
 

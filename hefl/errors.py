@@ -117,6 +117,11 @@ class FloodBudgetSpent(KeyCustodyError):
     (``HeSpec.flood_queries``); a new key set is needed."""
 
 
+class MemberUnavailable(KeyCustodyError):
+    """A threshold key holder did not answer (down, unreachable, timed out); the committee
+    decrypts without it while ``threshold`` members answer."""
+
+
 class DecodeRefused(KeyCustodyError):
     """A key holder refused a decode request: a signature that does not verify, fewer than
     ``min_clients`` distinct registered signers, a second decryption of a round, a replayed model.

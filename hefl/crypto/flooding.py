@@ -68,13 +68,13 @@ class FloodBudget:
 
     def spend(self, n: int) -> None:
         """Count ``n`` more decryptions, or raise ``FloodBudgetSpent`` (nothing counted)."""
-        if self.spec.scheme != "ckks":
+        if not self.spec.flooded:
             return
         limit = self.spec.flood_queries
         if self.used + n > limit:
             raise FloodBudgetSpent(
-                f"this CKKS key has answered {self.used} ciphertext decryptions; {n} more would "
+                f"this key has answered {self.used} ciphertext decryptions; {n} more would "
                 f"exceed flood_queries={limit}, the most its noise flooding is sized for. "
-                "Generate a new key set (hefl keys) to continue, or use BFV"
+                "Generate a new key set (hefl keys) to continue"
             )
         self.used += n

@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -246,6 +247,119 @@ class Seal:
         ct.scale = scale
         self.evaluator.transform_to_ntt_inplace(ct)
         return ct
+
+    # -- raw polynomials (threshold keys, ``hefl.crypto.threshold``) ------------------------
+    # Polynomials are uint64 arrays of shape (primes, N), residues prime by prime in SEAL's
+    # order. SEAL does every transform and every product; these helpers only move coefficients
+    # in and out of SEAL objects, through SEAL's own (validating) loaders.
+    @property
+    def key_moduli(self) -> tuple[int, ...]:
+        """All primes of the modulus, the special prime included (the level keys live at)."""
+        return tuple(int(m.value()) for m in self.context.key_context_data().parms().coeff_modulus())
+
+    def polys(self, obj: Any, count: int) -> np.ndarray:
+        """The coefficient array of a SEAL ciphertext, plaintext or key data, as ``count``
+        polynomials of shape (primes, N)."""
+        d = obj.dyn_array()
+        size = d.size()
+        flat = np.fromiter((d.at(i) for i in range(size)), dtype=np.uint64, count=size)
+        return flat.reshape(count, -1, self.spec.poly_degree)
+
+    def uniform_polynomial(self, seed: bytes) -> np.ndarray:
+        """The polynomial ``a`` (NTT form, key level) that SEAL samples uniformly from its
+        SHAKE-256 PRNG seeded with ``seed`` (64 bytes): every party derives the same one."""
+        if len(seed) != 64:
+            raise ValueError("the common polynomial needs a 64-byte seed")
+        src = self.context.key_context_data().parms()
+        parms = sealapi.EncryptionParameters(src.scheme())
+        parms.set_poly_modulus_degree(self.spec.poly_degree)
+        parms.set_coeff_modulus(src.coeff_modulus())
+        if self.spec.scheme == "bfv":
+            parms.set_plain_modulus(src.plain_modulus())
+        parms.set_random_generator(
+            sealapi.Shake256PRNGFactory(list(struct.unpack("<8Q", seed)))
+        )
+        context = sealapi.SEALContext(parms, True, sealapi.SEC_LEVEL_TYPE.TC128)
+        pk = sealapi.PublicKey()
+        sealapi.KeyGenerator(context).create_public_key(pk)
+        return self.polys(pk.data(), 2)[1]  # a public key is (-a s + e, a): keep a
+
+    def secret_key_polys(self, secret_key: Any) -> np.ndarray:
+        """A secret key's polynomial (NTT form, key level)."""
+        return self.polys(secret_key.data(), 1)[0]
+
+    def secret_key_from(self, s: np.ndarray) -> bytes:
+        """SEAL bytes of the secret key whose polynomial (NTT form, key level) is ``s``."""
+        template, _ = self.keygen()  # a key of that shape; kept alive while its data is used
+        data = template.data()
+        load_array(data.dyn_array(), s)
+        return save(data)  # a secret key serializes as its plaintext
+
+    def public_key_from(self, p0: np.ndarray, a: np.ndarray) -> bytes:
+        """SEAL bytes of the public key ``(p0, a)`` (NTT form, key level); SEAL checks them."""
+        _, template = self.keygen()
+        ct = template.data()
+        load_array(ct.dyn_array(), np.concatenate([p0.ravel(), a.ravel()]))
+        data = save(ct)  # a public key serializes as its ciphertext
+        self.load_public_key(data)
+        return data
+
+    def ntt_plaintext(self, values: np.ndarray) -> Any:
+        """A plaintext in NTT form at the data level holding ``values`` (primes, N)."""
+        pt = sealapi.Plaintext(self.spec.poly_degree, 0)
+        if self.spec.scheme == "bfv":
+            self.evaluator.transform_to_ntt_inplace(pt, self.context.first_parms_id())
+        else:
+            self.encoder.encode(0.0, self.context.first_parms_id(), 1.0, pt)
+        load_array(pt.dyn_array(), values)
+        return pt
+
+    def ntt_copy(self, ct: Any) -> Any:
+        """A copy of ``ct`` in NTT form (CKKS ciphertexts already are)."""
+        out = sealapi.Ciphertext()
+        if ct.is_ntt_form():
+            self.evaluator.negate(ct, out)
+            self.evaluator.negate_inplace(out)
+        else:
+            self.evaluator.transform_to_ntt(ct, out)
+        return out
+
+    def to_ntt(self, polys: np.ndarray) -> np.ndarray:
+        """SEAL's NTT of one polynomial per row of ``polys`` (rows, primes, N), data level."""
+        out = np.empty_like(polys)
+        for i, p in enumerate(polys):
+            ct = self._coefficient_ciphertext(1.0, p.ravel(), p.ravel())
+            out[i] = self.polys(ct, 2)[0]
+        return out
+
+    def from_ntt(self, poly: np.ndarray) -> np.ndarray:
+        """SEAL's inverse NTT of one polynomial (primes, N) at the data level."""
+        flat = poly.ravel()
+        ones = np.ones_like(flat)  # SEAL refuses a transparent (zero second part) ciphertext
+        ct = self._coefficient_ciphertext(1.0, ones, ones)
+        load_array(ct.dyn_array(), np.concatenate([flat, flat]))
+        self.evaluator.transform_from_ntt_inplace(ct)
+        return self.polys(ct, 2)[0]
+
+    def decrypt_raw(self, ct: Any, c0: np.ndarray) -> np.ndarray:
+        """Decode the ciphertext whose decryption polynomial is ``c0`` (NTT form, data level):
+        a copy of ``ct`` is overwritten with ``(c0, c1)`` and SEAL decrypts it under the zero
+        key, which gives ``c0`` itself (BFV: SEAL's scale-and-round; CKKS: SEAL's decoding).
+
+        Raises:
+            CryptoError: BFV: ``c0`` is not within the noise budget (a wrong or garbled sum).
+        """
+        x = self.ntt_copy(ct)
+        c1 = self.polys(x, 2)[1]
+        load_array(x.dyn_array(), np.concatenate([c0.ravel(), c1.ravel()]))
+        if self.spec.scheme == "bfv":
+            self.evaluator.transform_from_ntt_inplace(x)
+        return self.decrypt(self._zero_decryptor, x)
+
+    @cached_property
+    def _zero_decryptor(self) -> Any:
+        zero = np.zeros(len(self.key_moduli) * self.spec.poly_degree, dtype=np.uint64)
+        return self.decryptor(self.load_secret_key(self.secret_key_from(zero)))
 
     def noise_budget(self, decryptor: Any, ct: Any) -> int:
         """BFV invariant noise budget in bits (for tests and diagnostics)."""

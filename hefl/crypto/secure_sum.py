@@ -31,14 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from hefl.aggregation import Aggregate, PlainPayload, check_update
+from hefl.crypto import threshold as multiparty
 from hefl.crypto import wire
 from hefl.crypto.flooding import FloodBudget
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
@@ -51,6 +53,7 @@ from hefl.errors import (
     CryptoError,
     FloodBudgetSpent,
     KeyCustodyError,
+    MemberUnavailable,
     RoundError,
     UpdateRejected,
 )
@@ -415,38 +418,169 @@ class KeyHolder:
                 what clients of that total weight can send (``check_range``: a client lied about
                 its weight or a lane wrapped); the aggregate is discarded.
         """
-        if isinstance(total, Aggregate):
-            total = total.payload
-        if isinstance(total, (bytes, bytearray, memoryview)):
-            total = self.loads(bytes(total))
-        if not isinstance(total, EncryptedSum):
-            raise KeyCustodyError(
-                f"the key holder decrypts only sums of updates (EncryptedSum), got "
-                f"{type(total).__name__}"
-            )
-        _check_stamp(self.spec, self.share.key_id, total.fingerprint, total.key_id, "encrypted sum")
-        if total.count < self.min_clients:
-            raise KeyCustodyError(
-                f"refusing to decrypt an aggregate of {total.count} contribution(s): at least "
-                f"min_clients={self.min_clients} are required so no small group's update is "
-                "revealed; wait for more clients"
-            )
-        if total.count > self.spec.max_clients:
-            raise CryptoError(
-                f"aggregate claims {total.count} contributions, more than max_clients="
-                f"{self.spec.max_clients}; it cannot be decrypted correctly"
-            )
+        total = open_sum(self.spec, self.share.key_id, total, self.min_clients)
         cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
         self.budget.spend(len(cts))
         slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
         check_range(self.spec, slots)
-        weighted_sum, weight = unpack(slots, self.spec)
-        if weight <= 0:
-            raise RoundError(
-                f"no usable client updates this round ({total.count} contributors, total weight "
-                f"{weight:g}); sample more clients per round"
+        return weighted_mean(self.spec, slots, total.count)
+
+
+def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | bytes,
+             min_clients: int) -> EncryptedSum:
+    """What every decrypting party checks before it decrypts: an ``EncryptedSum`` under this
+    key and parameters, of at least ``min_clients`` and at most ``max_clients`` contributions.
+
+    Raises:
+        KeyCustodyError: not a sum, or fewer than ``min_clients`` contributions.
+        CryptoError: more than ``max_clients`` contributions.
+    """
+    if isinstance(total, Aggregate):
+        total = total.payload
+    if isinstance(total, (bytes, bytearray, memoryview)):
+        total = parse_sum(spec, key_id, bytes(total))
+    if not isinstance(total, EncryptedSum):
+        raise KeyCustodyError(
+            f"the key holder decrypts only sums of updates (EncryptedSum), got "
+            f"{type(total).__name__}"
+        )
+    _check_stamp(spec, key_id, total.fingerprint, total.key_id, "encrypted sum")
+    if total.count < min_clients:
+        raise KeyCustodyError(
+            f"refusing to decrypt an aggregate of {total.count} contribution(s): at least "
+            f"min_clients={min_clients} are required so no small group's update is "
+            "revealed; wait for more clients"
+        )
+    if total.count > spec.max_clients:
+        raise CryptoError(
+            f"aggregate claims {total.count} contributions, more than max_clients="
+            f"{spec.max_clients}; it cannot be decrypted correctly"
+        )
+    return total
+
+
+def weighted_mean(spec: HeSpec, slots: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """The mean update and total weight from range-checked plaintext slots.
+
+    Raises:
+        RoundError: nothing to average (total weight 0).
+    """
+    weighted_sum, weight = unpack(slots, spec)
+    if weight <= 0:
+        raise RoundError(
+            f"no usable client updates this round ({count} contributors, total weight "
+            f"{weight:g}); sample more clients per round"
+        )
+    return weighted_sum / weight, weight
+
+
+class ThresholdKeyHolder:
+    """One member of a threshold committee: checks an aggregate as a key holder does
+    (``open_sum``), spends its flooding budget and returns its partial decryption for the
+    decrypting set it is asked to join. It never sees the plaintext."""
+
+    def __init__(self, share: KeyShare, *, min_clients: int = 2) -> None:
+        if not isinstance(share, KeyShare) or share.parties < 2:
+            raise KeyCustodyError("a threshold key holder needs its KeyShare from a threshold "
+                                  "ceremony (hefl.crypto.threshold)")
+        if min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        self.share = share
+        self.party = share.party
+        self.spec = share.spec
+        self.min_clients = min_clients
+        self.budget = FloodBudget(self.spec)
+
+    def partial(self, total: EncryptedSum | Aggregate | bytes, members: Sequence[int]
+                ) -> multiparty.ThresholdPartial:
+        total = open_sum(self.spec, self.share.key_id, total, self.min_clients)
+        cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
+        multiparty.check_members(self.spec, members)
+        self.budget.spend(len(cts))
+        return multiparty.partial_decrypt(self.share, cts, members)
+
+
+class Committee:
+    """Threshold decryption as a ``KeyHolder``: asks ``threshold`` members for partials, fuses
+    them and checks the result (whoever fuses learns only the aggregate).
+
+    Members that raise ``MemberUnavailable`` (or ``ConnectionError``/``TimeoutError``) are
+    skipped; decryption needs ``threshold`` that answer. When a fused result fails the range
+    checks, other decrypting sets are tried: the members in every failing set and not in the
+    passing one are named in ``suspects`` (logged). When no set passes nobody can be named. Retrying spends each
+    member's flooding budget like any decryption.
+
+    Args:
+        public: the collective public context.
+        members: one ``ThresholdKeyHolder`` per key holder (or anything with ``party`` and
+            ``partial(total, members)``: a remote member in deployment).
+    """
+
+    MAX_SETS = 64
+
+    def __init__(self, public: PublicContext, members: Sequence[Any]) -> None:
+        self.public = public
+        self.spec = public.spec
+        self.members = {m.party: m for m in members}
+        if sorted(self.members) != list(range(1, self.spec.parties + 1)):
+            raise KeyCustodyError(
+                f"the committee needs key holders 1..{self.spec.parties}, got "
+                f"{sorted(self.members)}"
             )
-        return weighted_sum / weight, weight
+        self.suspects: tuple[int, ...] = ()
+
+    def loads(self, data: bytes) -> EncryptedSum:
+        return parse_sum(self.spec, self.public.key_id, data)
+
+    def decode(self, total: EncryptedSum | Aggregate | bytes) -> tuple[np.ndarray, float]:
+        """The weighted mean and total weight (raises as ``KeyHolder.decode``, and
+        ``KeyCustodyError`` when fewer than ``threshold`` members answer)."""
+        total = open_sum(self.spec, self.public.key_id, total, 1)
+        cts = [self.public.seal.ciphertext(b) for b in total.ciphertexts]
+        t = self.spec.threshold
+        down: set[int] = set()
+        failed: list[tuple[int, ...]] = []
+        errors: list[str] = []
+        for ms in itertools.islice(itertools.combinations(sorted(self.members), t),
+                                   self.MAX_SETS):
+            if down & set(ms):
+                continue
+            partials = []
+            for m in ms:
+                try:
+                    partials.append(self.members[m].partial(total, ms))
+                except (MemberUnavailable, ConnectionError, TimeoutError):
+                    down.add(m)
+                    break
+            if len(partials) < t:
+                continue
+            try:
+                slots = multiparty.fuse(self.spec, partials, cts)
+                check_range(self.spec, slots)
+            except CryptoError as e:
+                failed.append(ms)
+                errors.append(str(e))
+                continue
+            self._name(failed, ms)
+            return weighted_mean(self.spec, slots, total.count)
+        if len(set(self.members) - down) < t:
+            raise KeyCustodyError(
+                f"only {len(self.members) - len(down)} of {len(self.members)} key holders "
+                f"answered (missing: {sorted(down)}); decryption needs threshold={t}"
+            )
+        raise CryptoError(
+            f"no decrypting set of the key holders that answered gave a valid aggregate (the "
+            f"fused result failed the checks: {errors[-1]}); at least one key holder returned "
+            "an invalid partial decryption, and with no valid set to compare it cannot be named"
+        )
+
+    def _name(self, failed: list[tuple[int, ...]], passing: tuple[int, ...]) -> None:
+        """Suspects: members in every failing set and not in the passing one."""
+        common = set(failed[0]).intersection(*map(set, failed[1:])) if failed else set()
+        self.suspects = tuple(sorted(common - set(passing)))
+        if self.suspects:
+            log.warning("key holder(s) %s returned invalid partial decryptions; the aggregate "
+                        "was decrypted without them", list(self.suspects))
 
 
 class EncryptedAggregator:
@@ -457,8 +591,8 @@ class EncryptedAggregator:
     ``KeyHolder`` alone raises ``KeyCustodyError``.
     """
 
-    def __init__(self, client: EncryptingClient, server: SummingServer, key_holder: KeyHolder,
-                 custody: str) -> None:
+    def __init__(self, client: EncryptingClient, server: SummingServer,
+                 key_holder: KeyHolder | Committee, custody: str) -> None:
         self.client = client
         self.server = server
         self.key_holder = key_holder
@@ -509,21 +643,40 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def make_spec(scheme: str, size: int, *, custody: str = "clients", **options: Any) -> HeSpec:
+#: Committee of a threshold key set when ``make_aggregator`` is not told: 2 of 3.
+DEFAULT_COMMITTEE = (3, 2)
+
+
+def make_spec(scheme: str, size: int, *, custody: str = "clients",
+              key_holders: int | None = None, threshold: int | None = None,
+              **options: Any) -> HeSpec:
     """The ``HeSpec`` for a scheme or preset name and custody mode (options as ``bfv_spec`` /
-    ``ckks_spec``)."""
+    ``ckks_spec``; ``key_holders`` and ``threshold`` for custody ``"threshold"``, default 2 of
+    3)."""
     if custody not in CUSTODY:
         raise ConfigError(f"unknown key custody {custody!r}; choose one of {CUSTODY}")
     if scheme not in PRESETS:
         raise ConfigError(f"unknown HE scheme {scheme!r}; choose one of {', '.join(PRESETS)}")
     base, defaults = PRESETS[scheme]
     build = bfv_spec if base == "bfv" else ckks_spec
-    only = {"bfv": ("coeff_bits", "flood_security", "flood_queries"), "ckks": ("bits", "lanes")}
+    committee: dict[str, int] = {}
+    if custody == "threshold":
+        n = DEFAULT_COMMITTEE[0] if key_holders is None else int(key_holders)
+        t = min(DEFAULT_COMMITTEE[1], n) if threshold is None else int(threshold)
+        committee = {"parties": n, "threshold": t}
+    elif key_holders is not None or threshold is not None:
+        raise ConfigError("key_holders and threshold apply only to custody 'threshold'")
+    flood = () if committee else ("flood_security", "flood_queries")
+    only = {"bfv": ("coeff_bits", *flood), "ckks": ("bits", "lanes")}
     wrong = sorted(set(options) & set(only[base]))
     if wrong:
-        raise ConfigError(f"option(s) {', '.join(wrong)} do not apply to {base.upper()}; "
-                          f"drop them or choose the other scheme")
-    return build(size, symmetric=custody == "clients", **{**defaults, **options})
+        raise ConfigError(f"option(s) {', '.join(wrong)} do not apply to {base.upper()}"
+                          f"{'' if committee else ' outside custody threshold'}; drop them or "
+                          "choose the other scheme")
+    if committee and scheme == "bfv-packed":
+        raise ConfigError("the bfv-packed preset's two lanes leave no room for the threshold "
+                          "flooding noise; use 'bfv' (or 'ckks') with custody threshold")
+    return build(size, symmetric=custody == "clients", **{**defaults, **options}, **committee)
 
 
 def make_aggregator(
@@ -533,6 +686,8 @@ def make_aggregator(
     custody: str = "clients",
     min_clients: int = 2,
     seed: int | None = None,
+    key_holders: int | None = None,
+    threshold: int | None = None,
     **options: Any,
 ) -> EncryptedAggregator:
     """An encrypted aggregator for simulation (runs the key ceremony in-process).
@@ -541,14 +696,26 @@ def make_aggregator(
         scheme: a preset name: ``"bfv"`` (the default choice), ``"bfv-packed"`` (two values per
             slot, coarser) or ``"ckks"``; see ``PRESETS``.
         size: number of model parameters.
-        custody: ``"clients"`` (clients share the secret key; server gets a public context) or
-            ``"keyholder"`` (a separate key holder; clients encrypt with the public key).
+        custody: ``"clients"`` (clients share the secret key; server gets a public context),
+            ``"keyholder"`` (a separate key holder; clients encrypt with the public key) or
+            ``"threshold"`` (``key_holders`` members generate the key together and any
+            ``threshold`` of them decrypt; no party holds the key; ``hefl.crypto.threshold``).
         min_clients: the key holder refuses aggregates of fewer contributions.
         seed: seeds the clients' stochastic rounding (None: OS entropy).
         options: ``bits``, ``clip``, ``clip_norm``, ``max_weight``, ``max_clients`` (and
             ``lanes`` for BFV, ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
     """
-    spec = make_spec(scheme, size, custody=custody, **options)
+    spec = make_spec(scheme, size, custody=custody, key_holders=key_holders,
+                     threshold=threshold, **options)
+    if custody == "threshold":
+        ceremony = multiparty.threshold_ceremony(spec)
+        return EncryptedAggregator(
+            EncryptingClient(ceremony.public, seed=seed),
+            SummingServer(ceremony.public),
+            Committee(ceremony.public, [ThresholdKeyHolder(sh, min_clients=min_clients)
+                                        for sh in ceremony.shares]),
+            custody,
+        )
     ceremony = key_ceremony(spec)
     share = ceremony.shares[0]
     client_key: PublicContext | KeyShare = share if spec.symmetric else ceremony.public

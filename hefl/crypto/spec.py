@@ -48,7 +48,9 @@ from dataclasses import asdict, dataclass
 from hefl.errors import ConfigError
 
 SCHEMES = ("bfv", "ckks")
-CUSTODY = ("clients", "keyholder")
+CUSTODY = ("clients", "keyholder", "threshold")
+#: Largest threshold committee (key holders) a spec may name.
+MAX_PARTIES = 32
 
 #: HomomorphicEncryption.org 128-bit classical bound on log2(q), by ring degree N.
 MAX_COEFF_BITS_128 = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -96,6 +98,9 @@ class HeSpec:
             decryption gets; 0 for BFV (its decryption rounds to the exact integers: no leak).
         flood_queries: CKKS: the most ciphertext decryptions one key may answer (tau); the key
             holder refuses more. The flooding deviation grows as sqrt(tau).
+            Threshold keys (both schemes) flood every partial decryption with these two too.
+        parties: threshold custody: the number n of key holders sharing the key (0: one key).
+        threshold: threshold custody: how many of them decrypt together (t, 2 <= t <= n).
 
     Fields added after the first release (``clip_norm``, ``flood_*``) are left out of the canonical
     bytes when unset, so specs made before they existed keep their fingerprint.
@@ -117,14 +122,14 @@ class HeSpec:
     clip_norm: float | None = None
     flood_security: int = 0
     flood_queries: int = 0
+    parties: int = 0
+    threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown HE scheme {self.scheme!r}; choose one of {SCHEMES}")
         bound = MAX_COEFF_BITS_128.get(self.poly_degree)
-        if bound is None or sum(self.coeff_primes) > bound or (
-            self.scheme == "bfv" and self.coeff_bits > MAX_PRIME_BITS
-        ):
+        if bound is None or sum(self.coeff_primes) > bound:
             raise ConfigError(
                 f"coeff_bits={self.coeff_bits} at N={self.poly_degree} is not within the 128-bit "
                 "security bound; lower max_clients, max_weight or bits"
@@ -132,11 +137,25 @@ class HeSpec:
         if self.size < 1:
             raise ConfigError(f"size must be >= 1, got {self.size}")
         _check_clip_norm(self.clip_norm)
-        if self.scheme == "ckks" and (self.flood_security < 1 or self.flood_queries < 1):
+        if self.flooded and (self.flood_security < 1 or self.flood_queries < 1):
             raise ConfigError(
-                "CKKS needs noise flooding: flood_security >= 1 bits and flood_queries >= 1 "
-                "(without it a decryption reveals the secret key)"
+                "CKKS (and any threshold key) needs noise flooding: flood_security >= 1 bits and "
+                "flood_queries >= 1 (without it a decryption reveals the secret key)"
             )
+        if self.parties or self.threshold:
+            if not 2 <= self.threshold <= self.parties <= MAX_PARTIES:
+                raise ConfigError(
+                    f"threshold keys need 2 <= threshold <= key_holders <= {MAX_PARTIES}, got "
+                    f"threshold={self.threshold}, key_holders={self.parties}"
+                )
+            if self.symmetric:
+                raise ConfigError("threshold keys are public-key: clients encrypt with the "
+                                  "collective public key (symmetric=False)")
+
+    @property
+    def flooded(self) -> bool:
+        """Decryptions get flooding noise: CKKS (any custody) and threshold keys (any scheme)."""
+        return self.scheme == "ckks" or self.parties > 0
 
     @property
     def coeff_primes(self) -> tuple[int, ...]:
@@ -163,9 +182,16 @@ class HeSpec:
         sub-Gaussian bound if smaller). Public key: ``e1 - e_pk*u + e2*s`` sums ``2N + 1`` clipped
         normals times ternary coefficients, a sub-Gaussian of parameter ``3.2 sqrt(2N+1)`` per
         ciphertext; ``NOISE_TAIL`` times that over ``clients`` ciphertexts.
+
+        Threshold keys: the collective key is ``s = sum s_i`` over n parties and the public key's
+        error ``sum e_i``; given ``s`` and ``u``, ``e_pk*u`` is sub-Gaussian of parameter
+        ``3.2 sqrt(n) ||u|| <= 3.2 sqrt(nN)`` and ``e2*s`` of ``3.2 ||s|| <= 3.2 sqrt(nN)``
+        (``||s||^2`` concentrates at ``2nN/3``), so the per-ciphertext parameter is at most
+        ``3.2 sqrt(n (2N+1))``. SEAL encrypts at the key level and divides by the special prime,
+        which only shrinks this (plus a rounding term far below it).
         """
         c = self.max_clients
-        per = 1 if self.symmetric else 2 * self.poly_degree + 1
+        per = 1 if self.symmetric else max(self.parties, 1) * (2 * self.poly_degree + 1)
         tail = NOISE_TAIL * SEAL_NOISE_STD * math.sqrt(c * per)
         return min(tail, SEAL_NOISE_MAX * c * per)
 
@@ -177,7 +203,7 @@ class HeSpec:
         and ciphertext noise bound ``t`` (Li, Micciancio, Schultz & Sorrell, CRYPTO 2022, as
         implemented by OpenFHE's ``NOISE_FLOODING_DECRYPT``).
         """
-        if self.scheme != "ckks":
+        if not self.flooded:
             return 0.0
         return (math.sqrt(12.0 * self.flood_queries) * 2.0 ** (self.flood_security / 2)
                 * self.noise_bound)
@@ -218,18 +244,26 @@ class HeSpec:
         BFV: exact integer sums, so only stochastic rounding: strictly below ``clip / Q``.
         CKKS: a conservative bound on the encoding and encryption noise of ``max_clients``
         ciphertexts divided by the scale, plus 8 deviations of the flooding noise (exceeded with
-        probability about 1e-15 per value).
+        probability about 1e-15 per value); threshold keys fuse ``threshold`` flooded partials.
         """
         if self.scheme == "bfv":
             return self.clip / self.quant_max
         return (self.max_clients * self.poly_degree * 2.0**6 / 2.0**self.scale_bits
-                + 8.0 * self.value_std)
+                + 8.0 * self.value_std * math.sqrt(max(self.threshold, 1)))
+
+    @property
+    def decryption_noise_bound(self) -> float:
+        """Bound on each coefficient of the noise a (fused) decryption sees: the ciphertexts'
+        ``noise_bound`` plus ``NOISE_TAIL`` deviations of the sum of the flooding noises."""
+        floods = max(self.threshold, 1) if self.flooded else 0
+        return self.noise_bound + NOISE_TAIL * math.sqrt(floods) * self.flood_std
 
     # -- wire ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """Canonical JSON (public; never pickle). Unset later fields are omitted."""
         fields = asdict(self)
-        for name, unset in (("clip_norm", None), ("flood_security", 0), ("flood_queries", 0)):
+        for name, unset in (("clip_norm", None), ("flood_security", 0), ("flood_queries", 0),
+                            ("parties", 0), ("threshold", 0)):
             if fields[name] == unset:
                 del fields[name]
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -283,6 +317,10 @@ def bfv_spec(
     max_clients: int = 128,
     lanes: int | None = None,
     clip_norm: float | None = None,
+    parties: int = 0,
+    threshold: int = 0,
+    flood_security: int = 40,
+    flood_queries: int = 2**20,
 ) -> HeSpec:
     """The cheapest BFV parameters for these bounds.
 
@@ -292,10 +330,18 @@ def bfv_spec(
     in one <= 60-bit prime are used (or exactly ``lanes`` if given). ``clip_norm`` (None: off)
     bounds the L2 norm of each client's update before the per-coordinate clip (see ``HeSpec``).
 
+    Threshold keys (``parties`` key holders, any ``threshold`` of whom decrypt; public-key
+    encryption only) flood every partial decryption (``flood_security``, ``flood_queries``, as
+    ``ckks_spec``): the fused noise must stay below half of ``q/t``, so the ring is N = 4096 with
+    two 46-bit data primes and the plaintext prime takes what the noise leaves.
+
     Example:
         >>> s = bfv_spec(1000, bits=12, max_weight=2**9, max_clients=64)
         >>> (s.poly_degree, s.lanes, s.lane_bits, s.plain_bits, s.coeff_bits)
         (4096, 2, 21, 43, 57)
+        >>> t = bfv_spec(1000, symmetric=False, parties=3, threshold=2)
+        >>> (t.poly_degree, t.coeff_primes, t.lanes, t.plain_bits)
+        (4096, (46, 46, 17), 1, 33)
     """
     if not 2 <= bits <= 30:
         raise ConfigError(f"bits must be in 2..30, got {bits}")
@@ -310,6 +356,10 @@ def bfv_spec(
     # the weight slot must not wrap even when every client sends max_weight (so the key holder
     # can always tell that the bound was exceeded), and t = 1 mod 2N needs at least 18 bits
     min_plain = max(18, math.ceil(math.log2(int(max_weight) * max_clients)) + 2)
+    if parties or threshold:
+        return _threshold_bfv(size, symmetric, bits, clip, max_weight, max_clients, lanes,
+                              clip_norm, lane_bits, min_plain, parties, threshold,
+                              flood_security, flood_queries)
     noise = NOISE_BITS[symmetric] + math.ceil(math.log2(max_clients))
     choices = [lanes] if lanes else range(MAX_PRIME_BITS // lane_bits, 0, -1)
     for k in choices:
@@ -326,6 +376,50 @@ def bfv_spec(
     )
 
 
+#: Threshold BFV: two data primes at N = 4096 (92 bits + SEAL's 17-bit special prime = 109).
+THRESHOLD_BFV_COEFF_BITS = 92
+
+
+def _threshold_bfv(size: int, symmetric: bool, bits: int, clip: float, max_weight: int,
+                   max_clients: int, lanes: int | None, clip_norm: float | None, lane_bits: int,
+                   min_plain: int, parties: int, threshold: int, flood_security: int,
+                   flood_queries: int) -> HeSpec:
+    """``bfv_spec`` for threshold keys: the most lanes whose plaintext prime leaves room for
+    the fused noise (``decryption_noise_bound`` < q / 2t with a one-bit margin)."""
+    q_bits = THRESHOLD_BFV_COEFF_BITS
+    choices = [lanes] if lanes else range(MAX_PRIME_BITS // lane_bits, 0, -1)
+    spec = None
+    for k in choices:
+        plain_bits = max(k * lane_bits + 1, min_plain)
+        spec = HeSpec("bfv", int(size), 4096, q_bits, plain_bits, symmetric, bits, k, lane_bits,
+                      0, float(clip), int(max_weight), int(max_clients), _as_float(clip_norm),
+                      int(flood_security), int(flood_queries), int(parties), int(threshold))
+        _check_flood(spec)
+        if plain_bits <= MAX_PRIME_BITS and (
+            plain_bits + math.log2(spec.decryption_noise_bound) + 2 <= q_bits
+        ):
+            return spec
+    noise = math.log2(spec.decryption_noise_bound) if spec else 0.0
+    raise ConfigError(
+        f"threshold decryption noise 2^{noise:.1f} leaves no room in a {q_bits}-bit modulus for "
+        f"{bits}-bit values with total weight {max_weight}; lower bits, max_weight, "
+        "max_clients or flood_queries"
+    )
+
+
+def _check_flood(spec: HeSpec) -> None:
+    """Refuse flooding that the sampler cannot draw or CKKS values cannot absorb."""
+    too_wide = spec.flood_std > MAX_FLOOD_STD
+    if too_wide or (spec.scheme == "ckks" and spec.value_std > 2.0**-12):
+        raise ConfigError(
+            f"noise flooding for {spec.flood_security}-bit security over {spec.flood_queries} "
+            f"decryptions, {spec.max_clients} clients and {max(spec.parties, 1)} key holder(s) "
+            f"needs deviation 2^{math.log2(spec.flood_std):.1f} (error {spec.value_std:.2g} per "
+            "value); lower max_clients, max_weight, key_holders or flood_queries"
+            + ("" if spec.scheme == "bfv" else ", or use BFV")
+        )
+
+
 def ckks_spec(
     size: int,
     *,
@@ -337,6 +431,8 @@ def ckks_spec(
     clip_norm: float | None = None,
     flood_security: int = 40,
     flood_queries: int = 2**20,
+    parties: int = 0,
+    threshold: int = 0,
 ) -> HeSpec:
     """CKKS with complex packing (two reals per slot) and flooded decryption.
 
@@ -368,12 +464,6 @@ def ckks_spec(
         )
     spec = HeSpec("ckks", int(size), n, coeff_bits, 0, symmetric, 0, 2, 0, scale_bits,
                   float(clip), int(math.ceil(max_weight)), int(max_clients), _as_float(clip_norm),
-                  int(flood_security), int(flood_queries))
-    if spec.flood_std > MAX_FLOOD_STD or spec.value_std > 2.0**-12:
-        raise ConfigError(
-            f"noise flooding for {flood_security}-bit security over {flood_queries} decryptions "
-            f"and {max_clients} clients needs deviation 2^{math.log2(spec.flood_std):.1f} "
-            f"(error {spec.value_std:.2g} per value); lower max_clients, max_weight or "
-            "flood_queries, or use BFV"
-        )
+                  int(flood_security), int(flood_queries), int(parties), int(threshold))
+    _check_flood(spec)
     return spec
