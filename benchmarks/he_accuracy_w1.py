@@ -1,5 +1,5 @@
 """W1 config b (../shared/bench/WORKLOADS.md): final test accuracy in plaintext and with BFV
-aggregation in each custody mode (clients, keyholder), same seed, in one process.
+aggregation in each custody mode (clients, keyholder, threshold 2 of 3), same seed, in one process.
 
     python benchmarks/he_accuracy_w1.py [--config b] [--json]
 
@@ -29,7 +29,7 @@ def main() -> None:
     from hefl.workloads import w1
 
     out = {}
-    for custody in ("plain", "clients", "keyholder"):
+    for custody in ("plain", "clients", "keyholder", "threshold"):
         wl = w1(a.config)
         kw = {} if custody == "plain" else {"aggregator": make_aggregator(
             "bfv", wl.model.spec.size, custody=custody, min_clients=2, seed=0)}

@@ -54,6 +54,14 @@ def test_simulate_he_matches_plaintext_and_reports_bytes():
     assert abs(enc["final_accuracy"] - plain["final_accuracy"]) <= 0.005
     r = runner.invoke(app, [*args, "--he", "paillier"])
     assert r.exit_code == 2 and "bfv" in r.output
+    r = runner.invoke(app, [*args, "--he", "bfv", "--custody", "threshold", "--key-holders", "3",
+                            "--threshold", "2"])
+    assert r.exit_code == 0, r.output
+    thr = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (thr["custody"], thr["key_holders"], thr["threshold"]) == ("threshold", 3, 2)
+    assert abs(thr["final_accuracy"] - plain["final_accuracy"]) <= 0.005
+    r = runner.invoke(app, [*args, "--he", "bfv", "--custody", "threshold", "--threshold", "5"])
+    assert r.exit_code == 2 and "threshold <= key_holders" in r.output
 
 
 def test_subcommands_are_mounted():

@@ -254,3 +254,11 @@ def test_members_refuse_sets_that_do_not_hold_them_and_foreign_transcripts():
     a, b = Member(spec, 1), Member(spec, 2)
     with pytest.raises(KeyCustodyError, match="one 32-byte nonce per key holder"):
         Transcript(spec, (a.nonce, b.nonce))
+
+
+def test_hefl_keys_refuses_to_deal_a_threshold_key(tmp_path):
+    from hefl.net.keys import write_keys
+
+    with pytest.raises(ConfigError, match="has no dealer"):
+        write_keys({"kind": "bfv", "custody": "threshold"}, 100, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written

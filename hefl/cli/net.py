@@ -166,6 +166,64 @@ def keys(
                f"secret {files.share} -> {holder}{clients}")
 
 
+@app.command()
+def ceremony(
+    step: Annotated[str, typer.Argument(help="hello, deal or finish")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
+    name: Annotated[str, typer.Option(help="this key holder's registered name")],
+    identity: Annotated[Path, typer.Option(help="its identity key NAME.id (hefl certs)")],
+    registry: Annotated[Path, typer.Option(help="the registry, clients.toml")],
+    key_dir: Annotated[Path, typer.Option(help="this key holder's own folder (0700)")],
+    hellos: Annotated[Path | None, typer.Option(help="folder of every member's NAME.hello")] = None,
+    deals: Annotated[Path | None, typer.Option(help="folder of every member's NAME.deal")] = None,
+) -> None:
+    """Threshold key ceremony, one step of one key holder; relay the files it writes.
+
+    hello -> KEY_DIR/NAME.hello; deal (all hellos) -> KEY_DIR/NAME.deal; finish (all hellos
+    and deals) -> KEY_DIR/share.key (secret) and KEY_DIR/public.ctx (give it to the server)."""
+    from hefl.net.ceremony import CeremonyMember
+    from hefl.net.config import build_model, load_registry
+    from hefl.net.identity import Identity
+    from hefl.net.keys import committee_spec
+
+    try:
+        cfg = load_config_for_keys(config)
+        spec, names = committee_spec(cfg["aggregation"], build_model(cfg["model"]).spec.size)
+        signers = {c.name: c.sign_key for c in load_registry(registry)
+                   if c.role == "keyholder" and not c.revoked}
+        member = CeremonyMember(spec, "hefl-ceremony:" + ",".join(names), names, name,
+                                Identity.load(identity), signers, key_dir)
+        key_dir.mkdir(parents=True, exist_ok=True)
+        key_dir.chmod(0o700)
+        if step == "hello":
+            path = key_dir / f"{name}.hello"
+            path.write_bytes(member.start().to_bytes())
+        elif step in ("deal", "finish"):
+            if hellos is None or (step == "finish" and deals is None):
+                raise HeflError(f"ceremony {step} needs --hellos" + (" and --deals"
+                                                                  if step == "finish" else ""))
+            hello_bytes = [p.read_bytes() for p in sorted(hellos.glob("*.hello"))]
+            if step == "deal":
+                path = key_dir / f"{name}.deal"
+                path.write_bytes(member.deal(hello_bytes).to_bytes())
+            else:
+                assert deals is not None
+                public, share = member.finish(
+                    hello_bytes, [p.read_bytes() for p in sorted(deals.glob("*.deal"))])
+                path = key_dir / "public.ctx"
+                path.write_bytes(public.to_bytes())
+                fd = os.open(key_dir / "share.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(share.to_bytes())
+                typer.echo(f"key id {public.key_id.hex()} (every key holder must print the "
+                           f"same); secret {key_dir / 'share.key'} stays here")
+        else:
+            raise HeflError(f"unknown ceremony step {step!r}; choose hello, deal or finish")
+    except (HeflError, OSError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
 def load_config_for_keys(path: Path) -> dict:
     """The [model] and [aggregation] tables of a config (keys come before the server runs)."""
     from hefl.net.config import tomllib

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -52,6 +53,9 @@ class SimulateOptions:
     he: str | None = None
     backend: str = "sequential"
     device: str = "cpu"
+    custody: str = "clients"
+    key_holders: int | None = None
+    threshold: int | None = None
 
 
 def _workload(o: SimulateOptions):
@@ -100,7 +104,10 @@ def run_simulation(
     if o.he:
         from hefl.crypto import make_aggregator
 
-        aggregator = make_aggregator(o.he, wl.model.spec.size, seed=o.seed)
+        committee: dict[str, Any] = ({"key_holders": o.key_holders, "threshold": o.threshold}
+                                     if o.custody == "threshold" else {})
+        aggregator = make_aggregator(o.he, wl.model.spec.size, seed=o.seed, custody=o.custody,
+                                     **committee)
     result = simulate(
         wl.model,
         wl.data,
@@ -122,6 +129,9 @@ def run_simulation(
         "clients": len(wl.data),
         "clients_per_round": o.clients_per_round,
         "he": o.he or "none",
+        **({"custody": o.custody} if o.he else {}),
+        **({"key_holders": aggregator.spec.parties, "threshold": aggregator.spec.threshold}
+           if aggregator is not None and o.custody == "threshold" else {}),
         "backend": o.backend,
         "device": o.device,
         **stats,
@@ -167,6 +177,11 @@ def simulate(
     ),
     backend: str = typer.Option("sequential", help="client steps: " + ", ".join(BACKENDS)),
     device: str = typer.Option("cpu", help="vectorized backend device: cpu or cuda"),
+    custody: str = typer.Option(
+        "clients", help="with --he: who decrypts: clients, keyholder or threshold"
+    ),
+    key_holders: int | None = typer.Option(None, help="custody threshold: committee size (3)"),
+    threshold: int | None = typer.Option(None, help="custody threshold: members needed (2)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
         None, "--out", help="write history (jsonl, csv), summary.json and a plot"
@@ -175,7 +190,8 @@ def simulate(
     """Simulate federated training on this machine."""
     opts = SimulateOptions(
         dataset, data, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
-        server_lr, mu, epochs, batch_size, seed, threads, he, backend, device,
+        server_lr, mu, epochs, batch_size, seed, threads, he, backend, device, custody,
+        key_holders, threshold,
     )  # fmt: skip
     try:
         s = run_simulation(opts, out_dir=out_dir, progress=not as_json)

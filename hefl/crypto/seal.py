@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as sealapi
+import zstandard
 
 from hefl.crypto.spec import HeSpec
 from hefl.errors import ContextMismatch, CryptoError
@@ -101,6 +102,20 @@ def load_array(target: Any, data: np.ndarray) -> None:
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def read_array(array: Any) -> np.ndarray:
+    """The uint64 elements of a SEAL ``DynArray``, read from SEAL's own serialization of it
+    (header, then zstd or raw: element count and the elements)."""
+    data = save(array)
+    magic, size, _, _, mode, _, total = _HEADER.unpack_from(data)
+    if magic != 0xA15E or size != _HEADER.size or total != len(data) or mode not in (0, 2):
+        raise CryptoError(f"unexpected SEAL serialization (compression mode {mode})")
+    body = data[size:]
+    if mode == 2:
+        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+    (count,) = struct.unpack_from("<Q", body)
+    return np.frombuffer(body, dtype="<u8", count=count, offset=8).astype(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -260,10 +275,7 @@ class Seal:
     def polys(self, obj: Any, count: int) -> np.ndarray:
         """The coefficient array of a SEAL ciphertext, plaintext or key data, as ``count``
         polynomials of shape (primes, N)."""
-        d = obj.dyn_array()
-        size = d.size()
-        flat = np.fromiter((d.at(i) for i in range(size)), dtype=np.uint64, count=size)
-        return flat.reshape(count, -1, self.spec.poly_degree)
+        return read_array(obj.dyn_array()).reshape(count, -1, self.spec.poly_degree)
 
     def uniform_polynomial(self, seed: bytes) -> np.ndarray:
         """The polynomial ``a`` (NTT form, key level) that SEAL samples uniformly from its

@@ -51,13 +51,35 @@ from typing import Any
 
 import numpy as np
 
+from hefl.crypto import wire
 from hefl.crypto.flooding import gaussian
 from hefl.crypto.keys import Ceremony, KeyShare, PublicContext
 from hefl.crypto.seal import Seal
 from hefl.crypto.spec import HeSpec
-from hefl.errors import ConfigError, KeyCustodyError
+from hefl.errors import ConfigError, ContextMismatch, KeyCustodyError
 
 NONCE_BYTES = 32
+MAGIC_PARTIAL = b"HEFLPAR1"
+MAGIC_MEMBER = b"HEFLMEM1"
+
+
+def poly_bytes(x: np.ndarray) -> bytes:
+    """Residues as little-endian uint64 (the wire form of polynomials here)."""
+    return np.ascontiguousarray(x, dtype="<u8").tobytes()
+
+
+def poly_from(data: bytes, moduli: Sequence[int], n: int, what: str) -> np.ndarray:
+    """Inverse of ``poly_bytes`` for one polynomial (primes, N); checks size and range.
+
+    Raises:
+        ContextMismatch: the wrong size, or residues beyond the modulus.
+    """
+    if len(data) != 8 * len(moduli) * n:
+        raise ContextMismatch(f"{what} has {len(data)} bytes, expected {8 * len(moduli) * n}")
+    x = np.frombuffer(data, dtype="<u8").reshape(len(moduli), n).astype(np.uint64)
+    if (x >= _col(moduli)).any():
+        raise ContextMismatch(f"{what} holds residues beyond the modulus")
+    return x
 
 
 # -- arithmetic mod each prime (arrays of shape (primes, N), residues as uint64) -------------
@@ -161,6 +183,27 @@ class Member:
         self._own = own
         self.nonce = secrets.token_bytes(NONCE_BYTES)
 
+    def to_bytes(self) -> bytes:
+        """Secret: this member's ceremony state (its key share), to resume a later step."""
+        return (MAGIC_MEMBER + wire.blob(self.spec.to_bytes()) + wire.u32(self.party)
+                + self.nonce + wire.blob(poly_bytes(self._s)) + wire.blob(poly_bytes(self._own)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Member:
+        r = wire.Reader(data, "ceremony state", MAGIC_MEMBER)
+        spec = HeSpec.from_bytes(r.blob(1 << 16))
+        member = cls.__new__(cls)
+        member.spec, member.party = spec, r.u32()
+        member.nonce = r.take(NONCE_BYTES)
+        member.seal = Seal.of(spec)
+        member.moduli = member.seal.key_moduli
+        k, n = len(member.moduli), spec.poly_degree
+        member._s = poly_from(r.blob(8 * k * n), member.moduli, n, "ceremony state")
+        own = np.frombuffer(r.blob(16 * k * n), dtype="<u8").reshape(2, k, n)
+        member._own = own.astype(np.uint64)
+        r.end()
+        return member
+
     def __repr__(self) -> str:
         return f"Member(party={self.party} of {self.spec.parties})"
 
@@ -261,6 +304,38 @@ class ThresholdPartial:
     key_id: bytes
     members: tuple[int, ...]
     values: np.ndarray = field(repr=False)
+
+    def to_bytes(self) -> bytes:
+        """Public wire form: framing, then the residues as little-endian uint64 (no pickle)."""
+        return (MAGIC_PARTIAL + self.key_id + wire.u32(self.party) + wire.u32(len(self.members))
+                + b"".join(wire.u32(m) for m in self.members) + wire.u32(len(self.values))
+                + np.ascontiguousarray(self.values, dtype="<u8").tobytes())
+
+    @classmethod
+    def from_bytes(cls, spec: HeSpec, data: bytes) -> ThresholdPartial:
+        """Parse and check a partial decryption for ``spec`` (shape, set, residues < q).
+
+        Raises:
+            UpdateRejected: not a partial decryption, truncated or oversized.
+            ContextMismatch: another number of ciphertexts, or residues beyond the modulus.
+            KeyCustodyError: a decrypting set that ``spec`` does not allow.
+        """
+        r = wire.Reader(data, "partial decryption", MAGIC_PARTIAL)
+        key_id, party = r.take(16), r.u32()
+        members = check_members(spec, [r.u32() for _ in range(min(r.u32(), spec.parties + 1))])
+        count = r.u32()
+        moduli = Seal.of(spec).coeff_moduli
+        if count != spec.n_ciphertexts:
+            raise ContextMismatch(f"a partial decryption of {count} ciphertexts; this "
+                                  f"federation's aggregates have {spec.n_ciphertexts}")
+        shape = (count, len(moduli), spec.poly_degree)
+        values = np.frombuffer(r.take(8 * int(np.prod(shape))), dtype="<u8").reshape(shape)
+        r.end()
+        if (values >= _col(moduli)).any():
+            raise ContextMismatch("a partial decryption holds residues beyond the modulus")
+        if party not in members:
+            raise KeyCustodyError(f"key holder {party} sent a partial for a set without it")
+        return cls(party, key_id, members, values.astype(np.uint64))
 
 
 def check_members(spec: HeSpec, members: Sequence[int]) -> tuple[int, ...]:

@@ -21,6 +21,11 @@ forge a count (the count is the number of verified signatures), decode twice and
 replay an old round (the signature names the round). Each refusal raises ``DecodeRefused`` with
 the reason, which the key holder logs and sends back.
 
+Threshold custody (``hefl.crypto.threshold``): a member answers ``partial`` instead of
+``decode``, after the same checks, with its flooded partial decryption for the decrypting set the
+server names. One request per round; the same request and set get the stored answer; the same
+request for another set (a member down or lying) gets a new partial, which spends budget.
+
 CKKS decryptions are flooded with fresh noise (``hefl.crypto.flooding``) so the answer does not
 reveal the secret key; a repeated request gets the stored answer (the same noise, nothing to
 average), and the key answers at most ``flood_queries`` ciphertext decryptions (counted from the
@@ -36,7 +41,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,17 @@ CREATE TABLE IF NOT EXISTS decodes (
     signers TEXT NOT NULL, mean BLOB NOT NULL, weight REAL NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (run_id, round));
 CREATE INDEX IF NOT EXISTS decodes_model ON decodes (model);
+CREATE TABLE IF NOT EXISTS partials (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, members TEXT NOT NULL, request BLOB NOT NULL,
+    model BLOB NOT NULL, signers TEXT NOT NULL, partial BLOB, at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, members));
+CREATE INDEX IF NOT EXISTS partials_model ON partials (model);
 """
+
+#: Threshold key holders keep the answers of this many most recent rounds (a partial decryption
+#: is 64 KiB per ciphertext); an identical request for an older round is refused, never answered
+#: with fresh noise.
+KEEP_PARTIAL_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -99,9 +114,44 @@ class DecodeLedger:
 
     def model_used(self, model: bytes) -> tuple[str, int] | None:
         with self._lock:
-            row = self.db.execute("SELECT run_id, round FROM decodes WHERE model = ? LIMIT 1",
-                                  (model,)).fetchone()
+            row = self.db.execute(
+                "SELECT run_id, round FROM decodes WHERE model = ? UNION ALL "
+                "SELECT run_id, round FROM partials WHERE model = ? LIMIT 1",
+                (model, model)).fetchone()
         return (str(row[0]), int(row[1])) if row else None
+
+    def round_request(self, run_id: str, round_num: int) -> bytes | None:
+        """Threshold: the request a round's partial decryptions answered (one per round)."""
+        with self._lock:
+            row = self.db.execute("SELECT request FROM partials WHERE run_id = ? AND round = ? "
+                                  "LIMIT 1", (run_id, round_num)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def partial(self, run_id: str, round_num: int, members: str) -> tuple[bool, bytes | None]:
+        """(answered before, the stored answer or None once pruned) for a decrypting set."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT partial FROM partials WHERE run_id = ? AND round = ? AND members = ?",
+                (run_id, round_num, members)).fetchone()
+        if row is None:
+            return False, None
+        return True, None if row[0] is None else bytes(row[0])
+
+    def record_partial(self, run_id: str, round_num: int, members: str, request: bytes,
+                       model: bytes, signers: tuple[str, ...], partial: bytes) -> None:
+        """Durably remember a partial decryption; forget the bytes of older rounds' answers."""
+        try:
+            with self._lock:
+                self.db.execute(
+                    "INSERT INTO partials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, round_num, members, request, model, ",".join(signers), partial,
+                     time.time()))
+                self.db.execute(
+                    "UPDATE partials SET partial = NULL WHERE run_id = ? AND round <= ?",
+                    (run_id, round_num - KEEP_PARTIAL_ROUNDS))
+        except sqlite3.IntegrityError as e:
+            raise DecodeRefused(f"round {round_num} of run {run_id!r} was answered for set "
+                                f"{members} meanwhile") from e
 
     def record(self, d: Decoded) -> None:
         """Durably remember ``d`` (raises ``DecodeRefused`` if the round was taken meanwhile)."""
@@ -116,9 +166,11 @@ class DecodeLedger:
                                 "meanwhile; refusing a second decryption") from e
 
     def count(self) -> int:
-        """Rounds decrypted so far."""
+        """Decryptions answered so far (whole rounds, and threshold partials)."""
         with self._lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM decodes").fetchone()[0])
+            return int(self.db.execute(
+                "SELECT (SELECT COUNT(*) FROM decodes) + (SELECT COUNT(*) FROM partials)"
+            ).fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -136,7 +188,8 @@ class VerifiedDecryptor:
     """A key holder that decrypts only verified aggregates, at most once per (run, round).
 
     Args:
-        holder: the ``hefl.crypto.KeyHolder`` (its secret share and its ``min_clients``).
+        holder: the ``hefl.crypto.KeyHolder`` (its secret share and its ``min_clients``), or a
+            ``ThresholdKeyHolder`` (threshold custody: it answers ``partial``, not ``decode``).
         signers: registered data clients -> public identity key (hex), from the key holder's own
             copy of the registry (revoked clients and key holders left out).
         ledger: where decryptions are remembered across restarts.
@@ -149,6 +202,7 @@ class VerifiedDecryptor:
         self.signers = dict(signers)
         self.ledger = ledger
         self.summer = SummingServer(holder.share.public())
+        self.threshold = holder.share.parties > 1
         # CKKS: the decryptions this key already answered count against its flooding budget
         spent = ledger.count() * holder.spec.n_ciphertexts
         holder.budget.used = max(holder.budget.used, spent)
@@ -157,13 +211,27 @@ class VerifiedDecryptor:
     def min_clients(self) -> int:
         return int(self.holder.min_clients)
 
-    def decode(self, run_id: str, round_num: int, body: bytes) -> tuple[np.ndarray, float]:
-        """The mean update and total weight of a verified request; raises ``DecodeRefused``."""
+    def _parse(self, run_id: str, round_num: int, body: bytes) -> pb.DecodeRequest:
         req = parse_request(body)
         if req.run_id != run_id or req.round != round_num:
             raise DecodeRefused(
                 f"the request names run {req.run_id!r} round {req.round}, the task run "
                 f"{run_id!r} round {round_num}")
+        return req
+
+    def _fresh_model(self, req: pb.DecodeRequest) -> None:
+        used = self.ledger.model_used(req.model_digest)
+        if used is not None:
+            raise DecodeRefused(
+                f"the global model of this request was already used by round {used[1]} of run "
+                f"{used[0]!r}: a replayed model is refused")
+
+    def decode(self, run_id: str, round_num: int, body: bytes) -> tuple[np.ndarray, float]:
+        """The mean update and total weight of a verified request; raises ``DecodeRefused``."""
+        if self.threshold:
+            raise DecodeRefused("this key holder holds a threshold share: it answers partial "
+                                "decryptions for a decrypting set, never a whole decryption")
+        req = self._parse(run_id, round_num, body)
         request = digest(body)
         prior = self.ledger.get(run_id, round_num)
         if prior is not None:
@@ -173,11 +241,7 @@ class VerifiedDecryptor:
                 f"round {round_num} of run {run_id!r} was already decrypted (contributors "
                 f"{', '.join(prior.signers)}); a second, different decryption of a round would "
                 "reveal the difference of two sums")
-        used = self.ledger.model_used(req.model_digest)
-        if used is not None:
-            raise DecodeRefused(
-                f"the global model of this request was already used by round {used[1]} of run "
-                f"{used[0]!r}: a replayed model is refused")
+        self._fresh_model(req)
         names = self._verified(req)
         mean, weight = self._decrypt(req)
         self.ledger.record(Decoded(run_id, round_num, request, bytes(req.model_digest),
@@ -212,14 +276,62 @@ class VerifiedDecryptor:
                     f"round {req.round} of this model: forged, altered or replayed")
         return names
 
-    def _decrypt(self, req: pb.DecodeRequest) -> tuple[np.ndarray, float]:
+    def partial(self, run_id: str, round_num: int, body: bytes, members: Sequence[int]
+                ) -> bytes:
+        """Threshold: this member's partial decryption (``ThresholdPartial`` bytes) of a verified
+        request for the decrypting set ``members``; raises ``DecodeRefused``.
+
+        One round has one request: another request for a decrypted round is refused. The same
+        request and set get the stored answer (the same noise); the same request for another set
+        (a member was down or returned garbage) gets a new partial, which spends budget.
+        """
+        from hefl.crypto.threshold import check_members
+
+        if not self.threshold:
+            raise DecodeRefused("this key holder holds a whole key, not a threshold share")
+        req = self._parse(run_id, round_num, body)
+        try:
+            ms = check_members(self.holder.spec, members)
+        except CryptoError as e:
+            raise DecodeRefused(str(e)) from e
+        request, key = digest(body), ",".join(map(str, ms))
+        prior = self.ledger.round_request(run_id, round_num)
+        if prior is not None and prior != request:
+            raise DecodeRefused(
+                f"round {round_num} of run {run_id!r} was already decrypted from other "
+                "contributions; a second, different decryption of a round would reveal the "
+                "difference of two sums")
+        answered, stored = self.ledger.partial(run_id, round_num, key)
+        if answered:
+            if stored is None:
+                raise DecodeRefused(f"round {round_num} of run {run_id!r} was answered long "
+                                    "ago and its answer is no longer kept; refusing to answer "
+                                    "it again with fresh noise")
+            return stored
+        if prior is None:
+            self._fresh_model(req)
+        names = self._verified(req)
+        try:
+            part = self.holder.partial(self._sum(req), ms).to_bytes()
+        except DecodeRefused:
+            raise
+        except (UpdateRejected, CryptoError) as e:
+            raise DecodeRefused(str(e)) from e
+        self.ledger.record_partial(run_id, round_num, key, request, bytes(req.model_digest),
+                                   tuple(names), part)
+        return bytes(part)
+
+    def _sum(self, req: pb.DecodeRequest) -> Any:
         payloads = {u.client: bytes(u.payload) for u in req.updates}
         agg = self.summer.aggregate(payloads)
         if agg.rejected:
             why = "; ".join(f"{k}: {v}" for k, v in agg.rejected.items())
             raise DecodeRefused(f"signed contributions that cannot be summed: {why}")
+        return agg.payload
+
+    def _decrypt(self, req: pb.DecodeRequest) -> tuple[np.ndarray, float]:
         try:
-            return self.holder.decode(agg.payload)  # type: ignore[no-any-return]
+            return self.holder.decode(self._sum(req))  # type: ignore[no-any-return]
         except DecodeRefused:
             raise
         except (UpdateRejected, CryptoError) as e:

@@ -26,7 +26,7 @@ from hefl.errors import ConfigError, CryptoError, KeyCustodyError, UpdateRejecte
 HE_KINDS = ("bfv", "ckks")
 SPEC_OPTIONS = ("bits", "clip", "clip_norm", "max_weight", "max_clients", "lanes", "coeff_bits",
                 "flood_security", "flood_queries")
-CONFIG_KEYS = ("kind", "custody", "public", *SPEC_OPTIONS)
+CONFIG_KEYS = ("kind", "custody", "public", "key_holders", "threshold", *SPEC_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = F
             f"({' or '.join(HE_KINDS)})"
         )
     custody = str(agg.get("custody", "clients"))
+    if custody == "threshold":
+        raise ConfigError(
+            "custody 'threshold' has no dealer, so `hefl keys` cannot make its keys: each key "
+            "holder generates its own share in the committee's ceremony, which deployments do "
+            "not run yet; deploy with custody 'keyholder', or use threshold keys in simulation"
+        )
     spec = make_spec(kind, size, custody=custody, **spec_options(agg))
     public, share = out / "public.ctx", out / "share.key"
     if (public.exists() or share.exists()) and not overwrite:
@@ -67,6 +73,29 @@ def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = F
     with os.fdopen(fd, "wb") as f:
         f.write(ceremony.shares[0].to_bytes())
     return KeyFiles(public, share, custody)
+
+
+def committee_spec(agg: Mapping[str, Any], size: int) -> tuple[Any, list[str]]:
+    """Threshold custody: the ``HeSpec`` and the committee (``[aggregation] key_holders``, in
+    member order) of a config.
+
+    Raises:
+        ConfigError: not custody "threshold", or no list of distinct key holder names.
+    """
+    from hefl.crypto import make_spec
+
+    if agg.get("custody") != "threshold" or agg.get("kind") not in HE_KINDS:
+        raise ConfigError("the threshold ceremony needs [aggregation] kind = \"bfv\" (or "
+                          "\"ckks\") and custody = \"threshold\"")
+    names = agg.get("key_holders")
+    if (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise ConfigError("[aggregation] key_holders must list the committee's distinct names, "
+                          "as registered with `hefl certs --key-holders`, e.g. "
+                          "[\"kh1\", \"kh2\", \"kh3\"]")
+    spec = make_spec(agg["kind"], size, custody="threshold", key_holders=len(names),
+                     threshold=agg.get("threshold"), **spec_options(agg))
+    return spec, list(names)
 
 
 def load_key(path: Path) -> Any:
