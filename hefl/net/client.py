@@ -398,14 +398,18 @@ class FederationClient:
         event(self.log, "update_sent", round=h.round, bytes=len(out), message=reply.message)
 
     def _decode(self, h: pb.TaskHeader, body: bytes, transport: Transport) -> None:
-        """Key holder: decrypt the sum (if it holds enough contributions), send mean + weight."""
+        """Key holder: decrypt the sum (if it holds enough contributions), send mean + weight;
+        a threshold member sends its partial decryption for the decrypting set instead."""
         header = pb.UpdateHeader(run_id=h.run_id, round=h.round, task_id=h.task_id,
                                  kind=pb.TASK_DECODE)
         out = b""
         try:
-            mean, weight = self.holder.decode(h.run_id, h.round, body)
-            out = wire.vector_bytes(mean)
-            header.metrics["total_weight"] = float(weight)
+            if self.holder.threshold:  # a committee member: its partial for the set asked
+                out = self.holder.partial(h.run_id, h.round, body, tuple(h.members))
+            else:
+                mean, weight = self.holder.decode(h.run_id, h.round, body)
+                out = wire.vector_bytes(mean)
+                header.metrics["total_weight"] = float(weight)
         except HeflError as e:
             header.error = str(e)
         if header.error:

@@ -43,6 +43,7 @@ from hefl.client import FitConfig
 from hefl.data.federated import ClientData
 from hefl.errors import (
     ClientError,
+    ConfigError,
     CryptoError,
     Refused,
     RetryRound,
@@ -104,15 +105,21 @@ class Session:
 
 @dataclass
 class DecodeTask:
-    """An encrypted sum sent to one key holder; its answer is the mean delta and total weight."""
+    """A decode request sent to one key holder; its answer is the mean delta and total weight,
+    or (threshold custody, ``members`` set) its partial decryption for that decrypting set."""
 
     round: int
     task_id: str
     target: str
     body: bytes
+    members: tuple[int, ...] = ()
     answer: tuple[np.ndarray, float] | None = None
+    partial: Any = None  # a ThresholdPartial
     error: str | None = None
     open: bool = True
+
+    def settled(self) -> bool:
+        return self.answer is not None or self.partial is not None or self.error is not None
 
 
 @dataclass
@@ -170,7 +177,33 @@ class RemoteDecoder:
     def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
         if aggregate.count == 0:
             raise RoundError("no usable client updates this round; nothing to decrypt")
-        return self.coordinator.remote_decode(self.round, self.request(aggregate))
+        body = self.request(aggregate)
+        if self.coordinator.committee:
+            return self.coordinator.threshold_decode(self.round, body, aggregate)
+        return self.coordinator.remote_decode(self.round, body)
+
+
+class RemoteMember:
+    """A threshold key holder as ``hefl.crypto.secure_sum.Committee`` sees it: ``partial`` sends
+    it the round's decode request for a decrypting set and waits for its partial decryption."""
+
+    def __init__(self, coordinator: Coordinator, party: int, name: str, round_num: int,
+                 body: bytes, deadline: float) -> None:
+        self.coordinator, self.party, self.name = coordinator, party, name
+        self.round, self.body, self.deadline = round_num, body, deadline
+
+    def partial(self, total: Any, members: Sequence[int]) -> Any:
+        from hefl.errors import DecodeRefused, MemberUnavailable
+
+        c = self.coordinator
+        if not c._live(self.name):
+            raise MemberUnavailable(f"key holder {self.name!r} is not connected")
+        task = c._ask(self.round, self.name, self.body, tuple(members), self.deadline)
+        if task.error is not None:
+            raise DecodeRefused(f"key holder {self.name!r} refused to decrypt: {task.error}")
+        if task.partial is None:
+            raise MemberUnavailable(f"key holder {self.name!r} did not answer")
+        return task.partial
 
 
 class Coordinator:
@@ -197,6 +230,8 @@ class Coordinator:
         self.model = build_model(cfg.model)
         self.size = int(self.model.spec.size)
         self.summer = build_aggregator(cfg.aggregation, self.size)  # never a secret key
+        # threshold custody: the committee, member j = committee[j - 1]
+        self.committee = self._committee(cfg) if self.encrypted else []
         # one server per state dir: a second one (another port, same dir) is refused here
         self.lock = StateLock(cfg.state_dir, cfg.server.address)
         try:
@@ -211,7 +246,7 @@ class Coordinator:
         self.cond = threading.Condition()
         self.sessions: dict[str, Session] = {}
         self.task: FitTask | None = None
-        self.decoding: DecodeTask | None = None
+        self.decoding: dict[str, DecodeTask] = {}
         self.completed = 0
         self.retries = 0  # attempts abandoned so far (for status and tests)
         self.done = False
@@ -432,21 +467,93 @@ class Coordinator:
             holders = self._key_holders()
             if not holders:
                 raise NoKeyHolder("no key holder is connected to decrypt the aggregate")
-            task = DecodeTask(r, f"{self.run_id}/{r}/decode/{secrets.token_hex(4)}",
-                              holders[0], body)
-            self.decoding = task
-            self.cond.notify_all()
-        event(self.log, "decode_requested", round=r, key_holder=task.target, bytes=len(body))
-        with self.cond:
-            self._wait(lambda: task.answer is not None or task.error is not None
-                       or not self._live(task.target), deadline - self.clock.now())
-            task.open = False
-            self.decoding = None
+        task = self._ask(r, holders[0], body, (), deadline)
         if task.error is not None:
             raise RoundError(f"key holder {task.target!r} refused to decrypt: {task.error}")
         if task.answer is None:
             raise NoKeyHolder(f"key holder {task.target!r} did not answer")
         return task.answer
+
+    def threshold_decode(self, r: int, body: bytes, aggregate: Aggregate
+                         ) -> tuple[np.ndarray, float]:
+        """Threshold custody: ask ``threshold`` live members for partial decryptions of the
+        request, fuse them with this server's own sum (``Committee``), skipping members that
+        are down and naming one whose partial fails the checks.
+
+        Raises:
+            RoundError: a member refused, or no decrypting set gave a valid aggregate (skipped).
+            NoKeyHolder: fewer than ``threshold`` members answered in time (retried).
+        """
+        from hefl.crypto.secure_sum import Committee
+        from hefl.errors import DecodeRefused, KeyCustodyError
+
+        t = self.summer.spec.threshold
+        deadline = self.clock.now() + self.cfg.server.round_timeout_s
+        with self.cond:
+            self._wait(lambda: len(self._live_members()) >= t, deadline - self.clock.now())
+            missing = [n for n in self.committee if n not in self._live_members()]
+        if missing:
+            event(self.log, "key_holders_missing", level=logging.WARNING, round=r,
+                  missing=missing, threshold=t)
+            for n in missing:  # `hefl status` lists them
+                self._note(n, f"missing from the committee in round {r} (threshold {t})")
+        committee = Committee(self.summer.public, [
+            RemoteMember(self, j, name, r, body, deadline)
+            for j, name in enumerate(self.committee, start=1)])
+        try:
+            result = committee.decode(aggregate.payload)
+        except DecodeRefused as e:
+            raise RoundError(str(e)) from e
+        except KeyCustodyError as e:
+            raise NoKeyHolder(str(e)) from e
+        except CryptoError as e:
+            raise RoundError(f"threshold decryption failed: {e}") from e
+        if committee.suspects:
+            event(self.log, "key_holder_suspect", level=logging.WARNING, round=r,
+                  key_holders=[self.committee[j - 1] for j in committee.suspects])
+        return result
+
+    def _ask(self, r: int, target: str, body: bytes, members: tuple[int, ...],
+             deadline: float) -> DecodeTask:
+        """Push one decode task to ``target`` and wait until it answers, drops or times out."""
+        task = DecodeTask(r, f"{self.run_id}/{r}/decode/{secrets.token_hex(4)}", target, body,
+                          members)
+        with self.cond:
+            self.decoding[task.task_id] = task
+            self.cond.notify_all()
+        extra: dict[str, Any] = {"members": list(members)} if members else {}
+        event(self.log, "decode_requested", round=r, key_holder=target, bytes=len(body), **extra)
+        with self.cond:
+            self._wait(lambda: task.settled() or not self._live(target),
+                       deadline - self.clock.now())
+            task.open = False
+            self.decoding.pop(task.task_id, None)
+        return task
+
+    def _committee(self, cfg: RunConfig) -> list[str]:
+        """``[aggregation] key_holders`` when the public context is a threshold key."""
+        spec = self.summer.spec
+        names = list(cfg.aggregation.get("key_holders") or [])
+        if not spec.parties:
+            if names:
+                raise ConfigError("[aggregation] key_holders applies to custody 'threshold' "
+                                  "only; the public context holds a single key")
+            return []
+        if len(names) != spec.parties or spec.threshold != cfg.aggregation.get(
+                "threshold", spec.threshold):
+            raise ConfigError(
+                f"the public context is a {spec.threshold}-of-{spec.parties} threshold key but "
+                f"[aggregation] names key_holders {names} and threshold "
+                f"{cfg.aggregation.get('threshold')}; list its committee in member order")
+        roles = {c.name: c.role for c in cfg.clients}
+        wrong = [n for n in names if roles.get(n) != "keyholder"]
+        if wrong:
+            raise ConfigError(f"committee member(s) {wrong} are not registered with "
+                              "role = \"keyholder\" (hefl certs --key-holders ...)")
+        return names
+
+    def _live_members(self) -> list[str]:
+        return [n for n in self.committee if self._live(n)]
 
     def _key_holders(self) -> list[str]:
         return [n for n, s in self.sessions.items() if s.alive and s.key_holder]
@@ -561,11 +668,11 @@ class Coordinator:
         if self.done:
             return pb.TaskHeader(kind=pb.TASK_DONE, run_id=self.run_id,
                                  message="run finished"), b""
-        d = self.decoding
-        if d is not None and d.open and d.target == sess.name and d.task_id not in sess.sent:
-            sess.sent.add(d.task_id)
-            return pb.TaskHeader(kind=pb.TASK_DECODE, run_id=self.run_id, round=d.round,
-                                 task_id=d.task_id), d.body
+        for d in self.decoding.values():
+            if d.open and d.target == sess.name and d.task_id not in sess.sent:
+                sess.sent.add(d.task_id)
+                return pb.TaskHeader(kind=pb.TASK_DECODE, run_id=self.run_id, round=d.round,
+                                     task_id=d.task_id, members=list(d.members)), d.body
         t = self.task
         if (t is not None and t.open and sess.name in t.participants
                 and sess.name not in t.results and t.task_id not in sess.sent):
@@ -671,16 +778,21 @@ class Coordinator:
     def _decoded(self, name: str, h: pb.UpdateHeader, chunks: Iterator[bytes]) -> pb.SubmitReply:
         """A key holder's answer: the mean delta (float64) and ``total_weight``, or an error."""
         with self.cond:
-            d = self.decoding
-            if d is None or not d.open or d.task_id != h.task_id or d.target != name:
+            d = self.decoding.get(h.task_id)
+            if d is None or not d.open or d.target != name:
                 raise Refused("FAILED_PRECONDITION",
                               "no such decode task is waiting for this client (stale or forged)")
+        spec = self.summer.spec
+        limit = (8 * spec.n_ciphertexts * spec.n_primes * spec.poly_degree + 4096 if d.members
+                 else 8 * self.size)
         try:
-            body = wire.read_body(chunks, h.body_size, h.body_sha256, 8 * self.size)
+            body = wire.read_body(chunks, h.body_size, h.body_sha256, limit)
         except wire.BodyError as e:
             raise Refused(e.code, str(e)) from e
-        answer = None
-        if not h.error:
+        answer = partial = None
+        if not h.error and d.members:
+            partial = self._partial_answer(name, d, body)
+        elif not h.error:
             weight = h.metrics.get("total_weight", float("nan"))
             try:
                 mean = wire.vector_from(body, self.size)
@@ -691,13 +803,29 @@ class Coordinator:
                               "decoded mean or total_weight is not finite and positive")
             answer = (mean, float(weight))
         with self.cond:
-            if self.decoding is not d or not d.open:
+            if self.decoding.get(d.task_id) is not d or not d.open:
                 raise Refused("FAILED_PRECONDITION", "the decode task was closed")
-            d.answer, d.error = answer, (h.error or None)
+            d.answer, d.partial, d.error = answer, partial, (h.error or None)
             self.cond.notify_all()
         event(self.log, "decode_answered", round=d.round, key_holder=name,
               refused=bool(h.error))
         return pb.SubmitReply(accepted=True, message="decode answer accepted")
+
+    def _partial_answer(self, name: str, d: DecodeTask, body: bytes) -> Any:
+        """A member's partial decryption, checked: its own number, the set asked, this key."""
+        from hefl.crypto.threshold import ThresholdPartial
+
+        try:
+            part = ThresholdPartial.from_bytes(self.summer.spec, body)
+        except (ClientError, CryptoError) as e:
+            raise Refused("INVALID_ARGUMENT", f"not a valid partial decryption: {e}") from e
+        party = self.committee.index(name) + 1
+        if (part.party, part.members, part.key_id) != (party, d.members,
+                                                        self.summer.public.key_id):
+            raise Refused("INVALID_ARGUMENT",
+                          f"the partial decryption is not key holder {name}'s (member {party}) "
+                          f"for the set {list(d.members)} under this federation's key")
+        return part
 
 
 __all__ = ["Clock", "Coordinator", "NoKeyHolder", "RealClock", "Refused", "Session"]

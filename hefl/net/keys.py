@@ -149,12 +149,16 @@ def client_encoder(key: Any, size: int) -> Any:
 
 
 def key_holder(key: Any, size: int, min_clients: int) -> Any:
+    """A ``KeyHolder`` for a whole key, a ``ThresholdKeyHolder`` for a committee member's."""
     from hefl.crypto import KeyHolder, KeyShare
+    from hefl.crypto.secure_sum import ThresholdKeyHolder
 
     if not isinstance(key, KeyShare):
         raise KeyCustodyError("--key-holder needs the secret share.key, not the public context")
 
     _check_size(key.spec, size, "the key holder's key")
+    if key.parties > 1:
+        return ThresholdKeyHolder(key, min_clients=min_clients)
     return KeyHolder(key, min_clients=min_clients)
 
 

@@ -116,7 +116,10 @@ def make_demo(
                  "client_ca": "certs/ca.pem" if mtls else None} if tls else {"insecure": True}),
         "clients": {"registry": "certs/clients.toml"},
     }
-    if doc["aggregation"].get("kind", "plain") != "plain":
+    if doc["aggregation"].get("custody") == "threshold":
+        threshold_ceremony_files(doc["aggregation"], model, fed, root / "keys")
+        doc["aggregation"]["public"] = "keys/public.ctx"
+    elif doc["aggregation"].get("kind", "plain") != "plain":
         from hefl.net.config import build_model
         from hefl.net.keys import write_keys
 
@@ -126,6 +129,28 @@ def make_demo(
     cfg.write_text(to_toml(doc))
     shards = dict(zip(names, paths, strict=True))
     return Demo(root, cfg, names, fed, shards, address, root / "state")
+
+
+def threshold_ceremony_files(agg: Mapping[str, Any], model: Mapping[str, Any], fed: Federation,
+                             out: Path) -> None:
+    """Run the committee's ceremony (``hefl.net.ceremony``), each member with its own identity
+    and key directory: ``out/NAME/share.key`` per member and ``out/public.ctx``."""
+    from hefl.net.ceremony import CeremonyMember
+    from hefl.net.config import build_model, load_registry
+    from hefl.net.identity import Identity
+    from hefl.net.keys import committee_spec
+
+    spec, names = committee_spec(agg, build_model(model).spec.size)
+    signers = {c.name: c.sign_key for c in load_registry(fed.registry) if c.role == "keyholder"}
+    members = [CeremonyMember(spec, "test", names, n, Identity.load(fed.identity(n)), signers,
+                              out / n) for n in names]
+    hellos = [m.start().to_bytes() for m in members]
+    deals = [m.deal(hellos).to_bytes() for m in members]
+    for m in members:
+        public, share = m.finish(hellos, deals)
+        (out / m.name / "share.key").write_bytes(share.to_bytes())
+        (out / m.name / "share.key").chmod(0o600)
+    (out / "public.ctx").write_bytes(public.to_bytes())
 
 
 def env() -> dict[str, str]:

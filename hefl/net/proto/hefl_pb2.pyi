@@ -69,7 +69,7 @@ class FitConfig(_message.Message):
     def __init__(self, round: _Optional[int] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "run_id", "round", "task_id", "config", "body_size", "body_sha256", "message")
+    __slots__ = ("kind", "run_id", "round", "task_id", "config", "body_size", "body_sha256", "message", "members")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class TaskHeader(_message.Message):
     BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
     BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     run_id: str
     round: int
@@ -86,7 +87,8 @@ class TaskHeader(_message.Message):
     body_size: int
     body_sha256: bytes
     message: str
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., message: _Optional[str] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., config: _Optional[_Union[FitConfig, _Mapping]] = ..., body_size: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., message: _Optional[str] = ..., members: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
     __slots__ = ("header", "chunk")
