@@ -9,9 +9,13 @@ import signal
 import numpy as np
 import pytest
 
+from hefl.crypto.threshold import ThresholdPartial
+from hefl.net.client import FederationClient
 from hefl.net.store import Store
 from hefl.net.testing import (
+    events,
     make_demo,
+    run_in_memory,
     run_in_threads,
     spawn_client,
     spawn_key_holder,
@@ -78,3 +82,38 @@ def test_a_key_holder_killed_mid_run_does_not_stop_the_run(tmp_path):
     assert [r.round for r in records] == [1, 2, 3, 4] and not any(r.skipped for r in records)
     log = (demo.state / "server.log").read_text()
     assert '"members": [2, 3]' in log  # after the kill, the other two decrypt
+
+
+class GarblingKeyHolder(FederationClient):
+    """A committee member that answers random residues instead of its partial decryption."""
+
+    def _decode(self, h, body, transport):
+        real = self.holder.partial
+
+        def garbled(run_id, round_num, request, members):
+            part = ThresholdPartial.from_bytes(self.holder.holder.spec,
+                                               real(run_id, round_num, request, members))
+            moduli = np.array(self.holder.holder.share.seal.coeff_moduli, dtype=np.uint64)
+            noise = np.random.default_rng().integers(0, 2**40, part.values.shape,
+                                                     dtype=np.uint64) % moduli[None, :, None]
+            return ThresholdPartial(part.party, part.key_id, part.members, noise).to_bytes()
+
+        self.holder.partial = garbled
+        try:
+            super()._decode(h, body, transport)
+        finally:
+            self.holder.partial = real
+
+
+@pytest.mark.timeout(180)
+def test_a_member_answering_garbage_is_named_and_the_round_still_decrypts(tmp_path):
+    demo = demo_for(tmp_path, rounds=1)
+    public = demo.root / "keys" / "public.ctx"
+    opts = {n: {"he_key": public} for n in demo.names}
+    opts.update({kh: {"he_key": share(demo, kh), "key_holder": True} for kh in COMMITTEE})
+    run = run_in_memory(demo, opts, client_class={"kh2": GarblingKeyHolder})
+    records, params = run.finish(120)
+    assert [r.contributors for r in records] == [3] and not records[0].skipped
+    assert np.abs(params - plaintext(small_digits(), 1)).max() < 1e-3
+    suspects = [e for e in events(demo.root / "server.log", "key_holder_suspect")]
+    assert [e["key_holders"] for e in suspects] == [["kh2"]]

@@ -336,14 +336,6 @@ class Seal:
             self.evaluator.transform_to_ntt(ct, out)
         return out
 
-    def to_ntt(self, polys: np.ndarray) -> np.ndarray:
-        """SEAL's NTT of one polynomial per row of ``polys`` (rows, primes, N), data level."""
-        out = np.empty_like(polys)
-        for i, p in enumerate(polys):
-            ct = self._coefficient_ciphertext(1.0, p.ravel(), p.ravel())
-            out[i] = self.polys(ct, 2)[0]
-        return out
-
     def from_ntt(self, poly: np.ndarray) -> np.ndarray:
         """SEAL's inverse NTT of one polynomial (primes, N) at the data level."""
         flat = poly.ravel()
@@ -353,16 +345,15 @@ class Seal:
         self.evaluator.transform_from_ntt_inplace(ct)
         return self.polys(ct, 2)[0]
 
-    def decrypt_raw(self, ct: Any, c0: np.ndarray) -> np.ndarray:
+    def decrypt_raw(self, x: Any, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
         """Decode the ciphertext whose decryption polynomial is ``c0`` (NTT form, data level):
-        a copy of ``ct`` is overwritten with ``(c0, c1)`` and SEAL decrypts it under the zero
-        key, which gives ``c0`` itself (BFV: SEAL's scale-and-round; CKKS: SEAL's decoding).
+        ``x`` (an NTT-form ciphertext, consumed) is overwritten with ``(c0, c1)`` and SEAL
+        decrypts it under the zero key, which gives ``c0`` itself (BFV: SEAL's scale-and-round;
+        CKKS: SEAL's decoding).
 
         Raises:
             CryptoError: BFV: ``c0`` is not within the noise budget (a wrong or garbled sum).
         """
-        x = self.ntt_copy(ct)
-        c1 = self.polys(x, 2)[1]
         load_array(x.dyn_array(), np.concatenate([c0.ravel(), c1.ravel()]))
         if self.spec.scheme == "bfv":
             self.evaluator.transform_from_ntt_inplace(x)

@@ -365,13 +365,13 @@ def partial_decrypt(
     sigma = seal.secret_key_polys(share.seal_key())[:k]
     key = seal.ntt_plaintext(_mul(sigma, lagrange(share.party, ms, moduli), moduli))
     noise = gaussian((len(ciphertexts), n), spec.flood_std)
-    z = np.stack([[np.mod(f, q).astype(np.uint64) for q in moduli] for f in noise])
-    z_ntt = seal.to_ntt(z)
     out = np.empty((len(ciphertexts), k, n), dtype=np.uint64)
     for i, ct in enumerate(ciphertexts):
         x = seal.ntt_copy(ct)
-        seal.evaluator.multiply_plain_inplace(x, key)
-        out[i] = _add(seal.polys(x, 2)[1], z_ntt[i], moduli)
+        seal.evaluator.multiply_plain_inplace(x, key)  # (c0 lambda sigma, c1 lambda sigma)
+        z = np.concatenate([np.mod(noise[i], q).astype(np.uint64) for q in moduli])
+        seal.evaluator.add_inplace(x, seal._coefficient_ciphertext(x.scale, z, z))  # + (z, z)
+        out[i] = seal.polys(x, 2)[1]  # only c1 lambda sigma + z leaves
     return ThresholdPartial(share.party, share.key_id, ms, out)
 
 
@@ -400,8 +400,9 @@ def fuse(spec: HeSpec, partials: Sequence[ThresholdPartial], ciphertexts: Sequen
         raise KeyCustodyError(f"a partial decryption does not have the shape {shape}")
     slots = []
     for i, ct in enumerate(ciphertexts):
-        acc = seal.polys(seal.ntt_copy(ct), 2)[0]
+        x = seal.ntt_copy(ct)
+        acc, c1 = seal.polys(x, 2)
         for p in partials:
             acc = _add(acc, p.values[i] % _col(moduli), moduli)
-        slots.append(seal.decrypt_raw(ct, acc))
+        slots.append(seal.decrypt_raw(x, acc, c1))
     return np.stack(slots)
