@@ -435,3 +435,17 @@ def test_flooding_options_belong_to_ckks_and_leave_bfv_specs_unchanged():
         HeSpec(**{**dataclasses.asdict(ckks), "flood_security": 0})
     with pytest.raises(ConfigError, match="lower max_clients"):
         make_spec("ckks", 10, coeff_bits=54)  # one prime cannot carry the flooding noise
+
+
+def test_seal_scratch_is_owner_only_and_never_shared_memory():
+    import os
+    import stat
+
+    from hefl.crypto.seal import _scratch_dir
+
+    d = _scratch_dir()
+    assert not os.path.realpath(d).startswith("/dev/shm")
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    share = make_aggregator("bfv", 10, custody="keyholder").key_holder.share
+    share.seal_key()  # a secret key passed through the scratch directory ...
+    assert os.listdir(d) == []  # ... and left nothing behind

@@ -4,9 +4,10 @@ This module and ``hefl.crypto.baseline`` are the only ones that import TenSEAL. 
 implemented here: keys, encryption (including SEAL's seeded symmetric ciphertexts), addition,
 decryption and serialization (SEAL's own format, zstd-compressed) are all SEAL's.
 
-``sealapi`` serializes through file paths only, so bytes pass through a private scratch directory
-(mode 0700, in ``/dev/shm`` where it exists so nothing touches disk); every file is removed as soon
-as it has been read.
+``sealapi`` serializes through file paths only, so bytes (secret keys among them) pass through a
+private scratch directory: ``tempfile.mkdtemp`` (mode 0700, owner only), never a shared-memory
+path such as ``/dev/shm``; every file is removed as soon as it has been read, and the directory
+when the process exits.
 """
 
 from __future__ import annotations
@@ -39,9 +40,7 @@ def _scratch_dir() -> str:
     pid = os.getpid()
     with _scratch_lock:
         if pid not in _scratch:
-            shm = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
-            base = "/dev/shm" if shm else None
-            d = tempfile.mkdtemp(prefix="hefl-seal-", dir=base)
+            d = tempfile.mkdtemp(prefix="hefl-seal-")  # mode 0700, never a shared-memory path
             _scratch[pid] = d
             atexit.register(shutil.rmtree, d, True)
         return _scratch[pid]
