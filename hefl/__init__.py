@@ -19,6 +19,7 @@ from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import HeflError
 from hefl.history import History
 from hefl.params import ParamSpec
+from hefl.privacy import DpConfig, DpPlan, dp
 from hefl.simulation import SimulationResult, run, simulate
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ClientData",
+    "DpConfig",
+    "DpPlan",
     "EvaluateRes",
     "FederatedData",
     "FitConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "SequentialRunner",
     "ServerOptimizer",
     "SimulationResult",
+    "dp",
     "fedadagrad",
     "fedadam",
     "fedavg",

@@ -61,7 +61,7 @@ class History:
         return p
 
     def plot(self, path: str | Path, title: str = "hefl run") -> Path:
-        """PNG of test accuracy and losses per round."""
+        """PNG of test accuracy and losses per round (and the epsilon spent, in DP runs)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -75,6 +75,11 @@ class History:
                 if any(v is not None for v in vals):
                     ax.plot(rounds, vals, marker="o", label=prefix + name)
         ax_loss.plot(rounds, [r.train_loss for r in self.records], marker=".", label="train_loss")
+        spent = [r.dp_epsilon for r in self.records]
+        if any(e is not None for e in spent):  # DP runs: epsilon spent, on its own axis
+            ax_eps = ax_acc.twinx()
+            ax_eps.plot(rounds, spent, color="tab:red", linestyle="--", label="epsilon spent")
+            ax_eps.set_ylabel("epsilon spent", color="tab:red")
         for ax, label in ((ax_acc, "accuracy"), (ax_loss, "loss")):
             ax.set_xlabel("round")
             ax.set_ylabel(label)

@@ -53,6 +53,15 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_num: int) 
     return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
 
 
+def poisson_sample(num_clients: int, rate: float, seed: int, round_num: int) -> list[int]:
+    """Indices of the clients in round ``round_num`` under Poisson sampling: each independently
+    with probability ``rate`` (DP-FedAvg's sampling; the count varies and may be 0)."""
+    if num_clients < 1:
+        raise ConfigError("there are no clients: the federated data set is empty")
+    rng = np.random.default_rng([seed, round_num, 0x9015])
+    return [int(i) for i in np.flatnonzero(rng.random(num_clients) < rate)]
+
+
 def shuffle_seed(seed: int, round_num: int, index: int) -> int:
     """Seed of a client's local shuffling: ``round * 1_000_003 + index`` for seed 0 (W1)."""
     return (seed * 7_919 + round_num) * 1_000_003 + index
@@ -80,11 +89,14 @@ class RoundPlan:
 
 
 def plan_round(
-    ids: Sequence[Hashable], per_round: int, seed: int, algorithm: Algorithm, round_num: int
+    ids: Sequence[Hashable], per_round: int, seed: int, algorithm: Algorithm, round_num: int,
+    poisson_rate: float | None = None,
 ) -> RoundPlan:
     """Sample round ``round_num``'s clients from ``ids`` (in that order) and make their configs
-    (a client's shuffling seed depends on its position in ``ids``)."""
-    idx = sample_clients(len(ids), per_round, seed, round_num)
+    (a client's shuffling seed depends on its position in ``ids``). ``poisson_rate``: sample
+    each client with that probability instead of exactly ``per_round`` (DP runs)."""
+    idx = (sample_clients(len(ids), per_round, seed, round_num) if poisson_rate is None
+           else poisson_sample(len(ids), poisson_rate, seed, round_num))
     return RoundPlan(
         round_num,
         tuple(ids[i] for i in idx),
@@ -193,6 +205,7 @@ class RoundRecord:
     wall_s: float = 0.0
     upload_bytes: int = 0
     skip_reason: str = ""
+    dp_epsilon: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -24,9 +24,11 @@ Example:
 from __future__ import annotations
 
 import gc
+import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ from hefl.client import Client, EvaluateRes
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ConfigError, NothingTrained, UpdateRejected
 from hefl.history import History
+from hefl.privacy import DpConfig, DpPlan
 from hefl.roles import Scheme, as_scheme
 from hefl.rounds import (
     Contribution,
@@ -51,13 +54,23 @@ from hefl.rounds import (
     weighted_mean,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """The trained global parameters (flat) and the per-round history."""
+    """The trained global parameters (flat) and the per-round history.
+
+    Attributes:
+        privacy: the DP plan the run followed (None without DP); ``privacy.to_json(rounds)``
+            says what was spent.
+        stopped: why the run ended before its last round (the privacy budget), else "".
+    """
 
     params: np.ndarray
     history: History
+    privacy: DpPlan | None = None
+    stopped: str = ""
 
 
 def run(
@@ -73,6 +86,7 @@ def run(
     client_eval_every: int = 0,
     progress: bool | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    privacy: DpConfig | DpPlan | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` federated rounds over ``clients``.
 
@@ -92,6 +106,11 @@ def run(
         progress: show a rich progress bar (default: when the output is a terminal or a
             notebook).
         on_round: called with each round's record as it completes.
+        privacy: client-level DP (``hefl.dp(...)``): clients are Poisson-sampled, updates
+            clipped and weighted equally, noise added (``hefl.privacy``); each record carries
+            ``dp_epsilon``, and the run stops before a round that would exceed the budget.
+            Distributed DP needs a BFV aggregator built with the plan's options
+            (``make_aggregator("bfv", size, **plan.aggregator_options())``).
 
     Raises:
         NothingTrained: every round was skipped (every client failed, or nothing could be
@@ -112,8 +131,17 @@ def run(
     if decoder is None:
         raise ConfigError(f"scheme {scheme.name!r} has no decoder in this process; simulation "
                           "needs all three roles (use hefl.crypto.make_aggregator)")
+    plan = _dp_plan(privacy, aggregator, scheme, len(ids), clients_per_round, rounds,
+                    params.size)
+    rate = None
+    if plan is not None:
+        scheme = _privatize(scheme, plan, aggregator, seed)
+        decoder = scheme.decoder
+        assert decoder is not None
+        rate = plan.sampling_rate
     opt_state = algorithm.server.init(params)
     history = History()
+    stopped = ""
 
     def metrics(r: int) -> Callable[[np.ndarray], dict[str, float]]:
         def of(p: np.ndarray) -> dict[str, float]:
@@ -133,21 +161,27 @@ def run(
     try:
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
-            plan = plan_round(ids, clients_per_round, seed, algorithm, r)
-            results = runner.fit(list(plan.chosen), params, plan.configs)
+            spent = plan.epsilon(r) if plan is not None else None
+            if plan is not None and (why := _over_budget(plan, r)):
+                stopped = why
+                break
+            rp = plan_round(ids, clients_per_round, seed, algorithm, r, rate)
+            results = runner.fit(list(rp.chosen), params, rp.configs)
             contributions: dict[Hashable, Contribution] = {}
             rejected: dict[Hashable, str] = {}
-            for cid in plan.chosen:
+            for cid in rp.chosen:
                 answer = client_answer(scheme.encoder, cid, params, results.get(cid))
                 try:
                     contributions[cid] = accept(scheme.summer, cid, answer)
                 except UpdateRejected as e:
                     rejected[cid] = e.reason
             params, opt_state, record = finish_round(
-                plan, contributions, rejected, summer=scheme.summer, decoder=decoder,
+                rp, contributions, rejected, summer=scheme.summer, decoder=decoder,
                 algorithm=algorithm, params=params, opt_state=opt_state, evaluate=metrics(r),
                 started=t0,
             )
+            if spent is not None:
+                record = replace(record, dp_epsilon=spent)
             history.append(record)
             if on_round:
                 on_round(record)
@@ -157,11 +191,72 @@ def run(
         gc.unfreeze()
         if bar:
             bar[0].stop()
-    result = SimulationResult(params, history)
-    why = nothing_trained(history.records)
-    if why is not None:
-        raise NothingTrained(why, result)
+    result = SimulationResult(params, history, plan, stopped)
+    if stopped:
+        log.warning(stopped)
+    reason = nothing_trained(history.records)
+    if reason is not None:
+        raise NothingTrained(reason, result)
     return result
+
+
+def _dp_plan(privacy: DpConfig | DpPlan | None, aggregator: Any, scheme: Scheme,
+             num_clients: int, per_round: int, rounds: int, size: int) -> DpPlan | None:
+    """The run's DP plan, after checking that the scheme can carry it.
+
+    Raises:
+        ConfigError: the custody lets someone see the un-noised sum (central DP with clients
+            or a threshold committee holding the key), or distributed DP without a BFV
+            aggregator built with the plan's noise.
+    """
+    if privacy is None:
+        return None
+    spec = getattr(aggregator, "spec", None)
+    custody = getattr(aggregator, "custody", None)
+    bits = spec.bits if spec is not None and spec.scheme == "bfv" else 16
+    plan = (privacy if isinstance(privacy, DpPlan)
+            else privacy.plan(num_clients, per_round, rounds, size, bits))
+    if plan.mode == "central" and custody in ("clients", "threshold"):
+        raise ConfigError(
+            f"central DP adds noise where the sum is first decrypted, but in custody {custody!r} "
+            "that party is " + ("every client" if custody == "clients" else "whoever fuses the "
+            "partial decryptions") + "; use custody 'keyholder', or mode 'distributed'")
+    if plan.mode == "distributed":
+        want = plan.aggregator_options()
+        if spec is None or spec.scheme != "bfv" or not math.isclose(
+                spec.dp_mu, want.get("dp_mu", 0.0), rel_tol=1e-9
+        ) or spec.dp_min != want.get("dp_min", 0):
+            raise ConfigError(
+                "distributed DP needs the clients' noise in a BFV aggregator: build it with "
+                "hefl.crypto.make_aggregator('bfv', size, custody=..., "
+                "**plan.aggregator_options()) for plan = hefl.dp(...).plan(num_clients, "
+                "clients_per_round, rounds, size)")
+    if spec is not None and spec.max_clients < plan.max_clients:
+        raise ConfigError(
+            f"the aggregator holds at most {spec.max_clients} contributions but Poisson sampling "
+            f"may bring {plan.max_clients}; build it with **plan.aggregator_options()")
+    return plan
+
+
+def _privatize(scheme: Scheme, plan: DpPlan, aggregator: Any, seed: int) -> Scheme:
+    from hefl.privacy.roles import privatize
+
+    spec = getattr(aggregator, "spec", None)
+    step = spec.clip / spec.quant_max if spec is not None and spec.scheme == "bfv" else 0.0
+    return privatize(scheme, plan, step, np.random.default_rng([seed, 0xD9]))
+
+
+def _over_budget(plan: DpPlan, r: int) -> str:
+    """Why round ``r`` must not run (its epsilon would pass the budget), else ""."""
+    budget = plan.config.epsilon
+    if budget is None or plan.config.noise_multiplier is None:
+        return ""
+    spent = plan.epsilon(r)
+    if spent <= budget * (1 + 1e-9):
+        return ""
+    return (f"privacy budget reached: round {r} would spend epsilon {spent:.4g} > budget "
+            f"{budget:g} (delta {plan.config.delta:g}); the run stops after round {r - 1}. "
+            "Raise the noise multiplier or the budget, or run fewer rounds")
 
 
 def _client_eval(runner: Any, ids: list[Hashable], params: np.ndarray) -> dict[str, float]:
@@ -215,6 +310,7 @@ def simulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     initial_params: np.ndarray | None = None,
     backend_options: Mapping[str, Any] | None = None,
+    privacy: DpConfig | DpPlan | None = None,
 ) -> SimulationResult:
     """Federated training of ``model`` over ``data`` (TFF-style).
 
@@ -247,6 +343,7 @@ def simulate(
             client_eval_every=client_eval_every,
             progress=progress,
             on_round=on_round,
+            privacy=privacy,
         )
     finally:
         close = getattr(runner, "close", None)

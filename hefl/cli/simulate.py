@@ -56,6 +56,25 @@ class SimulateOptions:
     custody: str = "clients"
     key_holders: int | None = None
     threshold: int | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_mode: str | None = None
+    dp_noise_multiplier: float | None = None
+    dp_min_clients: int | None = None
+
+    @property
+    def privacy(self):
+        """The DP config these options ask for (None: no DP)."""
+        if self.dp_epsilon is None and self.dp_noise_multiplier is None:
+            if self.dp_mode is not None:
+                raise ConfigError("--dp-mode needs --dp-epsilon or --dp-noise-multiplier")
+            return None
+        from hefl.privacy import dp
+
+        return dp(epsilon=self.dp_epsilon, delta=self.dp_delta, clip=self.dp_clip,
+                  mode=self.dp_mode or "central", noise_multiplier=self.dp_noise_multiplier,
+                  min_clients=self.dp_min_clients)
 
 
 def _workload(o: SimulateOptions):
@@ -101,13 +120,20 @@ def run_simulation(
         batch_size=o.batch_size if o.batch_size is not None else wl.batch_size,
     )
     aggregator = None
+    size = wl.model.spec.size
+    plan = None
+    if o.privacy is not None:
+        if o.privacy.mode == "distributed" and o.he != "bfv":
+            raise ConfigError("--dp-mode distributed adds each client's noise under BFV: add "
+                              "--he bfv (with --custody keyholder or threshold)")
+        plan = o.privacy.plan(len(wl.data), o.clients_per_round, o.rounds, size)
     if o.he:
         from hefl.crypto import make_aggregator
 
         committee: dict[str, Any] = ({"key_holders": o.key_holders, "threshold": o.threshold}
                                      if o.custody == "threshold" else {})
-        aggregator = make_aggregator(o.he, wl.model.spec.size, seed=o.seed, custody=o.custody,
-                                     **committee)
+        aggregator = make_aggregator(o.he, size, seed=o.seed, custody=o.custody, **committee,
+                                     **(plan.aggregator_options() if plan else {}))
     result = simulate(
         wl.model,
         wl.data,
@@ -121,6 +147,7 @@ def run_simulation(
         on_round=on_round,
         backend=o.backend,
         backend_options={"device": o.device} if o.backend == "vectorized" else None,
+        privacy=plan,
     )
     stats = workloads.summary(result)
     summary = {
@@ -139,6 +166,10 @@ def run_simulation(
         "upload_bytes_per_param": stats["upload_bytes_per_client"] / wl.model.spec.size,
         "wall_s": time.perf_counter() - t0,
     }
+    if result.privacy is not None:
+        summary["dp"] = result.privacy.to_json(len(result.history))
+        if result.stopped:
+            summary["stopped"] = result.stopped
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result.history.to_jsonl(out_dir / "history.jsonl")
@@ -182,6 +213,17 @@ def simulate(
     ),
     key_holders: int | None = typer.Option(None, help="custody threshold: committee size (3)"),
     threshold: int | None = typer.Option(None, help="custody threshold: members needed (2)"),
+    dp_epsilon: float | None = typer.Option(
+        None, help="client-level DP: target epsilon over the rounds (a budget, with "
+        "--dp-noise-multiplier)"),
+    dp_delta: float = typer.Option(1e-5, help="DP delta"),
+    dp_clip: float = typer.Option(1.0, help="DP: L2 clip of each client's update"),
+    dp_mode: str | None = typer.Option(
+        None, help="DP: central (noise where the sum is decrypted) or distributed (each client "
+        "adds noise under BFV; no trusted party)"),
+    dp_noise_multiplier: float | None = typer.Option(None, help="DP: fixed noise multiplier"),
+    dp_min_clients: int | None = typer.Option(
+        None, help="distributed DP: contributions the noise is sized for"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
         None, "--out", help="write history (jsonl, csv), summary.json and a plot"
@@ -191,7 +233,8 @@ def simulate(
     opts = SimulateOptions(
         dataset, data, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
         server_lr, mu, epochs, batch_size, seed, threads, he, backend, device, custody,
-        key_holders, threshold,
+        key_holders, threshold, dp_epsilon, dp_delta, dp_clip, dp_mode, dp_noise_multiplier,
+        dp_min_clients,
     )  # fmt: skip
     try:
         s = run_simulation(opts, out_dir=out_dir, progress=not as_json)
@@ -205,6 +248,12 @@ def simulate(
         f"[bold]final accuracy {s['final_accuracy']:.4f}[/] after {s['rounds']} rounds "
         f"({s['algorithm']}, {s['dataset']}, {s['backend']}, {s['wall_s']:.1f} s)"
     )
+    if "dp" in s:
+        d = s["dp"]
+        out.print(f"DP ({d['mode']}): epsilon {d['epsilon']:.3g} at delta {d['delta']:g}, noise "
+                  f"multiplier {d['noise_multiplier']:.3g}, clip {d['clip']:g}")
+    if "stopped" in s:
+        err.print(f"[yellow]{s['stopped']}[/]")
     if "out" in s:
         out.print(f"history and plot written to {s['out']}")
 

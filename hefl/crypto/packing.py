@@ -29,6 +29,7 @@ import numpy as np
 
 from hefl.crypto.spec import HeSpec
 from hefl.errors import CryptoError
+from hefl.privacy.mechanisms import skellam_noise
 
 #: Relative slack on the CKKS bound ``W * clip`` for float64 rounding of the clients' products.
 CKKS_REL_SLACK = 1e-9
@@ -81,7 +82,8 @@ def clip_update(delta: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, ClipStats]
     d = np.asarray(delta, dtype=np.float64)
     norm = l2_norm(d)
     scale = 1.0
-    if spec.clip_norm is not None and norm > spec.clip_norm:
+    # an update already clipped to clip_norm (hefl.privacy) may exceed it by a rounding ulp
+    if spec.clip_norm is not None and norm > spec.clip_norm * (1 + 1e-12):
         scale = spec.clip_norm / norm
         d = d * scale
     clipped = int(np.count_nonzero(np.abs(d) > spec.clip))
@@ -97,11 +99,25 @@ def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarra
 
 
 def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
-         rng: np.random.Generator) -> np.ndarray:
-    """The weighted update as ``(n_ciphertexts, slot_values)`` slot values."""
+         rng: np.random.Generator, noise_rng: np.random.Generator | None = None,
+         plain_modulus: int = 0) -> np.ndarray:
+    """The weighted update as ``(n_ciphertexts, slot_values)`` slot values.
+
+    Distributed DP (``spec.dp_mu``; weight 1): each lane is ``q + Q + dp_offset + n`` with
+    ``n ~ Sk(dp_mu)`` from ``noise_rng`` (required then, with the plaintext prime
+    ``plain_modulus``). One client's lane may be negative; its slot is then taken mod ``t``, and
+    the *summed* lanes are non-negative (see ``HeSpec.dp_offset``), so decoding is unchanged.
+    """
     out = np.zeros(spec.n_ciphertexts * spec.slot_values,
                    dtype=np.uint64 if spec.scheme == "bfv" else np.float64)
-    if spec.scheme == "bfv":
+    if spec.scheme == "bfv" and spec.dp_mu:
+        if noise_rng is None or plain_modulus < 2:
+            raise CryptoError("distributed DP packing needs the client's own noise generator "
+                              "and the plaintext modulus")
+        out[0] = 1
+        slots = _noisy_slots(quantize(delta, spec, rng), spec, noise_rng)
+        out[1 : spec.n_values] = np.mod(slots, np.int64(plain_modulus)).astype(np.uint64)
+    elif spec.scheme == "bfv":
         w = np.uint64(int(weight))
         lanes = (quantize(delta, spec, rng) + spec.quant_max).astype(np.uint64) * w
         pad = (-lanes.size) % spec.lanes
@@ -113,6 +129,16 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
         out[0] = float(weight)
         out[1 : 1 + spec.size] = np.clip(delta, -spec.clip, spec.clip) * float(weight)
     return out.reshape(spec.n_ciphertexts, spec.slot_values)
+
+
+def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator) -> np.ndarray:
+    """Signed int64 slots ``sum_j lane_j 2**(j lane_bits)`` of the noisy lanes (weight 1):
+    exact, since ``lanes * lane_bits <= 60`` bits; a negative lane borrows from the one above."""
+    lanes = q + (spec.quant_max + spec.dp_offset) + skellam_noise(noise_rng, q.size, spec.dp_mu)
+    pad = (-lanes.size) % spec.lanes
+    lanes = np.concatenate([lanes, np.zeros(pad, np.int64)]).reshape(-1, spec.lanes)
+    weights = np.int64(1) << (np.arange(spec.lanes, dtype=np.int64) * spec.lane_bits)
+    return (lanes * weights).sum(axis=1)
 
 
 def _lanes(flat: np.ndarray, spec: HeSpec) -> np.ndarray:
@@ -130,7 +156,7 @@ def unpack(values: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, float]:
         flat = flat.astype(np.uint64)
         weight = int(flat[0])
         lanes = _lanes(flat, spec)[: spec.size]
-        ints = lanes.astype(np.int64) - np.int64(spec.quant_max) * weight
+        ints = lanes.astype(np.int64) - np.int64(spec.quant_max + spec.dp_offset) * weight
         return ints.astype(np.float64) * (spec.clip / spec.quant_max), float(weight)
     return flat[1 : 1 + spec.size].astype(np.float64), float(flat[0])
 
@@ -176,13 +202,14 @@ def check_range(spec: HeSpec, values: np.ndarray) -> None:
 def _bfv_outliers(spec: HeSpec, flat: np.ndarray) -> tuple[int, int, str]:
     """(lanes above ``2 Q W``, non-empty padding, the bound in words) for uint64 slots whose
     weight (``flat[0]``) is already known to be at most ``max_weight``."""
-    bound = 2 * spec.quant_max * int(flat[0])  # < 2**lane_bits since W <= max_weight
+    bound = 2 * (spec.quant_max + spec.dp_offset) * int(flat[0])  # < 2**lane_bits (W bounded)
     lanes = _lanes(flat, spec)
     top = np.uint64(spec.lanes * spec.lane_bits)
     bad = int(np.count_nonzero(lanes[: spec.size] > np.uint64(bound)))
     stray = int(np.count_nonzero(lanes[spec.size :]) + np.count_nonzero(flat[spec.n_values :])
                 + np.count_nonzero(flat[1 : spec.n_values] >> top))
-    return bad, stray, f"[0, 2*Q*W] = [0, {bound}] (Q={spec.quant_max})"
+    q = f"Q={spec.quant_max}" + (f", DP offset {spec.dp_offset}" if spec.dp_offset else "")
+    return bad, stray, f"[0, 2*Q*W] = [0, {bound}] ({q})"
 
 
 def _ckks_outliers(spec: HeSpec, flat: np.ndarray, margin: float) -> tuple[int, int, str]:

@@ -153,6 +153,10 @@ class EncryptingClient:
         key: the shared ``KeyShare`` when clients hold the key (symmetric spec), else the
             ``PublicContext`` with the public key (key-holder custody).
         seed: seeds stochastic rounding (None: fresh OS entropy).
+        noise_seed: distributed DP (``spec.dp_mu``): seeds this client's Skellam noise, for
+            reproducible simulations only; None (the default, and always in deployment) draws it
+            from OS entropy, and ``reseed`` never touches it (a seed another party knows would
+            let it subtract the noise).
         workers: encrypt ciphertexts in this many processes (1: in this process). The worker
             processes are this client's own children and receive its key once, at start, over a
             local pipe; call ``close()`` (or let the client be collected) to stop them.
@@ -166,7 +170,8 @@ class EncryptingClient:
     """
 
     def __init__(
-        self, key: PublicContext | KeyShare, *, seed: int | None = None, workers: int = 1
+        self, key: PublicContext | KeyShare, *, seed: int | None = None, workers: int = 1,
+        noise_seed: int | None = None,
     ) -> None:
         spec = key.spec
         if spec.symmetric and not isinstance(key, KeyShare):
@@ -189,6 +194,7 @@ class EncryptingClient:
         else:
             self._encryptor = self.seal.encryptor(self.seal.load_public_key(key.public_key))
         self._rng = np.random.default_rng(seed)
+        self._noise_rng = np.random.default_rng(noise_seed)
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         self._key_bytes = key.to_bytes() if workers > 1 else b""
@@ -242,6 +248,12 @@ class EncryptingClient:
                 "counts (use scheme 'ckks' for fractional weights)",
                 client_id=client_id, stage="encode",
             )
+        if spec.dp_mu and w != 1:
+            raise UpdateRejected(
+                f"weight {weight}: with distributed DP every client counts once (weight 1); "
+                "wrap the scheme with hefl.privacy (DP-FedAvg weighs clients equally)",
+                client_id=client_id, stage="encode",
+            )
         if w > spec.max_weight:
             raise UpdateRejected(
                 f"weight {weight} exceeds the supported total weight {spec.max_weight}; build the "
@@ -250,7 +262,8 @@ class EncryptingClient:
             )
         d, self.last_clip = clip_update(d, spec)
         self._report_clip(client_id, self.last_clip)
-        chunks = pack(d, w, spec, self._rng)
+        chunks = pack(d, w, spec, self._rng, self._noise_rng,
+                      self.seal.plain_modulus if spec.dp_mu else 0)
         return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
 
     def _report_clip(self, client_id: Hashable, stats: ClipStats) -> None:
@@ -445,6 +458,13 @@ def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | byte
             f"{type(total).__name__}"
         )
     _check_stamp(spec, key_id, total.fingerprint, total.key_id, "encrypted sum")
+    if spec.dp_min and total.count < spec.dp_min:
+        raise KeyCustodyError(
+            f"refusing to decrypt an aggregate of {total.count} contribution(s): the distributed "
+            f"DP noise is sized for at least {spec.dp_min}, so fewer would be released with less "
+            "noise than the privacy guarantee needs; the round is skipped (it still counts "
+            "against the budget)"
+        )
     if total.count < min_clients:
         raise KeyCustodyError(
             f"refusing to decrypt an aggregate of {total.count} contribution(s): at least "
@@ -667,7 +687,7 @@ def make_spec(scheme: str, size: int, *, custody: str = "clients",
     elif key_holders is not None or threshold is not None:
         raise ConfigError("key_holders and threshold apply only to custody 'threshold'")
     flood = () if committee else ("flood_security", "flood_queries")
-    only = {"bfv": ("coeff_bits", *flood), "ckks": ("bits", "lanes")}
+    only = {"bfv": ("coeff_bits", *flood), "ckks": ("bits", "lanes", "dp_mu", "dp_min")}
     wrong = sorted(set(options) & set(only[base]))
     if wrong:
         raise ConfigError(f"option(s) {', '.join(wrong)} do not apply to {base.upper()}"

@@ -44,8 +44,10 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from hefl.errors import ConfigError
+from hefl.privacy.mechanisms import skellam_tail
 
 SCHEMES = ("bfv", "ckks")
 CUSTODY = ("clients", "keyholder", "threshold")
@@ -101,6 +103,10 @@ class HeSpec:
             Threshold keys (both schemes) flood every partial decryption with these two too.
         parties: threshold custody: the number n of key holders sharing the key (0: one key).
         threshold: threshold custody: how many of them decrypt together (t, 2 <= t <= n).
+        dp_mu: distributed DP (BFV): every client adds Skellam noise ``Sk(dp_mu)`` (variance
+            ``2 dp_mu``, integer units) to each quantized value; 0: none (``hefl.privacy``).
+        dp_min: distributed DP: the fewest contributions the noise is sized for; an aggregate
+            of fewer is never decrypted (its noise would be below plan).
 
     Fields added after the first release (``clip_norm``, ``flood_*``) are left out of the canonical
     bytes when unset, so specs made before they existed keep their fingerprint.
@@ -124,6 +130,8 @@ class HeSpec:
     flood_queries: int = 0
     parties: int = 0
     threshold: int = 0
+    dp_mu: float = 0.0
+    dp_min: int = 0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -151,6 +159,19 @@ class HeSpec:
             if self.symmetric:
                 raise ConfigError("threshold keys are public-key: clients encrypt with the "
                                   "collective public key (symmetric=False)")
+        if self.dp_mu or self.dp_min:
+            if self.scheme != "bfv" or self.clip_norm is None:
+                raise ConfigError("distributed DP noise needs BFV's exact integer sums and an L2 "
+                                  "clip (clip_norm): use scheme 'bfv' with clip_norm set")
+            dp_offset(self.dp_mu, self.dp_min)
+
+    @property
+    def dp_offset(self) -> int:
+        """Distributed DP: what each client adds to every lane on top of ``Q`` so that the
+        summed lanes stay non-negative: ``skellam_tail(dp_min * dp_mu) / dp_min``, rounded up.
+        ``W >= dp_min`` contributions carry noise ``Sk(W dp_mu)``, whose tail bound grows more
+        slowly than ``W * dp_offset``, so no lane wraps except with probability below 2**-64."""
+        return dp_offset(self.dp_mu, self.dp_min) if self.dp_mu else 0
 
     @property
     def flooded(self) -> bool:
@@ -263,7 +284,7 @@ class HeSpec:
         """Canonical JSON (public; never pickle). Unset later fields are omitted."""
         fields = asdict(self)
         for name, unset in (("clip_norm", None), ("flood_security", 0), ("flood_queries", 0),
-                            ("parties", 0), ("threshold", 0)):
+                            ("parties", 0), ("threshold", 0), ("dp_mu", 0.0), ("dp_min", 0)):
             if fields[name] == unset:
                 del fields[name]
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -280,6 +301,18 @@ class HeSpec:
     def fingerprint(self) -> bytes:
         """16 bytes naming these parameters; stamped on every message."""
         return hashlib.sha256(self.to_bytes()).digest()[:16]
+
+
+def dp_offset(dp_mu: float, dp_min: int) -> int:
+    """``HeSpec.dp_offset`` for these DP fields.
+
+    Raises:
+        ConfigError: ``dp_mu`` is not a positive number or ``dp_min`` < 1.
+    """
+    if not (dp_mu > 0 and math.isfinite(dp_mu) and int(dp_min) == dp_min and dp_min >= 1):
+        raise ConfigError(f"distributed DP needs dp_mu > 0 and dp_min >= 1, got dp_mu={dp_mu}, "
+                          f"dp_min={dp_min}")
+    return math.ceil(skellam_tail(dp_min * dp_mu) / dp_min)
 
 
 def _check_clip_norm(clip_norm: float | None) -> None:
@@ -321,6 +354,8 @@ def bfv_spec(
     threshold: int = 0,
     flood_security: int = 40,
     flood_queries: int = 2**20,
+    dp_mu: float = 0.0,
+    dp_min: int = 0,
 ) -> HeSpec:
     """The cheapest BFV parameters for these bounds.
 
@@ -334,6 +369,9 @@ def bfv_spec(
     encryption only) flood every partial decryption (``flood_security``, ``flood_queries``, as
     ``ckks_spec``): the fused noise must stay below half of ``q/t``, so the ring is N = 4096 with
     two 46-bit data primes and the plaintext prime takes what the noise leaves.
+
+    Distributed DP (``dp_mu``, ``dp_min``; weights 1) widens each lane to hold
+    ``2 (Q + dp_offset)`` per contribution: the clients' Skellam noise never wraps a lane.
 
     Example:
         >>> s = bfv_spec(1000, bits=12, max_weight=2**9, max_clients=64)
@@ -352,14 +390,19 @@ def bfv_spec(
     if max_clients < 1:
         raise ConfigError(f"max_clients must be >= 1, got {max_clients}")
     _check_clip_norm(clip_norm)
-    lane_bits = bits + math.ceil(math.log2(int(max_weight)))
+    dp: dict[str, Any] = ({"dp_mu": float(dp_mu), "dp_min": int(dp_min)} if dp_mu or dp_min
+                          else {})
+    offset = dp_offset(dp_mu, dp_min) if dp else 0
+    lane_bits = (bits + math.ceil(math.log2(int(max_weight))) if not offset else
+                 math.ceil(math.log2(2 * (2 ** (bits - 1) - 1 + offset) + 1))
+                 + math.ceil(math.log2(int(max_weight))))
     # the weight slot must not wrap even when every client sends max_weight (so the key holder
     # can always tell that the bound was exceeded), and t = 1 mod 2N needs at least 18 bits
     min_plain = max(18, math.ceil(math.log2(int(max_weight) * max_clients)) + 2)
     if parties or threshold:
         return _threshold_bfv(size, symmetric, bits, clip, max_weight, max_clients, lanes,
                               clip_norm, lane_bits, min_plain, parties, threshold,
-                              flood_security, flood_queries)
+                              flood_security, flood_queries, dp)
     noise = NOISE_BITS[symmetric] + math.ceil(math.log2(max_clients))
     choices = [lanes] if lanes else range(MAX_PRIME_BITS // lane_bits, 0, -1)
     for k in choices:
@@ -369,7 +412,7 @@ def bfv_spec(
         if n is not None and k >= 1:
             return HeSpec("bfv", int(size), n, coeff_bits, plain_bits, symmetric, bits, k,
                           lane_bits, 0, float(clip), int(max_weight), int(max_clients),
-                          _as_float(clip_norm))
+                          _as_float(clip_norm), **dp)
     raise ConfigError(
         f"no BFV parameters at 128-bit security hold {bits}-bit values with total weight "
         f"{max_weight} over {max_clients} clients; lower bits, max_weight or max_clients"
@@ -383,7 +426,7 @@ THRESHOLD_BFV_COEFF_BITS = 92
 def _threshold_bfv(size: int, symmetric: bool, bits: int, clip: float, max_weight: int,
                    max_clients: int, lanes: int | None, clip_norm: float | None, lane_bits: int,
                    min_plain: int, parties: int, threshold: int, flood_security: int,
-                   flood_queries: int) -> HeSpec:
+                   flood_queries: int, dp: dict[str, Any]) -> HeSpec:
     """``bfv_spec`` for threshold keys: the most lanes whose plaintext prime leaves room for
     the fused noise (``decryption_noise_bound`` < q / 2t with a one-bit margin)."""
     q_bits = THRESHOLD_BFV_COEFF_BITS
@@ -393,7 +436,8 @@ def _threshold_bfv(size: int, symmetric: bool, bits: int, clip: float, max_weigh
         plain_bits = max(k * lane_bits + 1, min_plain)
         spec = HeSpec("bfv", int(size), 4096, q_bits, plain_bits, symmetric, bits, k, lane_bits,
                       0, float(clip), int(max_weight), int(max_clients), _as_float(clip_norm),
-                      int(flood_security), int(flood_queries), int(parties), int(threshold))
+                      int(flood_security), int(flood_queries), int(parties), int(threshold),
+                      **dp)
         _check_flood(spec)
         if plain_bits <= MAX_PRIME_BITS and (
             plain_bits + math.log2(spec.decryption_noise_bound) + 2 <= q_bits
