@@ -53,12 +53,14 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_num: int) 
     return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
 
 
-def poisson_sample(num_clients: int, rate: float, seed: int, round_num: int) -> list[int]:
+def poisson_sample(num_clients: int, rate: float, seed: int, round_num: int,
+                   rng: np.random.Generator | None = None) -> list[int]:
     """Indices of the clients in round ``round_num`` under Poisson sampling: each independently
-    with probability ``rate`` (DP-FedAvg's sampling; the count varies and may be 0)."""
+    with probability ``rate`` (DP-FedAvg's sampling; the count varies and may be 0). ``rng``
+    (deployment: OS entropy) replaces the draw from ``seed`` and the round."""
     if num_clients < 1:
         raise ConfigError("there are no clients: the federated data set is empty")
-    rng = np.random.default_rng([seed, round_num, 0x9015])
+    rng = rng if rng is not None else np.random.default_rng([seed, round_num, 0x9015])
     return [int(i) for i in np.flatnonzero(rng.random(num_clients) < rate)]
 
 
@@ -90,13 +92,14 @@ class RoundPlan:
 
 def plan_round(
     ids: Sequence[Hashable], per_round: int, seed: int, algorithm: Algorithm, round_num: int,
-    poisson_rate: float | None = None,
+    poisson_rate: float | None = None, rng: np.random.Generator | None = None,
 ) -> RoundPlan:
     """Sample round ``round_num``'s clients from ``ids`` (in that order) and make their configs
     (a client's shuffling seed depends on its position in ``ids``). ``poisson_rate``: sample
-    each client with that probability instead of exactly ``per_round`` (DP runs)."""
+    each client with that probability instead of exactly ``per_round`` (DP runs), drawn from
+    ``rng`` if given."""
     idx = (sample_clients(len(ids), per_round, seed, round_num) if poisson_rate is None
-           else poisson_sample(len(ids), poisson_rate, seed, round_num))
+           else poisson_sample(len(ids), poisson_rate, seed, round_num, rng))
     return RoundPlan(
         round_num,
         tuple(ids[i] for i in idx),

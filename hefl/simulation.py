@@ -41,6 +41,7 @@ from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ConfigError, NothingTrained, UpdateRejected
 from hefl.history import History
 from hefl.privacy import DpConfig, DpPlan
+from hefl.privacy.plan import quant_step
 from hefl.roles import Scheme, as_scheme
 from hefl.rounds import (
     Contribution,
@@ -162,7 +163,7 @@ def run(
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
             spent = plan.epsilon(r) if plan is not None else None
-            if plan is not None and (why := _over_budget(plan, r)):
+            if plan is not None and (why := plan.over_budget(r)):
                 stopped = why
                 break
             rp = plan_round(ids, clients_per_round, seed, algorithm, r, rate)
@@ -231,6 +232,12 @@ def _dp_plan(privacy: DpConfig | DpPlan | None, aggregator: Any, scheme: Scheme,
                 "hefl.crypto.make_aggregator('bfv', size, custody=..., "
                 "**plan.aggregator_options()) for plan = hefl.dp(...).plan(num_clients, "
                 "clients_per_round, rounds, size)")
+    if spec is not None and spec.dp_std and (plan.mode != "central" or not math.isclose(
+            spec.dp_std, plan.key_holder_std(spec), rel_tol=1e-9)):
+        raise ConfigError(
+            f"the key holder's keys add central DP noise of deviation {spec.dp_std:g}, but the "
+            f"plan ({plan.mode}) needs " + (f"{plan.key_holder_std(spec):g}" if plan.mode ==
+            "central" else "none there") + "; make the keys for this plan")
     if spec is not None and spec.max_clients < plan.max_clients:
         raise ConfigError(
             f"the aggregator holds at most {spec.max_clients} contributions but Poisson sampling "
@@ -242,21 +249,10 @@ def _privatize(scheme: Scheme, plan: DpPlan, aggregator: Any, seed: int) -> Sche
     from hefl.privacy.roles import privatize
 
     spec = getattr(aggregator, "spec", None)
-    step = spec.clip / spec.quant_max if spec is not None and spec.scheme == "bfv" else 0.0
-    return privatize(scheme, plan, step, np.random.default_rng([seed, 0xD9]))
-
-
-def _over_budget(plan: DpPlan, r: int) -> str:
-    """Why round ``r`` must not run (its epsilon would pass the budget), else ""."""
-    budget = plan.config.epsilon
-    if budget is None or plan.config.noise_multiplier is None:
-        return ""
-    spent = plan.epsilon(r)
-    if spent <= budget * (1 + 1e-9):
-        return ""
-    return (f"privacy budget reached: round {r} would spend epsilon {spent:.4g} > budget "
-            f"{budget:g} (delta {plan.config.delta:g}); the run stops after round {r - 1}. "
-            "Raise the noise multiplier or the budget, or run fewer rounds")
+    # keys with dp_std: the key holder adds the central noise itself (as in deployment)
+    inside = spec is not None and bool(spec.dp_std)
+    return privatize(scheme, plan, quant_step(spec), np.random.default_rng([seed, 0xD9]),
+                     noise=not inside)
 
 
 def _client_eval(runner: Any, ids: list[Hashable], params: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -153,7 +153,8 @@ def keys(
     try:
         cfg = load_config_for_keys(config)
         size = build_model(cfg["model"]).spec.size
-        files = write_keys(cfg["aggregation"], size, out, overwrite=overwrite)
+        files = write_keys(cfg["aggregation"], size, out, overwrite=overwrite,
+                           privacy=_plan_for_keys(config, cfg, size))
     except HeflError as e:
         _fail(e)
     decrypts = ("the key holder (hefl client --key-holder --he-key share.key --registry "
@@ -188,7 +189,9 @@ def ceremony(
 
     try:
         cfg = load_config_for_keys(config)
-        spec, names = committee_spec(cfg["aggregation"], build_model(cfg["model"]).spec.size)
+        size = build_model(cfg["model"]).spec.size
+        spec, names = committee_spec(cfg["aggregation"], size,
+                                     _plan_for_keys(config, cfg, size))
         signers = {c.name: c.sign_key for c in load_registry(registry)
                    if c.role == "keyholder" and not c.revoked}
         member = CeremonyMember(spec, "hefl-ceremony:" + ",".join(names), names, name,
@@ -233,7 +236,19 @@ def load_config_for_keys(path: Path) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise HeflError(f"cannot read config {str(path)!r}: {e}") from e
     return {"model": doc.get("model", {"kind": "mlp"}),
-            "aggregation": doc.get("aggregation", {"kind": "plain"})}
+            "aggregation": doc.get("aggregation", {"kind": "plain"}),
+            "privacy": doc.get("privacy", {})}
+
+
+def _plan_for_keys(path: Path, cfg: dict, size: int) -> Any:
+    """A config's DP plan, which its keys carry (it needs the whole config: the registry's
+    client count, clients_per_round and rounds); None without [privacy]."""
+    if not cfg["privacy"]:
+        return None
+    from hefl.net.config import load_config
+    from hefl.net.privacy import run_plan
+
+    return run_plan(load_config(path), size)
 
 
 @app.command()

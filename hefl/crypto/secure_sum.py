@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ from hefl.errors import (
     RoundError,
     UpdateRejected,
 )
+from hefl.privacy.mechanisms import gaussian_noise
 from hefl.roles import Scheme
 
 log = logging.getLogger(__name__)
@@ -248,9 +249,9 @@ class EncryptingClient:
                 "counts (use scheme 'ckks' for fractional weights)",
                 client_id=client_id, stage="encode",
             )
-        if spec.dp_mu and w != 1:
+        if (spec.dp_mu or spec.dp_std) and w != 1:
             raise UpdateRejected(
-                f"weight {weight}: with distributed DP every client counts once (weight 1); "
+                f"weight {weight}: with differential privacy every client counts once (weight 1); "
                 "wrap the scheme with hefl.privacy (DP-FedAvg weighs clients equally)",
                 client_id=client_id, stage="encode",
             )
@@ -412,6 +413,7 @@ class KeyHolder:
         self.spec = share.spec
         self.min_clients = min_clients
         self.budget = FloodBudget(self.spec)  # CKKS: decryptions answered under this key
+        self._noise_rng = np.random.default_rng()  # central DP: OS entropy, never a seed
 
     @classmethod
     def from_bytes(cls, share: bytes, *, min_clients: int = 2) -> KeyHolder:
@@ -436,7 +438,13 @@ class KeyHolder:
         self.budget.spend(len(cts))
         slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
         check_range(self.spec, slots)
-        return weighted_mean(self.spec, slots, total.count)
+        mean, weight = weighted_mean(self.spec, slots, total.count)
+        if not self.spec.dp_std:
+            return mean, weight
+        # central DP (hefl.privacy): noise on the sum, here, before anything leaves
+        check_unit_weights(self.spec, weight, total.count)
+        noisy = mean * weight + gaussian_noise(self._noise_rng, mean.size, self.spec.dp_std)
+        return noisy / weight, weight
 
 
 def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | bytes,
@@ -477,6 +485,19 @@ def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | byte
             f"{spec.max_clients}; it cannot be decrypted correctly"
         )
     return total
+
+
+def check_unit_weights(spec: HeSpec, weight: float, count: int) -> None:
+    """DP's sensitivity holds only if every contribution had weight 1.
+
+    Raises:
+        CryptoError: the total weight is not the number of contributions.
+    """
+    if abs(weight - count) > max(0.5, 16 * spec.error_bound * count):
+        raise CryptoError(
+            f"the sum of {count} DP contribution(s) has total weight {weight:g}: under "
+            "differential privacy every client sends weight 1 (its clip bounds its share); a "
+            "client built without the DP plan sent this round; the aggregate is discarded")
 
 
 def weighted_mean(spec: HeSpec, slots: np.ndarray, count: int) -> tuple[np.ndarray, float]:
@@ -696,7 +717,9 @@ def make_spec(scheme: str, size: int, *, custody: str = "clients",
     if committee and scheme == "bfv-packed":
         raise ConfigError("the bfv-packed preset's two lanes leave no room for the threshold "
                           "flooding noise; use 'bfv' (or 'ckks') with custody threshold")
-    return build(size, symmetric=custody == "clients", **{**defaults, **options}, **committee)
+    dp_std = float(options.pop("dp_std", 0.0))
+    spec = build(size, symmetric=custody == "clients", **{**defaults, **options}, **committee)
+    return replace(spec, dp_std=dp_std) if dp_std else spec
 
 
 def make_aggregator(

@@ -107,6 +107,9 @@ class HeSpec:
             ``2 dp_mu``, integer units) to each quantized value; 0: none (``hefl.privacy``).
         dp_min: distributed DP: the fewest contributions the noise is sized for; an aggregate
             of fewer is never decrypted (its noise would be below plan).
+        dp_std: central DP (key-holder custody, either scheme): the key holder adds Gaussian
+            noise N(0, dp_std^2) (update units) to every coordinate of the decrypted sum before
+            it leaves; weights must be 1 and ``clip_norm`` set. 0: none.
 
     Fields added after the first release (``clip_norm``, ``flood_*``) are left out of the canonical
     bytes when unset, so specs made before they existed keep their fingerprint.
@@ -132,6 +135,7 @@ class HeSpec:
     threshold: int = 0
     dp_mu: float = 0.0
     dp_min: int = 0
+    dp_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -164,6 +168,15 @@ class HeSpec:
                 raise ConfigError("distributed DP noise needs BFV's exact integer sums and an L2 "
                                   "clip (clip_norm): use scheme 'bfv' with clip_norm set")
             dp_offset(self.dp_mu, self.dp_min)
+        if self.dp_std:
+            if not (self.dp_std > 0 and math.isfinite(self.dp_std)) or self.clip_norm is None:
+                raise ConfigError(f"central DP needs dp_std > 0 and an L2 clip (clip_norm), got "
+                                  f"dp_std={self.dp_std}, clip_norm={self.clip_norm}")
+            if self.symmetric or self.parties:
+                raise ConfigError(
+                    "central DP noise is added by the one key holder that decrypts the sum; in "
+                    f"custody {'clients' if self.symmetric else 'threshold'} nobody plays that "
+                    "part: use custody 'keyholder', or distributed DP (dp_mu) with BFV")
 
     @property
     def dp_offset(self) -> int:
@@ -284,7 +297,8 @@ class HeSpec:
         """Canonical JSON (public; never pickle). Unset later fields are omitted."""
         fields = asdict(self)
         for name, unset in (("clip_norm", None), ("flood_security", 0), ("flood_queries", 0),
-                            ("parties", 0), ("threshold", 0), ("dp_mu", 0.0), ("dp_min", 0)):
+                            ("parties", 0), ("threshold", 0), ("dp_mu", 0.0), ("dp_min", 0),
+                            ("dp_std", 0.0)):
             if fields[name] == unset:
                 del fields[name]
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()

@@ -35,7 +35,9 @@ from hefl.net.decrypt import DecodeLedger, VerifiedDecryptor, registry_signers
 from hefl.net.identity import Identity, digest, statement
 from hefl.net.keys import key_holder, load_key
 from hefl.net.logs import event, get_logger
+from hefl.net.privacy import client_clip
 from hefl.net.proto import hefl_pb2 as pb
+from hefl.privacy.roles import DpEncoder
 from hefl.rounds import client_answer
 
 FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED")
@@ -317,6 +319,7 @@ class FederationClient:
         self.model = build_model(json.loads(join.model_json))
         size = self.model.spec.size
         agg = json.loads(join.aggregation_json)
+        announced = agg.pop("privacy", None)  # the server's DP plan: clip, mode
         if is_encrypted(agg):
             if self.key is None:
                 raise TransportError(
@@ -329,6 +332,11 @@ class FederationClient:
                 self.identity = self._identity()
         if self.data is not None:
             self.encoder = build_aggregator(agg, size, key=self.key)
+            # DP: clip and weight 1; under encryption the clip is the key's, not the server's
+            clip = client_clip(getattr(self.key, "spec", None) if is_encrypted(agg) else None,
+                               announced)
+            if clip is not None:
+                self.encoder = DpEncoder(self.encoder, clip)
             self.client = ModelClient(self.model, self.data)
         self.summary.run_id = join.run_id
         self._model_key = key

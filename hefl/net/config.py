@@ -35,6 +35,12 @@ Example ``run.toml`` (paths are relative to the file)::
 
     [aggregation]
     kind = "plain"
+
+    [privacy]              # optional: client-level DP (hefl.net.privacy)
+    epsilon = 8.0
+    delta = 1e-5
+    clip = 1.0
+    mode = "central"
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ class RunConfig:
     clients: tuple[ClientEntry, ...]
     server: ServerSettings = field(default_factory=ServerSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    privacy: Mapping[str, Any] = field(default_factory=dict)  # [privacy]: hefl.dp(...) keys
 
     @property
     def run_id(self) -> str:
@@ -133,6 +140,8 @@ class RunConfig:
             "aggregation": {k: v for k, v in self.aggregation.items() if k != "public"},
             "clients": [c.name for c in self.clients if c.role == "client"],
         }
+        if self.privacy:  # runs without DP keep the ids they had before [privacy] existed
+            ident["privacy"] = dict(self.privacy)
         h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.name}-{h}"
 
@@ -225,6 +234,7 @@ def load_config(path: str | Path) -> RunConfig:
             clients=tuple(entries),
             server=_build(ServerSettings, server, "server"),
             tls=_build(TLSSettings, tls, "tls"),
+            privacy=_section(doc, "privacy"),
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value in [run] of {str(p)!r}: {e}") from e
@@ -260,6 +270,9 @@ def validate(cfg: RunConfig) -> None:
             "TLS is on by default: set [tls] cert and key (`hefl certs` makes them), "
             "or insecure = true for a loopback test"
         )
+    from hefl.net.privacy import dp_config
+
+    dp_config(cfg.privacy)
     if "name" not in cfg.algorithm:
         raise ConfigError("[algorithm] needs a name, e.g. name = \"fedavg\"")
 
@@ -293,8 +306,9 @@ def _check_min_clients(cfg: RunConfig) -> None:
             f"lower min_clients to {active} or less, or set revoked = false for some in the "
             "registry"
         )
-    if m <= per_round - len(revoked):
-        return  # even a round that samples every revoked client has enough
+    if m <= per_round - len(revoked) or cfg.privacy:
+        return  # even a round that samples every revoked client has enough (or DP's Poisson
+        # sampling, which no seed predicts: a short draw is retried)
     from hefl.rounds import sample_clients
 
     names = [c.name for c in trainers]

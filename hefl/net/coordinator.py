@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,8 +57,10 @@ from hefl.net.data import load_client_data
 from hefl.net.decrypt import registry_signers
 from hefl.net.identity import digest, statement, verify
 from hefl.net.logs import event, get_logger
+from hefl.net.privacy import check_keys, run_plan
 from hefl.net.proto import hefl_pb2 as pb
 from hefl.net.store import StateLock, Store, write_atomic
+from hefl.privacy.roles import DpDecoder
 from hefl.rounds import (
     Answer,
     Contribution,
@@ -230,6 +232,14 @@ class Coordinator:
         self.model = build_model(cfg.model)
         self.size = int(self.model.spec.size)
         self.summer = build_aggregator(cfg.aggregation, self.size)  # never a secret key
+        # differential privacy (hefl.net.privacy): the plan, and Poisson draws no seed predicts
+        self.privacy = run_plan(cfg, self.size)
+        if self.encrypted:
+            check_keys(self.privacy, self.summer.spec)
+        self._sampler = np.random.default_rng()
+        # distributed DP: the key holder refuses sums below dp_min, so wait for that many
+        self.min_clients = max(cfg.server.min_clients,
+                               self.privacy.min_clients if self.privacy else 0)
         # threshold custody: the committee, member j = committee[j - 1]
         self.committee = self._committee(cfg) if self.encrypted else []
         # one server per state dir: a second one (another port, same dir) is refused here
@@ -283,6 +293,7 @@ class Coordinator:
         """
         cfg = self.cfg
         init = self.model.init_vector()
+        self._check_dp_rounds()
         opened = self.store.open_run(
             self.run_id, cfg.public_dict(), rounds=cfg.rounds, initial=init,
             opt_state=wire.pack_state(self.algorithm.server.init(init)),
@@ -297,6 +308,10 @@ class Coordinator:
               message=opened.message)
         first = True
         for r in range(last + 1, cfg.rounds + 1):
+            if self.privacy is not None and (budget := self.privacy.over_budget(r)):
+                event(self.log, "privacy_budget_reached", level=logging.WARNING, round=r,
+                      reason=budget)
+                break
             attempt = 0
             while True:
                 attempt += 1
@@ -313,7 +328,7 @@ class Coordinator:
                 if cfg.server.max_attempts and attempt >= cfg.server.max_attempts:
                     raise RoundError(
                         f"round {r} failed {attempt} times (fewer than min_clients="
-                        f"{cfg.server.min_clients} answers); state is kept, restart to retry"
+                        f"{self.min_clients} answers); state is kept, restart to retry"
                     )
                 with self.cond:
                     self._wait(lambda: False, cfg.server.retry_delay_s)
@@ -334,6 +349,25 @@ class Coordinator:
             raise RoundError(why)
         return history
 
+    def _check_dp_rounds(self) -> None:
+        """A target epsilon sizes the noise for the configured rounds: such a run cannot be
+        extended or shortened once rounds ran with that noise.
+
+        Raises:
+            ConfigError: ``rounds`` changed for a DP run calibrated to a target epsilon.
+        """
+        dp = self.privacy.config if self.privacy is not None else None
+        if dp is None or dp.noise_multiplier is not None:
+            return
+        for info in self.store.runs():
+            if info.run_id == self.run_id and info.rounds != self.cfg.rounds and (
+                    self.store.completed_rounds(self.run_id)):
+                raise ConfigError(
+                    f"run {self.run_id} was calibrated to epsilon {dp.epsilon:g} over "
+                    f"{info.rounds} rounds and has run some: its noise cannot be re-sized to "
+                    f"{self.cfg.rounds}. Keep rounds = {info.rounds}, or start a new run "
+                    "(another [run] name) planned for the rounds you want")
+
     def _note(self, name: str, what: str) -> None:
         """Record a client's last event for ``hefl status`` (best effort, never fatal)."""
         with contextlib.suppress(sqlite3.Error):
@@ -348,7 +382,8 @@ class Coordinator:
     ) -> tuple[np.ndarray, Any] | None:
         s = self.cfg.server
         t0 = time.perf_counter()
-        plan = plan_round(self.names, self.cfg.clients_per_round, self.cfg.seed, self.algorithm, r)
+        plan = plan_round(self.names, self.cfg.clients_per_round, self.cfg.seed, self.algorithm, r,
+                          *((self.privacy.sampling_rate, self._sampler) if self.privacy else ()))
         pending = self._pending(r)
         if pending.exists():  # a previous life asked for this round's decryption: ask again
             return self._finish_pending(plan, attempt, params, opt_state, t0)
@@ -358,10 +393,10 @@ class Coordinator:
             self._wait(lambda: all(self._live(n) for n in wanted),
                        s.start_timeout_s if first else s.join_timeout_s)
             participants = frozenset(n for n in chosen if self._live(n))
-            if len(participants) < s.min_clients:
+            if len(participants) < self.min_clients:
                 event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
                       reason=f"{len(participants)} of {len(chosen)} chosen clients connected, "
-                      f"min_clients={s.min_clients}", absent=sorted(set(chosen) - participants))
+                      f"min_clients={self.min_clients}", absent=sorted(set(chosen) - participants))
                 return None
             task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
                            participants, wire.vector_bytes(params))
@@ -386,9 +421,10 @@ class Coordinator:
                     )
         if self.stopping.is_set():
             return None  # shutting down: leave the round to the next server life
-        if len(results) < s.min_clients:
+        if len(results) < self.min_clients:
             event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
-                  reason=f"{len(results)} answers, min_clients={s.min_clients}", rejected=rejected)
+                  reason=f"{len(results)} answers, min_clients={self.min_clients}",
+                  rejected=rejected)
             return None
         model = task.model
 
@@ -397,7 +433,8 @@ class Coordinator:
                 run_id=self.run_id, round=r, model_digest=model,
                 updates=[signed[str(c)] for c in agg.contributors]).SerializeToString()
             write_atomic(self._pending(r).with_suffix(".json"),
-                         json.dumps({"rejected": {**rejected, **agg.rejected}}))
+                         json.dumps({"rejected": {**rejected, **agg.rejected},
+                                     "chosen": chosen}))
             write_atomic(self._pending(r), body)  # before the key holder can answer it
             return body
 
@@ -408,6 +445,10 @@ class Coordinator:
                 rejected: Mapping[str, str], decoder: Any, params: np.ndarray, opt_state: Any,
                 t0: float) -> tuple[np.ndarray, Any] | None:
         r = plan.round
+        if self.privacy is not None:  # the mean over the expected count, central noise if ours
+            decoder = DpDecoder(decoder, self.privacy.clients_per_round,
+                                0.0 if self.encrypted or self.privacy.mode != "central"
+                                else self.privacy.sum_std(), np.random.default_rng())
         evaluate = (lambda p: {f"test_{k}": v for k, v in self.model.evaluate(p, self.test).items()
                                if k != "n"}) if self.test is not None else None
         try:
@@ -420,6 +461,8 @@ class Coordinator:
             event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
                   reason=str(e))
             return None
+        if self.privacy is not None:
+            record = replace(record, dp_epsilon=self.privacy.epsilon(r))
         if record.skipped:
             event(self.log, "round_skipped", level=logging.WARNING, round=r,
                   reason=record.skip_reason)
@@ -447,6 +490,8 @@ class Coordinator:
         body = self._pending(r).read_bytes()
         meta = json.loads(self._pending(r).with_suffix(".json").read_text())
         req = pb.DecodeRequest.FromString(body)
+        if "chosen" in meta:  # Poisson-sampled: this life drew another sample
+            plan = replace(plan, chosen=tuple(meta["chosen"]))
         results = {u.client: Contribution(self.summer.loads(u.payload), 1, {}, len(u.payload))
                    for u in req.updates}
         event(self.log, "decode_resumed", round=r, attempt=attempt, contributors=len(results))
@@ -601,7 +646,9 @@ class Coordinator:
             run_id=self.run_id, protocol_version=wire.PROTOCOL_VERSION,
             model_json=json.dumps(dict(self.cfg.model)),
             aggregation_json=json.dumps(
-                {k: v for k, v in self.cfg.aggregation.items() if k != "public"}),
+                {**{k: v for k, v in self.cfg.aggregation.items() if k != "public"},
+                 **({"privacy": {"clip": self.privacy.config.clip, "mode": self.privacy.mode}}
+                    if self.privacy else {})}),
             index=self.index.get(name, 0), rounds=self.cfg.rounds,
         )
 

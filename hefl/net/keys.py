@@ -45,9 +45,12 @@ def spec_options(agg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: agg[k] for k in SPEC_OPTIONS if k in agg}
 
 
-def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = False) -> KeyFiles:
-    """Key ceremony for ``size`` parameters under the ``[aggregation]`` options ``agg``."""
+def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = False,
+               privacy: Any = None) -> KeyFiles:
+    """Key ceremony for ``size`` parameters under the ``[aggregation]`` options ``agg`` and
+    the DP plan ``privacy`` (``hefl.net.privacy``: its clip, weights and noise go in the keys)."""
     from hefl.crypto import key_ceremony, make_spec
+    from hefl.net.privacy import key_options, with_central_noise
 
     kind = agg.get("kind", "plain")
     if kind not in HE_KINDS:
@@ -62,7 +65,8 @@ def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = F
             "holder generates its own share in the committee's ceremony, which deployments do "
             "not run yet; deploy with custody 'keyholder', or use threshold keys in simulation"
         )
-    spec = make_spec(kind, size, custody=custody, **spec_options(agg))
+    spec = make_spec(kind, size, custody=custody, **key_options(privacy, spec_options(agg)))
+    spec = with_central_noise(privacy, spec)
     public, share = out / "public.ctx", out / "share.key"
     if (public.exists() or share.exists()) and not overwrite:
         raise ConfigError(f"{str(out)!r} already holds keys; pass --overwrite to replace them")
@@ -75,7 +79,8 @@ def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = F
     return KeyFiles(public, share, custody)
 
 
-def committee_spec(agg: Mapping[str, Any], size: int) -> tuple[Any, list[str]]:
+def committee_spec(agg: Mapping[str, Any], size: int,
+                   privacy: Any = None) -> tuple[Any, list[str]]:
     """Threshold custody: the ``HeSpec`` and the committee (``[aggregation] key_holders``, in
     member order) of a config.
 
@@ -83,6 +88,7 @@ def committee_spec(agg: Mapping[str, Any], size: int) -> tuple[Any, list[str]]:
         ConfigError: not custody "threshold", or no list of distinct key holder names.
     """
     from hefl.crypto import make_spec
+    from hefl.net.privacy import key_options
 
     if agg.get("custody") != "threshold" or agg.get("kind") not in HE_KINDS:
         raise ConfigError("the threshold ceremony needs [aggregation] kind = \"bfv\" (or "
@@ -94,7 +100,8 @@ def committee_spec(agg: Mapping[str, Any], size: int) -> tuple[Any, list[str]]:
                           "as registered with `hefl certs --key-holders`, e.g. "
                           "[\"kh1\", \"kh2\", \"kh3\"]")
     spec = make_spec(agg["kind"], size, custody="threshold", key_holders=len(names),
-                     threshold=agg.get("threshold"), **spec_options(agg))
+                     threshold=agg.get("threshold"),
+                     **key_options(privacy, spec_options(agg)))
     return spec, list(names)
 
 

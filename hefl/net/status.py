@@ -29,7 +29,7 @@ def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None
                 "per_round": [
                     {"round": r.round, "selected": r.selected, "contributors": r.contributors,
                      "train_loss": r.train_loss, "skipped": r.skipped,
-                     "left_out": dict(r.rejected), **r.metrics}
+                     "left_out": dict(r.rejected), "dp_epsilon": r.dp_epsilon, **r.metrics}
                     for r in records
                 ],
             })
@@ -52,8 +52,10 @@ def render(info: dict[str, Any]) -> str:
     if not info["runs"]:
         lines.append("  no runs yet")
     for run in info["runs"]:
+        spent = [r["dp_epsilon"] for r in run["per_round"] if r["dp_epsilon"] is not None]
+        dp = f", privacy spent epsilon {spent[-1]:.4g}" if spent else ""
         lines.append(f"run {run['run_id']}: {run['status']}, "
-                     f"{run['rounds_completed']}/{run['rounds']} rounds")
+                     f"{run['rounds_completed']}/{run['rounds']} rounds{dp}")
         lines.append("  clients:")
         for c in run["clients"]:
             when = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c["last_seen"])) + " UTC"
@@ -66,6 +68,8 @@ def render(info: dict[str, Any]) -> str:
             loss = "" if r["train_loss"] is None else f" train_loss={r['train_loss']:.4f}"
             left = "".join(f"; {k}: {v}" for k, v in r["left_out"].items())
             skipped = " (skipped: model kept)" if r["skipped"] else ""
+            if r["dp_epsilon"] is not None:
+                extra += f" epsilon={r['dp_epsilon']:.4g}"
             lines.append(f"  round {r['round']}: {r['contributors']}/{r['selected']} clients"
                          f"{loss}{extra}{skipped}{left}")
     return "\n".join(lines)

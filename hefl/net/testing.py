@@ -92,6 +92,7 @@ def make_demo(
     aggregation: Mapping[str, Any] | None = None,
     key_holders: Sequence[str] = (),
     mtls: bool = False,
+    privacy: Mapping[str, Any] | None = None,
 ) -> Demo:
     """Write certs, per-client data and ``run.toml`` under ``root``; for an encrypted
     ``aggregation`` also run the key ceremony into ``root/keys``."""
@@ -116,14 +117,23 @@ def make_demo(
                  "client_ca": "certs/ca.pem" if mtls else None} if tls else {"insecure": True}),
         "clients": {"registry": "certs/clients.toml"},
     }
+    plan = None
+    if privacy:
+        from hefl.net.config import build_model
+        from hefl.net.privacy import deployment_plan
+
+        doc["privacy"] = dict(privacy)
+        plan = deployment_plan(privacy, doc["aggregation"], len(names), clients_per_round,
+                               rounds, build_model(model).spec.size)
     if doc["aggregation"].get("custody") == "threshold":
-        threshold_ceremony_files(doc["aggregation"], model, fed, root / "keys")
+        threshold_ceremony_files(doc["aggregation"], model, fed, root / "keys", plan)
         doc["aggregation"]["public"] = "keys/public.ctx"
     elif doc["aggregation"].get("kind", "plain") != "plain":
         from hefl.net.config import build_model
         from hefl.net.keys import write_keys
 
-        write_keys(doc["aggregation"], build_model(model).spec.size, root / "keys")
+        write_keys(doc["aggregation"], build_model(model).spec.size, root / "keys",
+                   privacy=plan)
         doc["aggregation"]["public"] = "keys/public.ctx"
     cfg = root / "run.toml"
     cfg.write_text(to_toml(doc))
@@ -132,7 +142,7 @@ def make_demo(
 
 
 def threshold_ceremony_files(agg: Mapping[str, Any], model: Mapping[str, Any], fed: Federation,
-                             out: Path) -> None:
+                             out: Path, privacy: Any = None) -> None:
     """Run the committee's ceremony (``hefl.net.ceremony``), each member with its own identity
     and key directory: ``out/NAME/share.key`` per member and ``out/public.ctx``."""
     from hefl.net.ceremony import CeremonyMember
@@ -140,7 +150,7 @@ def threshold_ceremony_files(agg: Mapping[str, Any], model: Mapping[str, Any], f
     from hefl.net.identity import Identity
     from hefl.net.keys import committee_spec
 
-    spec, names = committee_spec(agg, build_model(model).spec.size)
+    spec, names = committee_spec(agg, build_model(model).spec.size, privacy)
     signers = {c.name: c.sign_key for c in load_registry(fed.registry) if c.role == "keyholder"}
     members = [CeremonyMember(spec, "test", names, n, Identity.load(fed.identity(n)), signers,
                               out / n) for n in names]

@@ -199,6 +199,25 @@ class DpPlan:
         ``clip / Q``) widens the sensitivity by the rounding, ``sqrt(d) quant_step``."""
         return self.noise_multiplier * (self.config.clip + math.sqrt(self.size) * quant_step)
 
+    def over_budget(self, r: int) -> str:
+        """Why round ``r`` must not run (its epsilon would pass the budget), else "". Only a
+        run given both a noise multiplier and an epsilon has a budget to stop at (a target
+        epsilon alone is met exactly by the calibration)."""
+        budget = self.config.epsilon
+        if budget is None or self.config.noise_multiplier is None:
+            return ""
+        spent = self.epsilon(r)
+        if spent <= budget * (1 + 1e-9):
+            return ""
+        return (f"privacy budget reached: round {r} would spend epsilon {spent:.4g} > budget "
+                f"{budget:g} (delta {self.config.delta:g}); the run stops after round {r - 1}. "
+                "Raise the noise multiplier or the budget, or run fewer rounds")
+
+    def key_holder_std(self, spec: Any) -> float:
+        """Central DP under encryption: the ``dp_std`` a key holder's ``HeSpec`` carries (the
+        noise it adds to each sum it decrypts), for ``spec`` built with ``aggregator_options``."""
+        return self.sum_std(quant_step(spec))
+
     def aggregator_options(self) -> dict[str, Any]:
         """``make_aggregator`` options that carry this plan (clip, weights 1, and for
         distributed DP the clients' noise)."""
@@ -227,3 +246,11 @@ class DpPlan:
             out.update(sensitivity_l2=self.sensitivity_l2, sensitivity_l1=self.sensitivity_l1,
                        min_clients=self.min_clients, skellam_mu_per_client=self.dp_mu)
         return out
+
+
+def quant_step(spec: Any) -> float:
+    """BFV's rounding step ``clip / Q`` for an ``HeSpec`` (0 for CKKS or no spec): it widens
+    the central sensitivity by ``sqrt(d) * step`` (``DpPlan.sum_std``)."""
+    if spec is None or getattr(spec, "scheme", None) != "bfv":
+        return 0.0
+    return float(spec.clip) / float(spec.quant_max)

@@ -70,11 +70,12 @@ class DpDecoder:
 
 
 def privatize(scheme: Scheme, plan: DpPlan, quant_step: float = 0.0,
-              rng: np.random.Generator | None = None) -> Scheme:
+              rng: np.random.Generator | None = None, noise: bool = True) -> Scheme:
     """``scheme`` with DP-FedAvg's client and decoder halves (``quant_step``: BFV's
-    ``clip / Q``, which widens the central sensitivity by the rounding)."""
+    ``clip / Q``, which widens the central sensitivity by the rounding; ``noise`` False: the
+    decoder inside adds the central noise itself, a key holder whose keys carry ``dp_std``)."""
     if scheme.decoder is None:
         raise ConfigError("DP needs the scheme's decoder in this process (a simulation)")
-    std = plan.sum_std(quant_step) if plan.mode == "central" else 0.0
+    std = plan.sum_std(quant_step) if plan.mode == "central" and noise else 0.0
     return Scheme(f"{scheme.name}+dp-{plan.mode}", DpEncoder(scheme.encoder, plan.config.clip),
                   scheme.summer, DpDecoder(scheme.decoder, plan.clients_per_round, std, rng))
