@@ -5,7 +5,8 @@ Digits (W1 data and model), 1000 clients, IID split, 100 clients per round (Pois
 {1, 2, 4, 8, inf}: plaintext central DP, BFV central DP (key-holder custody) and BFV
 distributed DP (Skellam noise added by each client; key-holder custody), three seeds each.
 
-    python benchmarks/dp_w6.py [--seeds 3] [--workers 2] [--json] [--plot accuracy.png]
+    python benchmarks/dp_w6.py [--seeds 3] [--workers 2] [--modes plain-central,...] [--json]
+                               [--plot accuracy.png]
 
 Prints a table of mean accuracy (and the noise multiplier each mode needs), or one JSON object:
 {"runs": [...], "mean": {mode: {epsilon: accuracy}}, "noise_multiplier": {...}}.
@@ -65,7 +66,7 @@ def plot(mean: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [e if math.isfinite(e) else 16.0 for e in EPSILONS]
-    for mode in MODES:
+    for mode in mean:
         ax.plot(xs, [mean[mode][str(e)] for e in EPSILONS], marker="o", label=mode)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(int(e)) if math.isfinite(e) else "inf" for e in EPSILONS])
@@ -84,8 +85,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", default="")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated subset of " + ", ".join(MODES))
     a = ap.parse_args()
-    jobs = [(m, e, s) for s in range(a.seeds) for e in EPSILONS for m in MODES]
+    modes = tuple(m for m in MODES if m in a.modes.split(","))
+    if not modes or set(a.modes.split(",")) - set(MODES):
+        ap.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
+    jobs = [(m, e, s) for s in range(a.seeds) for e in EPSILONS for m in modes]
     if a.workers > 1:
         import multiprocessing
 
@@ -93,9 +99,9 @@ def main() -> None:
             runs = pool.map(one, jobs, chunksize=1)
     else:
         runs = [one(j) for j in jobs]
-    mean: dict = {m: {} for m in MODES}
-    z: dict = {m: {} for m in MODES}
-    for m in MODES:
+    mean: dict = {m: {} for m in modes}
+    z: dict = {m: {} for m in modes}
+    for m in modes:
         for e in EPSILONS:
             accs = [r["accuracy"] for r in runs if r["mode"] == m and r["epsilon"] == e]
             mean[m][str(e)] = sum(accs) / len(accs)
@@ -103,17 +109,26 @@ def main() -> None:
                                 if r["mode"] == m and r["epsilon"] == e)
     if a.plot:
         plot(mean, a.plot)
+    paired = {}  # per seed, distributed minus plain central: its mean and standard error
+    if {"plain-central", "bfv-distributed"} <= set(modes):
+        for e in EPSILONS:
+            acc = {(r["mode"], r["seed"]): r["accuracy"] for r in runs if r["epsilon"] == e}
+            d = [acc["bfv-distributed", s] - acc["plain-central", s] for s in range(a.seeds)]
+            m = sum(d) / len(d)
+            se = (math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+                  if len(d) > 1 else math.nan)
+            paired[str(e)] = {"mean": m, "se": se}
     if a.json:
-        print(json.dumps({"runs": runs, "mean": mean, "noise_multiplier": z}))
+        print(json.dumps({"runs": runs, "mean": mean, "noise_multiplier": z,
+                          "distributed_minus_plain": paired}))
         return
     print(f"W6: mean final test accuracy over {a.seeds} seed(s) (noise multiplier)")
-    print(f"{'epsilon':>8} " + " ".join(f"{m:>22}" for m in MODES)
-          + f" {'distributed - plain':>20} {'bfv - plain':>12}")
+    print(f"{'epsilon':>8} " + " ".join(f"{m:>22}" for m in modes)
+          + f" {'distributed - plain (se)':>26}")
     for e in EPSILONS:
-        cells = " ".join(f"{mean[m][str(e)]:>14.4f} ({z[m][str(e)]:5.2f})" for m in MODES)
-        d1 = mean["bfv-distributed"][str(e)] - mean["plain-central"][str(e)]
-        d2 = mean["bfv-central"][str(e)] - mean["plain-central"][str(e)]
-        print(f"{e:>8} {cells} {d1:>+20.4f} {d2:>+12.4f}")
+        cells = " ".join(f"{mean[m][str(e)]:>14.4f} ({z[m][str(e)]:5.2f})" for m in modes)
+        p = paired.get(str(e))
+        print(f"{e:>8} {cells}" + (f" {p['mean']:>+18.4f} ({p['se']:.4f})" if p else ""))
 
 
 if __name__ == "__main__":

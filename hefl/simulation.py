@@ -42,6 +42,7 @@ from hefl.errors import ConfigError, NothingTrained, UpdateRejected
 from hefl.history import History
 from hefl.privacy import DpConfig, DpPlan
 from hefl.privacy.plan import quant_step
+from hefl.privacy.roles import DpEncoder
 from hefl.roles import Scheme, as_scheme
 from hefl.rounds import (
     Contribution,
@@ -170,6 +171,8 @@ def run(
             results = runner.fit(list(rp.chosen), params, rp.configs)
             contributions: dict[Hashable, Contribution] = {}
             rejected: dict[Hashable, str] = {}
+            if isinstance(scheme.encoder, DpEncoder):  # distributed DP: noise for this count
+                scheme.encoder.begin_round(len(rp.chosen))
             for cid in rp.chosen:
                 answer = client_answer(scheme.encoder, cid, params, results.get(cid))
                 try:

@@ -4,6 +4,9 @@
   noised mean: its deviation from the true mean has the planned variance, and asking again
   returns fresh noise, never the exact sum.
 - A server that drops honest clients to shrink the distributed noise gets no decryption.
+- A server that announces a larger round than it sums (so each client adds a smaller share)
+  is refused after decryption: the shares are summed inside the ciphertext, and the sum of the
+  announced count carries exactly the planned noise, not more.
 - A curious key holder in distributed DP decrypts the sum and finds at least the planned noise in
   it: no trusted party sees an un-noised aggregate.
 """
@@ -72,3 +75,48 @@ def test_curious_key_holder_sees_the_distributed_noise():
     want = plan.noise_multiplier * plan.sensitivity_l2  # sqrt(k * 2 dp_mu)
     assert abs(np.std(dev) - want) < 5 * want / math.sqrt(2 * SIZE) + 1.0  # + rounding
     assert np.std(dev) > 100  # far above the stochastic-rounding error (< 1 per client)
+
+
+def test_server_announcing_more_clients_than_it_sums_gets_nothing():
+    k, announced = 6, 10
+    plan = dp(noise_multiplier=0.5, clip=1.0, mode="distributed",
+              min_clients=k).plan(announced, announced, 1, size=SIZE)
+    agg = make_aggregator("bfv", SIZE, custody="keyholder", min_clients=2,
+                          **plan.aggregator_options())
+    spec, scheme = agg.spec, as_scheme(agg)
+    scheme.encoder.expect(announced)  # what the server told every client
+    rng = np.random.default_rng(2)
+    deltas = [rng.normal(size=SIZE) * 0.005 for _ in range(announced)]
+    pays = _payloads(scheme, deltas)
+    for short in (k, announced - 1):  # dp_min passes the count check; the shares do not
+        with pytest.raises(KeyCustodyError, match="it is not released"):
+            agg.key_holder.decode(agg.server.aggregate({i: pays[i] for i in range(short)}))
+    mean, w = agg.key_holder.decode(agg.server.aggregate(pays))
+    dev = (mean * w - np.sum(deltas, axis=0)) * spec.quant_max / spec.clip
+    # the announced count carries the planned noise Sk(dp_mu * dp_min), not 10/6 of it
+    want = plan.noise_multiplier * plan.sensitivity_l2
+    assert abs(np.std(dev) - want) < 5 * want / math.sqrt(2 * SIZE) + 1.0
+
+
+def test_a_rogue_client_can_claim_at_most_its_own_share():
+    """Shares are capped: a client cannot pack more than ``DP_SHARE_UNITS`` (the share of one
+    of ``dp_min``), and a sum whose share slot exceeds what its contributions can write is
+    discarded, so a client colluding with the server removes at most 1/dp_min of the noise."""
+    from hefl.crypto.packing import check_noise, pack
+    from hefl.crypto.spec import DP_SHARE_UNITS
+    from hefl.errors import CryptoError
+
+    plan = dp(noise_multiplier=0.5, mode="distributed", min_clients=6).plan(8, 8, 1, size=16)
+    spec = make_aggregator("bfv", 16, custody="keyholder", **plan.aggregator_options()).spec
+    rng = np.random.default_rng(0)
+    with pytest.raises(CryptoError, match="outside 1..4096"):
+        pack(np.zeros(16), 1, spec, rng, rng, 65537, DP_SHARE_UNITS * 6)
+    slots = np.zeros(spec.n_ciphertexts * spec.slot_values, np.uint64)
+    slots[0], slots[1] = 6, 6 * DP_SHARE_UNITS + 1
+    with pytest.raises(CryptoError, match="more than 6 contributions"):
+        check_noise(spec, slots)
+    slots[1] = 6 * DP_SHARE_UNITS - 1
+    with pytest.raises(KeyCustodyError, match="it is not released"):
+        check_noise(spec, slots)
+    slots[1] = 6 * DP_SHARE_UNITS
+    check_noise(spec, slots)

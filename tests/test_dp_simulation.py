@@ -124,6 +124,13 @@ def test_dropouts_below_the_planned_count_skip_the_round_and_still_count():
     assert all(r.skipped and "sized for at least 8" in r.skip_reason for r in res.history)
     assert res.history.records[1].dp_epsilon == pytest.approx(plan.epsilon(2))
     np.testing.assert_array_equal(res.params, np.zeros(size))
+    # 9 of 10 answer (above dp_min): the 10 sampled sized their noise for 10, so 9 carry less
+    # than planned; the share slot shows it and the round is skipped too
+    clients = {i: (_Broken() if i < 1 else Push(np.full(size, 0.01))) for i in range(10)}
+    with pytest.raises(NothingTrained) as e:
+        run(clients, np.zeros(size), fedavg(), rounds=1, clients_per_round=10, privacy=plan,
+            aggregator=agg)
+    assert "it is not released" in e.value.result.history.records[0].skip_reason
 
 
 class _Broken:

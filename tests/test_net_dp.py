@@ -11,11 +11,13 @@ import pytest
 
 from hefl.crypto import KeyShare, make_spec
 from hefl.crypto.secure_sum import check_unit_weights
+from hefl.crypto.spec import dp_share_units
 from hefl.errors import ConfigError, CryptoError
 from hefl.net.client import FederationClient
 from hefl.net.config import load_config
 from hefl.net.coordinator import Coordinator
 from hefl.net.privacy import run_plan
+from hefl.net.proto import hefl_pb2 as pb
 from hefl.net.status import render, summarize
 from hefl.net.store import Store
 from hefl.net.testing import events, make_demo, run_in_memory
@@ -138,17 +140,58 @@ def test_a_server_that_drops_contributions_below_dp_min_is_refused(tmp_path):
     class Dropping(Quiet):
         def remote_decode(self, r, body):
             short = edit(body, lambda req: req.updates.__delitem__(slice(2, None)))
+            return super().remote_decode(r, short)
+
+    assert "sized for at least 4" in refusal(demo, Dropping)
+
+
+def refusal(demo, lying: type[Quiet]) -> str:
+    """Run the demo's one round under a lying coordinator; the key holder's refusal, after
+    checking that the run trained nothing and no decryption reached the server."""
+
+    class Refused(lying):  # type: ignore[misc, valid-type]
+        def remote_decode(self, r, body):
             try:
-                return super().remote_decode(r, short)
+                return super().remote_decode(r, body)
             except Exception as e:
                 self.refused = str(e)
                 raise
 
-    run = run_in_memory(demo, options(demo, min_clients=2), coordinator_class=Dropping)
+    run = run_in_memory(demo, options(demo, min_clients=2), coordinator_class=Refused)
     with pytest.raises(Exception):  # noqa: B017 - nothing trained: the only round was refused
         run.finish()
-    assert "sized for at least 4" in run.coordinator.refused
     assert not hasattr(run.coordinator, "seen")  # nothing decrypted reached the server
+    return run.coordinator.refused
+
+
+def test_clients_size_their_noise_for_the_announced_count(tmp_path):
+    """Distributed DP with dp_min=2 of 4: the server announces the 4 it waits for, so each
+    client adds a quarter of the planned noise (not a half) and the sum of 4 decrypts."""
+    demo = dp_demo(tmp_path, {"noise_multiplier": 2.0, "clip": 1.0, "mode": "distributed",
+                              "min_clients": 2})
+    run = run_in_memory(demo, options(demo, min_clients=2), coordinator_class=Quiet,
+                        client_class={n: Recording for n in demo.names})
+    run.finish()
+    units = {n: c.encoder.inner.dp_units for n, c in run.clients.items() if n != "kh"}
+    assert units == {n: dp_share_units(2, N) for n in units} and dp_share_units(2, N) < 4096
+    assert len(run.coordinator.seen) == 1
+
+
+def test_a_server_announcing_more_clients_than_it_sums_is_refused(tmp_path):
+    """A server that tells the clients a round has 1000 contributors (so each adds almost no
+    noise) and sums the 4 it has: the share slot inside the ciphertext shows the key holder
+    that the sum carries a fraction of the planned noise, and it releases nothing."""
+    demo = dp_demo(tmp_path, {"noise_multiplier": 2.0, "clip": 1.0, "mode": "distributed",
+                              "min_clients": 2})
+
+    class Inflating(Quiet):
+        def next_task(self, sess):
+            out = super().next_task(sess)
+            if out is not None and out[0].kind == pb.TASK_FIT:
+                out[0].config.dp_count = 1000
+            return out
+
+    assert "it is not released" in refusal(demo, Inflating)
 
 
 def test_plaintext_central_dp_and_the_budget_stop(tmp_path):

@@ -7,7 +7,9 @@ BFV: value ``x`` is clipped to ``[-clip, clip]`` and stochastically rounded to `
 (``E[q * clip / Q] = x``: unbiased). The lane holds ``w * (q + Q)`` (non-negative), and ``lanes``
 lanes share one slot: ``slot = sum_j lane_j << (j * lane_bits)``. Sums of up to ``max_weight`` total
 weight stay below ``2**lane_bits`` per lane, so lanes never carry into each other. After decryption
-``sum_i w_i q_i = lane - Q * W`` exactly.
+``sum_i w_i q_i = lane - Q * W`` exactly. Distributed DP puts one more slot before the update
+(``HeSpec.data_start``): the client's noise share in ``DP_SHARE_UNITS``, so the decrypted sum
+says how much noise it carries (``check_noise``).
 
 CKKS: the weighted update ``w * clip(x)`` itself, two reals per complex slot.
 
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hefl.crypto.spec import HeSpec
-from hefl.errors import CryptoError
+from hefl.crypto.spec import DP_SHARE_UNITS, HeSpec
+from hefl.errors import CryptoError, KeyCustodyError
 from hefl.privacy.mechanisms import skellam_noise
 
 #: Relative slack on the CKKS bound ``W * clip`` for float64 rounding of the clients' products.
@@ -100,13 +102,15 @@ def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarra
 
 def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
          rng: np.random.Generator, noise_rng: np.random.Generator | None = None,
-         plain_modulus: int = 0) -> np.ndarray:
+         plain_modulus: int = 0, dp_units: int = DP_SHARE_UNITS) -> np.ndarray:
     """The weighted update as ``(n_ciphertexts, slot_values)`` slot values.
 
     Distributed DP (``spec.dp_mu``; weight 1): each lane is ``q + Q + dp_offset + n`` with
-    ``n ~ Sk(dp_mu)`` from ``noise_rng`` (required then, with the plaintext prime
-    ``plain_modulus``). One client's lane may be negative; its slot is then taken mod ``t``, and
-    the *summed* lanes are non-negative (see ``HeSpec.dp_offset``), so decoding is unchanged.
+    ``n ~ Sk(dp_mu * dp_units / DP_SHARE_UNITS)`` from ``noise_rng`` (required then, with the
+    plaintext prime ``plain_modulus``), and slot 1 holds ``dp_units`` (this client's share,
+    ``dp_share_units``; at most ``DP_SHARE_UNITS``, the share for ``dp_min`` contributions). One
+    client's lane may be negative; its slot is then taken mod ``t``, and the *summed* lanes are
+    non-negative (see ``HeSpec.dp_offset``), so decoding is unchanged.
     """
     out = np.zeros(spec.n_ciphertexts * spec.slot_values,
                    dtype=np.uint64 if spec.scheme == "bfv" else np.float64)
@@ -114,9 +118,13 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
         if noise_rng is None or plain_modulus < 2:
             raise CryptoError("distributed DP packing needs the client's own noise generator "
                               "and the plaintext modulus")
-        out[0] = 1
-        slots = _noisy_slots(quantize(delta, spec, rng), spec, noise_rng)
-        out[1 : spec.n_values] = np.mod(slots, np.int64(plain_modulus)).astype(np.uint64)
+        if not 1 <= dp_units <= DP_SHARE_UNITS:
+            raise CryptoError(f"a noise share of {dp_units} units is outside 1..{DP_SHARE_UNITS}: "
+                              "more would overflow the lanes sized for dp_min contributions")
+        out[0], out[1] = 1, dp_units
+        mu = spec.dp_mu * dp_units / DP_SHARE_UNITS
+        slots = _noisy_slots(quantize(delta, spec, rng), spec, noise_rng, mu)
+        out[2 : spec.n_values] = np.mod(slots, np.int64(plain_modulus)).astype(np.uint64)
     elif spec.scheme == "bfv":
         w = np.uint64(int(weight))
         lanes = (quantize(delta, spec, rng) + spec.quant_max).astype(np.uint64) * w
@@ -131,10 +139,11 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
     return out.reshape(spec.n_ciphertexts, spec.slot_values)
 
 
-def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator) -> np.ndarray:
+def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator,
+                 mu: float) -> np.ndarray:
     """Signed int64 slots ``sum_j lane_j 2**(j lane_bits)`` of the noisy lanes (weight 1):
     exact, since ``lanes * lane_bits <= 60`` bits; a negative lane borrows from the one above."""
-    lanes = q + (spec.quant_max + spec.dp_offset) + skellam_noise(noise_rng, q.size, spec.dp_mu)
+    lanes = q + (spec.quant_max + spec.dp_offset) + skellam_noise(noise_rng, q.size, mu)
     pad = (-lanes.size) % spec.lanes
     lanes = np.concatenate([lanes, np.zeros(pad, np.int64)]).reshape(-1, spec.lanes)
     weights = np.int64(1) << (np.arange(spec.lanes, dtype=np.int64) * spec.lane_bits)
@@ -142,8 +151,8 @@ def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator) ->
 
 
 def _lanes(flat: np.ndarray, spec: HeSpec) -> np.ndarray:
-    """All BFV lanes of the update slots (``1 .. n_values``), padding lanes included."""
-    slots = flat[1 : spec.n_values]
+    """All BFV lanes of the update slots (``data_start .. n_values``), padding included."""
+    slots = flat[spec.data_start : spec.n_values]
     mask = np.uint64((1 << spec.lane_bits) - 1)
     shifts = np.arange(spec.lanes, dtype=np.uint64) * np.uint64(spec.lane_bits)
     return ((slots[:, None] >> shifts) & mask).reshape(-1)
@@ -199,6 +208,32 @@ def check_range(spec: HeSpec, values: np.ndarray) -> None:
         )
 
 
+def check_noise(spec: HeSpec, values: np.ndarray) -> None:
+    """Distributed DP: refuse a decrypted sum whose clients' noise shares (slot 1, summed in
+    the ciphertext) add up to less than the planned ``Sk(dp_mu * dp_min)``: its clients were
+    told of more contributions than it holds. No-op without ``spec.dp_mu``.
+
+    Raises:
+        KeyCustodyError: less noise than planned (the sum must not be released).
+        CryptoError: more share units than its contributions can write (a malformed client).
+    """
+    if not spec.dp_mu:
+        return
+    flat = np.asarray(values).reshape(-1).astype(np.uint64)
+    weight, units = int(flat[0]), int(flat[1])
+    if units > weight * DP_SHARE_UNITS:
+        raise CryptoError(f"the noise-share slot holds {units} units, more than {weight} "
+                          f"contributions of at most {DP_SHARE_UNITS} can write; discarded")
+    need = DP_SHARE_UNITS * spec.dp_min
+    if units < need:
+        raise KeyCustodyError(
+            f"the decrypted sum carries {units / DP_SHARE_UNITS:.2f} of the {spec.dp_min} "
+            f"planned contributions' worth of distributed DP noise ({weight} summed): its "
+            "clients were told more would contribute than it holds (a server that announced a "
+            "larger round than it summed, or clients lost after the announcement); it is not "
+            "released")
+
+
 def _bfv_outliers(spec: HeSpec, flat: np.ndarray) -> tuple[int, int, str]:
     """(lanes above ``2 Q W``, non-empty padding, the bound in words) for uint64 slots whose
     weight (``flat[0]``) is already known to be at most ``max_weight``."""
@@ -207,7 +242,7 @@ def _bfv_outliers(spec: HeSpec, flat: np.ndarray) -> tuple[int, int, str]:
     top = np.uint64(spec.lanes * spec.lane_bits)
     bad = int(np.count_nonzero(lanes[: spec.size] > np.uint64(bound)))
     stray = int(np.count_nonzero(lanes[spec.size :]) + np.count_nonzero(flat[spec.n_values :])
-                + np.count_nonzero(flat[1 : spec.n_values] >> top))
+                + np.count_nonzero(flat[spec.data_start : spec.n_values] >> top))
     q = f"Q={spec.quant_max}" + (f", DP offset {spec.dp_offset}" if spec.dp_offset else "")
     return bad, stray, f"[0, 2*Q*W] = [0, {bound}] ({q})"
 

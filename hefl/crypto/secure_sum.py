@@ -44,9 +44,9 @@ from hefl.crypto import threshold as multiparty
 from hefl.crypto import wire
 from hefl.crypto.flooding import FloodBudget
 from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
-from hefl.crypto.packing import ClipStats, check_range, clip_update, pack, unpack
+from hefl.crypto.packing import ClipStats, check_noise, check_range, clip_update, pack, unpack
 from hefl.crypto.seal import save
-from hefl.crypto.spec import CUSTODY, HeSpec, bfv_spec, ckks_spec
+from hefl.crypto.spec import CUSTODY, DP_SHARE_UNITS, HeSpec, bfv_spec, ckks_spec, dp_share_units
 from hefl.errors import (
     ConfigError,
     ContextMismatch,
@@ -196,6 +196,7 @@ class EncryptingClient:
             self._encryptor = self.seal.encryptor(self.seal.load_public_key(key.public_key))
         self._rng = np.random.default_rng(seed)
         self._noise_rng = np.random.default_rng(noise_seed)
+        self.dp_units = DP_SHARE_UNITS  # distributed DP: this round's noise share (``expect``)
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         self._key_bytes = key.to_bytes() if workers > 1 else b""
@@ -264,8 +265,21 @@ class EncryptingClient:
         d, self.last_clip = clip_update(d, spec)
         self._report_clip(client_id, self.last_clip)
         chunks = pack(d, w, spec, self._rng, self._noise_rng,
-                      self.seal.plain_modulus if spec.dp_mu else 0)
+                      self.seal.plain_modulus if spec.dp_mu else 0, self.dp_units)
         return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
+
+    def expect(self, count: int) -> None:
+        """Distributed DP: the round's announced number of contributions (fewer than
+        ``spec.dp_min`` count as ``dp_min``: such a sum is refused anyway). This client's noise share becomes ``Sk(dp_mu * dp_min / count)``
+        (``dp_share_units``, rounded up), so ``count`` of them carry the planned
+        ``Sk(dp_mu * dp_min)`` whatever the Poisson sample's size, and the share is written
+        into the ciphertext: a sum of fewer than announced carries less, and whoever decrypts
+        refuses it (``check_noise``). Threshold custody keeps the share for ``dp_min`` (the
+        coordinator fuses the partial decryptions, so only the count it claims is checked
+        before release). No effect without ``dp_mu``.
+        """
+        if self.spec.dp_mu and not self.spec.parties:
+            self.dp_units = dp_share_units(self.spec.dp_min, max(int(count), self.spec.dp_min))
 
     def _report_clip(self, client_id: Hashable, stats: ClipStats) -> None:
         """Log a clipped update: a warning the first time for this client, then DEBUG."""
@@ -506,6 +520,7 @@ def weighted_mean(spec: HeSpec, slots: np.ndarray, count: int) -> tuple[np.ndarr
     Raises:
         RoundError: nothing to average (total weight 0).
     """
+    check_noise(spec, slots)
     weighted_sum, weight = unpack(slots, spec)
     if weight <= 0:
         raise RoundError(

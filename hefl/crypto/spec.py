@@ -106,7 +106,10 @@ class HeSpec:
         dp_mu: distributed DP (BFV): every client adds Skellam noise ``Sk(dp_mu)`` (variance
             ``2 dp_mu``, integer units) to each quantized value; 0: none (``hefl.privacy``).
         dp_min: distributed DP: the fewest contributions the noise is sized for; an aggregate
-            of fewer is never decrypted (its noise would be below plan).
+            of fewer is never decrypted (its noise would be below plan). The planned noise of a
+            sum is ``Sk(dp_mu * dp_min)``; a client told that ``m >= dp_min`` contribute adds
+            its share ``m``-th of it and writes that share into the ciphertext
+            (``dp_share_slot``), so whoever decrypts sees how much noise the sum carries.
         dp_std: central DP (key-holder custody, either scheme): the key holder adds Gaussian
             noise N(0, dp_std^2) (update units) to every coordinate of the decrypted sum before
             it leaves; weights must be 1 and ``clip_norm`` set. 0: none.
@@ -256,10 +259,16 @@ class HeSpec:
         return self.poly_degree
 
     @property
+    def data_start(self) -> int:
+        """Index of the first update slot: after the weight and, under distributed DP, the
+        slot that sums the clients' noise shares (``DP_SHARE_UNITS`` per planned client)."""
+        return 2 if self.dp_mu else 1
+
+    @property
     def n_values(self) -> int:
         """Entries of the packed vector: the weight first, then the update."""
         if self.scheme == "bfv":
-            return 1 + math.ceil(self.size / self.lanes)
+            return self.data_start + math.ceil(self.size / self.lanes)
         return 1 + self.size
 
     @property
@@ -315,6 +324,27 @@ class HeSpec:
     def fingerprint(self) -> bytes:
         """16 bytes naming these parameters; stamped on every message."""
         return hashlib.sha256(self.to_bytes()).digest()[:16]
+
+
+#: Distributed DP: a client whose share is the whole planned noise of ``dp_min`` clients' worth
+#: ``1 / dp_min`` writes this many units into the share slot; a sum whose slot is below
+#: ``DP_SHARE_UNITS * dp_min`` carries less noise than planned and is not released.
+DP_SHARE_UNITS = 1 << 12
+
+
+def dp_share_units(dp_min: int, announced: int) -> int:
+    """Units of one client's noise share when ``announced >= dp_min`` clients contribute:
+    ``ceil(DP_SHARE_UNITS * dp_min / announced)`` (rounded up: never less noise than planned).
+    Its Skellam parameter is ``dp_mu * units / DP_SHARE_UNITS``.
+
+    Example:
+        >>> dp_share_units(72, 72), dp_share_units(72, 100), dp_share_units(72, 100) * 100 >= 4096 * 72
+        (4096, 2950, True)
+    """
+    if announced < dp_min:
+        raise ConfigError(f"distributed DP noise is sized for at least dp_min={dp_min} "
+                          f"contributions, {announced} announced")
+    return -(-DP_SHARE_UNITS * dp_min // announced)
 
 
 def dp_offset(dp_mu: float, dp_min: int) -> int:
@@ -413,6 +443,8 @@ def bfv_spec(
     # the weight slot must not wrap even when every client sends max_weight (so the key holder
     # can always tell that the bound was exceeded), and t = 1 mod 2N needs at least 18 bits
     min_plain = max(18, math.ceil(math.log2(int(max_weight) * max_clients)) + 2)
+    if dp:  # nor the noise-share slot (each client writes at most DP_SHARE_UNITS)
+        min_plain = max(min_plain, math.ceil(math.log2(DP_SHARE_UNITS * max_clients)) + 2)
     if parties or threshold:
         return _threshold_bfv(size, symmetric, bits, clip, max_weight, max_clients, lanes,
                               clip_norm, lane_bits, min_plain, parties, threshold,

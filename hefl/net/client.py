@@ -371,6 +371,8 @@ class FederationClient:
         # the encoding's randomness (BFV stochastic rounding) comes from the run, the round and
         # this client's own secret: a rerun reproduces the model, the server cannot predict it
         self.encoder.reseed(encoding_seed(self.s.token, h.run_id, h.round))
+        if isinstance(self.encoder, DpEncoder):  # distributed DP: the announced count
+            self.encoder.begin_round(c.dp_count)
         answer = client_answer(self.encoder, self.name, params, outcome)
         clip = getattr(self.encoder, "last_clip", None)
         if clip is not None and clip.changed:  # never silent: how much of the update was cut

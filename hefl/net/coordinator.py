@@ -6,11 +6,14 @@ Each round (one *attempt* at a time), with the steps of ``hefl.rounds``:
 
     plan = plan_round(names, per_round, seed, algorithm, r)      same as hefl.simulation.run
     wait up to join/start timeout for the chosen clients to be connected
-    push a FIT task (global params + config) on each participant's session
+    push a FIT task (global params + config) on each participant's session; distributed DP:
+        the config announces dp_count, the answers the round waits for (each client's noise
+        share is sized for it)
     accept(summer, name, answer) as answers arrive: a failure a client reports (its fit raised,
         its update was malformed) or a payload the summer refuses is recorded with its reason
     close when every participant answered or dropped, the wait fraction is reached, or the
-        round deadline passes; fewer than min_clients answers -> the attempt is retried
+        round deadline passes; fewer than min_clients (or dp_count) answers -> the attempt
+        is retried
     finish_round(...): sum in the plan's order -> decode (here in plaintext; by a key holder
         reached through a DECODE task when encrypted) -> server optimizer -> commit atomically
 
@@ -139,6 +142,7 @@ class FitTask:
     failed: set[str] = field(default_factory=set)  # reported their own failure: final
     open: bool = True
     model: bytes = b""  # SHA-256 of the body: the model digest clients sign
+    dp_count: int = 0  # distributed DP: the contributions announced (clients size noise for it)
 
     def __post_init__(self) -> None:
         self.model = digest(self.body)
@@ -398,13 +402,19 @@ class Coordinator:
                       reason=f"{len(participants)} of {len(chosen)} chosen clients connected, "
                       f"min_clients={self.min_clients}", absent=sorted(set(chosen) - participants))
                 return None
+            need = math.ceil(s.wait_fraction * len(participants))
+            # distributed DP: clients size their noise shares for the count the round waits
+            # for; a sum of fewer carries less noise and is refused by whoever decrypts it
+            shares = self.privacy is not None and self.privacy.mode == "distributed"
+            floor = max(self.min_clients, need) if shares else self.min_clients
             task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
-                           participants, wire.vector_bytes(params))
+                           participants, wire.vector_bytes(params),
+                           dp_count=floor if shares else 0)
             self.task = task
             self.cond.notify_all()
         event(self.log, "round_started", round=r, attempt=attempt, chosen=chosen,
-              participants=sorted(participants))
-        need = math.ceil(s.wait_fraction * len(participants))
+              participants=sorted(participants),
+              **({"dp_count": task.dp_count} if task.dp_count else {}))
         deadline = self.clock.now() + s.round_timeout_s
         with self.cond:
             self._wait(lambda: task.settled() or len(task.results) >= need,
@@ -421,9 +431,10 @@ class Coordinator:
                     )
         if self.stopping.is_set():
             return None  # shutting down: leave the round to the next server life
-        if len(results) < self.min_clients:
+        if len(results) < floor:
             event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,
-                  reason=f"{len(results)} answers, min_clients={self.min_clients}",
+                  reason=f"{len(results)} answers, min_clients={self.min_clients}"
+                  + (f", distributed DP noise announced for {floor}" if task.dp_count else ""),
                   rejected=rejected)
             return None
         model = task.model
@@ -726,6 +737,7 @@ class Coordinator:
             sess.sent.add(t.task_id)
             header = pb.TaskHeader(kind=pb.TASK_FIT, run_id=self.run_id, round=t.round,
                                    task_id=t.task_id, config=config_pb(t.plan.configs[sess.name]))
+            header.config.dp_count = t.dp_count
             return header, t.body
         return None
 

@@ -37,6 +37,14 @@ class DpEncoder:
             d = clip_l2(d, self.clip)
         return self.inner.encode(client_id, d, 1.0)
 
+    def begin_round(self, count: int) -> None:
+        """Distributed DP: the round's announced number of contributions; the inner BFV
+        client sizes its noise share for it (``EncryptingClient.expect``), so that this many
+        carry exactly the planned noise whatever the Poisson sample's size."""
+        expect = getattr(self.inner, "expect", None)
+        if expect is not None:
+            expect(count)
+
     def dumps(self, payload: Any) -> bytes:
         return self.inner.dumps(payload)
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nhefl.proto\x12\x0bhefl.net.v1\"\'\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x82\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12\x18\n\x10\x61ggregation_json\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\"6\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nkey_holder\x18\x02 \x01(\x08\"i\n\tFitConfig\x12\r\n\x05round\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07prox_mu\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\xd3\x01\n\nTaskHeader\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.hefl.net.v1.TaskKind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.hefl.net.v1.FitConfig\x12\x11\n\tbody_size\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ody_sha256\x18\x07 \x01(\x0c\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x0f\n\x07members\x18\t \x03(\r\"R\n\x0bServerFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.hefl.net.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xac\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.hefl.net.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.hefl.net.v1.UpdateHeader.MetricsEntry\x12\x11\n\tbody_size\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ody_sha256\x18\x08 \x01(\x0c\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0cSignedUpdate\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"p\n\rDecodeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12*\n\x07updates\x18\x04 \x03(\x0b\x32\x19.hefl.net.v1.SignedUpdate\"T\n\x0b\x43lientFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.hefl.net.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t*b\n\x08TaskKind\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x0f\n\x0bTASK_DECODE\x10\x02\x12\r\n\tTASK_DONE\x10\x03\x12\x12\n\x0eTASK_HEARTBEAT\x10\x04\x32\xce\x01\n\nFederation\x12\x38\n\x04Join\x12\x18.hefl.net.v1.JoinRequest\x1a\x16.hefl.net.v1.JoinReply\x12\x46\n\tSubscribe\x12\x1d.hefl.net.v1.SubscribeRequest\x1a\x18.hefl.net.v1.ServerFrame0\x01\x12>\n\x06Submit\x12\x18.hefl.net.v1.ClientFrame\x1a\x18.hefl.net.v1.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nhefl.proto\x12\x0bhefl.net.v1\"\'\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x82\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x12\n\nmodel_json\x18\x03 \x01(\t\x12\x18\n\x10\x61ggregation_json\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\"6\n\x10SubscribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nkey_holder\x18\x02 \x01(\x08\"{\n\tFitConfig\x12\r\n\x05round\x18\x01 \x01(\r\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07prox_mu\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x10\n\x08\x64p_count\x18\x07 \x01(\r\"\xd3\x01\n\nTaskHeader\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.hefl.net.v1.TaskKind\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.hefl.net.v1.FitConfig\x12\x11\n\tbody_size\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ody_sha256\x18\x07 \x01(\x0c\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x0f\n\x07members\x18\t \x03(\r\"R\n\x0bServerFrame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.hefl.net.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xac\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.hefl.net.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x37\n\x07metrics\x18\x06 \x03(\x0b\x32&.hefl.net.v1.UpdateHeader.MetricsEntry\x12\x11\n\tbody_size\x18\x07 \x01(\x04\x12\x13\n\x0b\x62ody_sha256\x18\x08 \x01(\x0c\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tsignature\x18\n \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0cSignedUpdate\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"p\n\rDecodeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\x0c\x12*\n\x07updates\x18\x04 \x03(\x0b\x32\x19.hefl.net.v1.SignedUpdate\"T\n\x0b\x43lientFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.hefl.net.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t*b\n\x08TaskKind\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0c\n\x08TASK_FIT\x10\x01\x12\x0f\n\x0bTASK_DECODE\x10\x02\x12\r\n\tTASK_DONE\x10\x03\x12\x12\n\x0eTASK_HEARTBEAT\x10\x04\x32\xce\x01\n\nFederation\x12\x38\n\x04Join\x12\x18.hefl.net.v1.JoinRequest\x1a\x16.hefl.net.v1.JoinReply\x12\x46\n\tSubscribe\x12\x1d.hefl.net.v1.SubscribeRequest\x1a\x18.hefl.net.v1.ServerFrame0\x01\x12>\n\x06Submit\x12\x18.hefl.net.v1.ClientFrame\x1a\x18.hefl.net.v1.SubmitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1300
-  _globals['_TASKKIND']._serialized_end=1398
+  _globals['_TASKKIND']._serialized_start=1318
+  _globals['_TASKKIND']._serialized_end=1416
   _globals['_JOINREQUEST']._serialized_start=27
   _globals['_JOINREQUEST']._serialized_end=66
   _globals['_JOINREPLY']._serialized_start=69
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEREQUEST']._serialized_start=201
   _globals['_SUBSCRIBEREQUEST']._serialized_end=255
   _globals['_FITCONFIG']._serialized_start=257
-  _globals['_FITCONFIG']._serialized_end=362
-  _globals['_TASKHEADER']._serialized_start=365
-  _globals['_TASKHEADER']._serialized_end=576
-  _globals['_SERVERFRAME']._serialized_start=578
-  _globals['_SERVERFRAME']._serialized_end=660
-  _globals['_UPDATEHEADER']._serialized_start=663
-  _globals['_UPDATEHEADER']._serialized_end=963
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=917
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=963
-  _globals['_SIGNEDUPDATE']._serialized_start=965
-  _globals['_SIGNEDUPDATE']._serialized_end=1048
-  _globals['_DECODEREQUEST']._serialized_start=1050
-  _globals['_DECODEREQUEST']._serialized_end=1162
-  _globals['_CLIENTFRAME']._serialized_start=1164
-  _globals['_CLIENTFRAME']._serialized_end=1248
-  _globals['_SUBMITREPLY']._serialized_start=1250
-  _globals['_SUBMITREPLY']._serialized_end=1298
-  _globals['_FEDERATION']._serialized_start=1401
-  _globals['_FEDERATION']._serialized_end=1607
+  _globals['_FITCONFIG']._serialized_end=380
+  _globals['_TASKHEADER']._serialized_start=383
+  _globals['_TASKHEADER']._serialized_end=594
+  _globals['_SERVERFRAME']._serialized_start=596
+  _globals['_SERVERFRAME']._serialized_end=678
+  _globals['_UPDATEHEADER']._serialized_start=681
+  _globals['_UPDATEHEADER']._serialized_end=981
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=935
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=981
+  _globals['_SIGNEDUPDATE']._serialized_start=983
+  _globals['_SIGNEDUPDATE']._serialized_end=1066
+  _globals['_DECODEREQUEST']._serialized_start=1068
+  _globals['_DECODEREQUEST']._serialized_end=1180
+  _globals['_CLIENTFRAME']._serialized_start=1182
+  _globals['_CLIENTFRAME']._serialized_end=1266
+  _globals['_SUBMITREPLY']._serialized_start=1268
+  _globals['_SUBMITREPLY']._serialized_end=1316
+  _globals['_FEDERATION']._serialized_start=1419
+  _globals['_FEDERATION']._serialized_end=1625
 # @@protoc_insertion_point(module_scope)

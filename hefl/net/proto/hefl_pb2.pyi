@@ -53,20 +53,22 @@ class SubscribeRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., key_holder: _Optional[bool] = ...) -> None: ...
 
 class FitConfig(_message.Message):
-    __slots__ = ("round", "lr", "epochs", "batch_size", "prox_mu", "seed")
+    __slots__ = ("round", "lr", "epochs", "batch_size", "prox_mu", "seed", "dp_count")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PROX_MU_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    DP_COUNT_FIELD_NUMBER: _ClassVar[int]
     round: int
     lr: float
     epochs: int
     batch_size: int
     prox_mu: float
     seed: int
-    def __init__(self, round: _Optional[int] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    dp_count: int
+    def __init__(self, round: _Optional[int] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ..., seed: _Optional[int] = ..., dp_count: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
     __slots__ = ("kind", "run_id", "round", "task_id", "config", "body_size", "body_sha256", "message", "members")
