@@ -270,8 +270,8 @@ class EncryptingClient:
 
     def expect(self, count: int) -> None:
         """Distributed DP: the round's announced number of contributions (fewer than
-        ``spec.dp_min`` count as ``dp_min``: such a sum is refused anyway). This client's noise share becomes ``Sk(dp_mu * dp_min / count)``
-        (``dp_share_units``, rounded up), so ``count`` of them carry the planned
+        ``spec.dp_min`` count as ``dp_min``: such a sum is refused anyway). This client's noise
+        share becomes ``Sk(dp_mu * dp_min / count)`` (``dp_share_units``, rounded up), so ``count`` of them carry the planned
         ``Sk(dp_mu * dp_min)`` whatever the Poisson sample's size, and the share is written
         into the ciphertext: a sum of fewer than announced carries less, and whoever decrypts
         refuses it (``check_noise``). Threshold custody keeps the share for ``dp_min`` (the

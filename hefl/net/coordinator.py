@@ -406,10 +406,10 @@ class Coordinator:
             # distributed DP: clients size their noise shares for the count the round waits
             # for; a sum of fewer carries less noise and is refused by whoever decrypts it
             shares = self.privacy is not None and self.privacy.mode == "distributed"
-            floor = max(self.min_clients, need) if shares else self.min_clients
             task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
                            participants, wire.vector_bytes(params),
-                           dp_count=floor if shares else 0)
+                           dp_count=max(self.min_clients, need) if shares else 0)
+            floor = task.dp_count or self.min_clients
             self.task = task
             self.cond.notify_all()
         event(self.log, "round_started", round=r, attempt=attempt, chosen=chosen,
