@@ -60,33 +60,57 @@ class History:
             w.writerows(rows)
         return p
 
-    def plot(self, path: str | Path, title: str = "hefl run") -> Path:
-        """PNG of test accuracy and losses per round (and the epsilon spent, in DP runs)."""
+    def figure(self, title: str = "hefl run") -> Any:
+        """A matplotlib Figure of the run, one panel per question: accuracy, losses, who took
+        part (sampled vs contributed), upload per round, and the epsilon spent in DP runs."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = [r.round for r in self.records]
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-        for name, ax in (("accuracy", ax_acc), ("loss", ax_loss)):
+        spent = [r.dp_epsilon for r in self.records]
+        dp = any(e is not None for e in spent)
+        fig, grid = plt.subplots(2, 3 if dp else 2, figsize=(13 if dp else 10, 7), squeeze=False)
+        axes = list(grid.flat)
+        acc, loss, who, up = axes[:4]
+        for name, ax in (("accuracy", acc), ("loss", loss)):
             for prefix in ("test_", "client_"):
                 vals = self.metric(prefix + name)
                 if any(v is not None for v in vals):
                     ax.plot(rounds, vals, marker="o", label=prefix + name)
-        ax_loss.plot(rounds, [r.train_loss for r in self.records], marker=".", label="train_loss")
-        spent = [r.dp_epsilon for r in self.records]
-        if any(e is not None for e in spent):  # DP runs: epsilon spent, on its own axis
-            ax_eps = ax_acc.twinx()
-            ax_eps.plot(rounds, spent, color="tab:red", linestyle="--", label="epsilon spent")
-            ax_eps.set_ylabel("epsilon spent", color="tab:red")
-        for ax, label in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        loss.plot(rounds, [r.train_loss for r in self.records], marker=".", label="train_loss")
+        who.plot(rounds, [r.selected for r in self.records], marker=".", label="sampled")
+        who.plot(rounds, [r.contributors for r in self.records], marker="o", label="contributed")
+        up.plot(rounds, [r.upload_bytes / 1e6 for r in self.records], marker="o",
+                label="all clients")
+        panels = [(acc, "test accuracy", "accuracy"), (loss, "loss", "loss"),
+                  (who, "participants", "clients"), (up, "upload per round", "MB")]
+        if dp:
+            eps = axes[4]
+            eps.plot(rounds, spent, color="tab:red", marker=".", label="epsilon spent")
+            panels.append((eps, "privacy budget spent", "epsilon"))
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        for ax, name, unit in panels:
+            ax.set_title(name)
             ax.set_xlabel("round")
-            ax.set_ylabel(label)
+            ax.set_ylabel(unit)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        who.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(title)
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str | Path, title: str = "hefl run") -> Path:
+        """Write ``figure(title)`` as a PNG."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(title)
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(p, dpi=100)

@@ -219,6 +219,18 @@ def test_unknown_or_missing_device_is_a_clear_error():
         VectorizedRunner(model, _uneven(), max_cohort=0)
 
 
+def test_auto_device_is_the_gpu_when_torch_sees_one(monkeypatch):
+    from hefl.backends.vectorized import resolve_device
+
+    model = TorchModel(_small_mlp)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert make_runner(model, _uneven(), "vectorized").device.type == expected  # the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 def test_unknown_client_id_is_reported_not_fatal():
     model = TorchModel(_small_mlp)
     data = _uneven()

@@ -42,6 +42,31 @@ def test_unknown_dataset_and_algorithm_are_clear():
     r = runner.invoke(app, ["simulate", "--rounds", "0"])
     assert r.exit_code == 2 and "--rounds must be at least 1" in r.output
     assert "Traceback" not in r.output
+    r = runner.invoke(app, ["simulate", "--clients", "10", "-k", "50", "--rounds", "1"])
+    assert r.exit_code == 2 and "--clients-per-round 50 is more than the 10 clients" in r.output
+
+
+def test_simulate_prints_its_upload_figure():
+    args = ["simulate", "--clients", "10", "-k", "4", "--rounds", "1"]
+    s = json.loads(runner.invoke(app, [*args, "--he", "bfv", "--json"]).stdout.splitlines()[-1])
+    text = runner.invoke(app, [*args, "--he", "bfv"], terminal_width=200).output
+    per_param = s["upload_bytes_per_client"] / s["params"]
+    assert (f"upload per client and round: {per_param:.2f} bytes/parameter, "
+            f"{per_param / 4:.2f}x float32 (encrypted, bfv, custody clients; 9610 parameters)"
+            in text)
+
+
+def test_help_shows_flags_without_types_and_version():
+    from hefl import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"hefl {__version__}"
+    for sub in (["simulate"], ["client"], ["infer", "bench"], ["infer", "score"]):
+        text = runner.invoke(app, [*sub, "--help"], terminal_width=200).output
+        assert "<bool>" not in text and "--no-no-" not in text and "--no-insecure" not in text, sub
+    text = runner.invoke(app, ["simulate", "--help"], terminal_width=200).output
+    assert "default choice" not in text and "federated rounds to run" in text
+    assert "clients sampled each round" in text
 
 
 def test_simulate_he_matches_plaintext_and_reports_bytes():

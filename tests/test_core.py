@@ -270,3 +270,22 @@ def test_client_payload_float32_params_delta_in_float64():
     assert a.weighted_delta.dtype == np.float64
     assert np.array_equal(a.weighted_delta, b.weighted_delta)
     assert np.array_equal(c.weighted_delta, 2 * (np.array([1.0, 2.0, 3.0]) - g))
+
+
+def test_history_plot_has_a_panel_per_question_and_integer_rounds():
+    from hefl.history import History
+    from hefl.rounds import RoundRecord
+
+    recs = [RoundRecord(r, 10, 9 - r % 2, 9.0, 1.0 / r, {"test_accuracy": 0.5 + r / 10},
+                        upload_bytes=4_000_000 * r) for r in (1, 2, 3)]
+    fig = History(recs).figure("digits: fedavg")
+    shown = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in shown] == ["test accuracy", "loss", "participants",
+                                              "upload per round"]
+    for ax in shown:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ax.get_title()
+    assert list(shown[3].lines[0].get_ydata()) == [4.0, 8.0, 12.0]  # MB per round
+    dp = [RoundRecord(**{**r.to_dict(), "dp_epsilon": 0.1 * r.round}) for r in recs]
+    titles = [a.get_title() for a in History(dp).figure().axes if a.get_visible()]
+    assert titles[-1] == "privacy budget spent"

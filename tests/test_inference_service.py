@@ -158,6 +158,16 @@ def test_cli_bench_json_keys_and_serve_needs_a_certificate(tmp_path):
     assert abs(res["auc_encrypted"] - res["auc_plain"]) < 1e-9
     r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m.json")])
     assert r.exit_code == 2 and "--self-signed" in r.output
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m.json"), "--port", port,
+                                     "--self-signed", str(tmp_path / "c")])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    assert "--port 0 for any free port" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["bench", "--csv", str(data), "--target", "nope"])
     assert r.exit_code == 2 and "target column 'nope'" in r.output
 

@@ -65,6 +65,10 @@ def test_config_errors_say_what_to_do(tmp_path):
                    "[tls]\ninsecure = true\n")
     r = runner.invoke(app, ["server", "--config", str(cfg)])
     assert r.exit_code == 2 and "unknown key(s) ['min_clent'] in [server]" in r.output
+    cfg.write_text('[run]\nrounds = 2\nclient_per_round = 1\n[clients]\nregistry = "reg.toml"\n'
+                   "[tls]\ninsecure = true\n")
+    r = runner.invoke(app, ["server", "--config", str(cfg)])
+    assert r.exit_code == 2 and "unknown key(s) ['client_per_round'] in [run]" in r.output
     cfg.write_text('[run]\nrounds = 2\n[server]\nmin_clients = 2\n[clients]\nregistry = "reg.toml"\n'
                    "[tls]\ninsecure = true\n")
     r = runner.invoke(app, ["server", "--config", str(cfg)])

@@ -79,15 +79,18 @@ from hefl.client import FitConfig, FitRes
 from hefl.data.federated import FederatedData
 from hefl.errors import ConfigError
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
 _NO_BATCH_RULE = "not yet implemented the batching rule"
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device; ConfigError if unusable here."""
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device; ``"auto"``: CUDA when torch sees
+    a GPU, else the CPU. ConfigError if unusable here."""
     kind = device.split(":", 1)[0]
     if kind not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}; choose 'cpu' or 'cuda'")
+        raise ConfigError(f"unknown device {device!r}; choose 'auto', 'cpu' or 'cuda'")
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {device!r} requested but torch sees no CUDA GPU on this machine; "
@@ -214,7 +217,8 @@ class VectorizedRunner:
     Args:
         model: a ``TorchModel`` (its module's architecture; its parameters are not used).
         data: the clients' training data (and optional test splits, used by ``evaluate``).
-        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``) for the cohort's training.
+        device: ``"auto"`` (a GPU when there is one), ``"cpu"`` or ``"cuda"`` (``"cuda:N"``)
+            for the cohort's training.
         max_cohort: at most this many clients are stacked at once (bounds memory: each stacked
             client costs about 3 copies of the parameters); larger cohorts run in chunks.
             Default: as many as fit in 1 GiB of stacked parameters and gradients on the CPU, in
@@ -229,7 +233,7 @@ class VectorizedRunner:
         self,
         model: Any,
         data: FederatedData,
-        device: str = "cpu",
+        device: str = "auto",
         max_cohort: int | None = None,
     ) -> None:
         reason = cannot_vectorize(model)
@@ -444,7 +448,7 @@ class VectorizedRunner:
 
 
 def vectorized_runner(
-    model: Any, data: FederatedData, device: str = "cpu", max_cohort: int | None = None
+    model: Any, data: FederatedData, device: str = "auto", max_cohort: int | None = None
 ) -> VectorizedRunner | SequentialRunner:
     """A ``VectorizedRunner``, or a ``SequentialRunner`` with a RuntimeWarning saying why the
     model cannot be vectorized. An unavailable device is an error, not a fallback."""

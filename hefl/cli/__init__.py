@@ -12,14 +12,41 @@ from __future__ import annotations
 import sys
 
 import typer
+import typer.core
 
 from hefl.cli import infer, net, simulate
+
+_value_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_has_no_type(self, ctx):
+    """Help shows a type only for options that take a value: ``--json``, not ``--json <bool>``."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_has_no_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="hefl: federated learning with encrypted aggregation, and encrypted inference.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hefl import __version__
+
+        typer.echo(f"hefl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print hefl's version and exit"),
+) -> None:
+    """hefl: federated learning with encrypted aggregation, and encrypted inference."""
 app.registered_commands.extend(simulate.app.registered_commands)
 app.registered_commands.extend(net.app.registered_commands)
 app.add_typer(infer.app, name="infer")

@@ -71,7 +71,7 @@ def score(
     sep: Annotated[str, typer.Option(help="CSV separator")] = ",",
     batch_size: Annotated[int | None, typer.Option(help="records per batch (default: a full "
                                                      "ciphertext)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted --out")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted --out")] = False,
 ) -> None:
     """Data owner: encrypt records locally, have the server score them, decrypt, write CSV."""
     from hefl.inference.service import ScoringClient, score_csv
@@ -95,7 +95,8 @@ def bench(
     sep: Annotated[str, typer.Option(help="separator (' ' splits on runs of spaces)")] = ",",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     positive: Annotated[str | None, typer.Option(help="label of the positive class")] = None,
-    no_header: Annotated[bool, typer.Option(help="no header line: columns c1, c2, ...")] = False,
+    no_header: Annotated[bool, typer.Option(
+        "--no-header", help="the file has no header line: columns are named c1, c2, ...")] = False,
     drop: Annotated[list[str] | None, typer.Option(help="column to leave out (repeat)")] = None,
     save_model: Annotated[Path | None, typer.Option(help="also write the model file")] = None,
     profile: Annotated[str, typer.Option(help="CKKS parameters: precise or fast")] = "precise",

@@ -64,17 +64,19 @@ def client(
     token: Annotated[str | None, typer.Option(
         "--token", envvar="HEFL_TOKEN", help="NAME:SECRET (or set HEFL_TOKEN)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the token")] = None,
-    ca: Annotated[Path | None, typer.Option(help="CA certificate that signed the server's")] = None,
+    ca: Annotated[Path | None, typer.Option(
+        help="CA certificate that signed the server's certificate (ca.pem from hefl certs)")] = None,
     cert: Annotated[Path | None, typer.Option(help="client certificate (mTLS)")] = None,
     key: Annotated[Path | None, typer.Option(help="client private key (mTLS)")] = None,
-    insecure: Annotated[bool, typer.Option(help="no TLS (loopback tests only)")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="no TLS (loopback tests only)")] = False,
     server_name: Annotated[str | None, typer.Option(help="TLS name to verify, if not HOST")] = None,
     give_up_after: Annotated[float, typer.Option(
         help="seconds without reaching the server before giving up")] = 300.0,
     he_key: Annotated[Path | None, typer.Option(
         help="encrypted runs: share.key, or public.ctx in custody 'keyholder'")] = None,
     key_holder: Annotated[bool, typer.Option(
-        help="run as the key holder (no data; decrypts verified sums)")] = False,
+        "--key-holder", help="run as the key holder (no data; decrypts verified sums)")] = False,
     min_clients: Annotated[int, typer.Option(
         help="as key holder: refuse sums of fewer contributions")] = 2,
     identity: Annotated[Path | None, typer.Option(
@@ -86,7 +88,7 @@ def client(
         help="as key holder: where decryptions are remembered (default: decoded/ beside "
         "--he-key)")] = None,
     share_metrics: Annotated[bool, typer.Option(
-        help="encrypted runs: also send the training loss in clear")] = False,
+        "--share-metrics", help="encrypted runs: also send the training loss in clear")] = False,
     fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
 ) -> None:
     """Join a federation and train on local data until the server ends the run."""
@@ -120,7 +122,8 @@ def certs(
     host: Annotated[list[str] | None, typer.Option(
         help="server DNS name or IP (repeat; default localhost and 127.0.0.1)")] = None,
     days: Annotated[int, typer.Option(help="validity in days")] = 365,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an existing CA in OUT")] = False,
     key_holders: Annotated[str, typer.Option(
         help="comma-separated key-holder names (encrypted runs: they decrypt verified sums)")] = "",
 ) -> None:
@@ -144,7 +147,8 @@ def keys(
     config: Annotated[Path, typer.Option("--config", "-c", help="run.toml")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the key files")] = Path(
         "keys"),
-    overwrite: Annotated[bool, typer.Option(help="replace existing keys in OUT")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace existing keys in OUT")] = False,
 ) -> None:
     """Key ceremony for the config's encrypted aggregation: public.ctx and share.key."""
     from hefl.net.config import build_model

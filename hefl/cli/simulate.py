@@ -52,7 +52,7 @@ class SimulateOptions:
     threads: int = 1
     he: str | None = None
     backend: str = "sequential"
-    device: str = "cpu"
+    device: str = "auto"
     custody: str = "clients"
     key_holders: int | None = None
     threshold: int | None = None
@@ -93,9 +93,18 @@ def _workload(o: SimulateOptions):
             f"--dataset {o.dataset} needs --data PATH (e.g. ../shared/data/"
             f"{'femnist_leaf' if o.dataset == 'femnist' else 'shakespeare_tff'})"
         )
-    device = o.device if o.backend == "vectorized" else "cpu"
     build = workloads.femnist if o.dataset == "femnist" else workloads.shakespeare
-    return build(o.data, seed=o.seed, device=device)
+    return build(o.data, seed=o.seed, device=_device(o))
+
+
+def _device(o: SimulateOptions) -> str:
+    """Where client training runs: the vectorized backend's device ("auto": a GPU if torch sees
+    one), else the CPU."""
+    if o.backend != "vectorized":
+        return "cpu"
+    from hefl.backends.vectorized import resolve_device
+
+    return str(resolve_device(o.device))
 
 
 def run_simulation(
@@ -111,6 +120,9 @@ def run_simulation(
     t0 = time.perf_counter()
     workloads.set_torch_threads(o.threads)
     wl = _workload(o)
+    if o.clients_per_round > len(wl.data):
+        raise ConfigError(f"--clients-per-round {o.clients_per_round} is more than the "
+                          f"{len(wl.data)} clients of this data set; give at most {len(wl.data)}")
     algo = make_algorithm(
         o.algorithm,
         client_lr=o.client_lr if o.client_lr is not None else wl.client_lr,
@@ -146,7 +158,7 @@ def run_simulation(
         progress=progress,
         on_round=on_round,
         backend=o.backend,
-        backend_options={"device": o.device} if o.backend == "vectorized" else None,
+        backend_options={"device": _device(o)} if o.backend == "vectorized" else None,
         privacy=plan,
     )
     stats = workloads.summary(result)
@@ -160,7 +172,7 @@ def run_simulation(
         **({"key_holders": aggregator.spec.parties, "threshold": aggregator.spec.threshold}
            if aggregator is not None and o.custody == "threshold" else {}),
         "backend": o.backend,
-        "device": o.device,
+        "device": _device(o),
         **stats,
         "params": int(wl.model.spec.size),
         "upload_bytes_per_param": stats["upload_bytes_per_client"] / wl.model.spec.size,
@@ -174,7 +186,7 @@ def run_simulation(
         out_dir.mkdir(parents=True, exist_ok=True)
         result.history.to_jsonl(out_dir / "history.jsonl")
         result.history.to_csv(out_dir / "history.csv")
-        result.history.plot(out_dir / "history.png", title=f"{o.dataset} {algo.name}")
+        result.history.plot(out_dir / "history.png", title=_title(o, algo.name, len(wl.data)))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["out"] = str(out_dir)
     return summary
@@ -191,8 +203,9 @@ def simulate(
     clients: int = typer.Option(
         100, help="number of clients (digits; others: one per writer/role)"
     ),
-    clients_per_round: int = typer.Option(10, "--clients-per-round", "-k"),
-    rounds: int = typer.Option(20),
+    clients_per_round: int = typer.Option(
+        10, "--clients-per-round", "-k", help="clients sampled each round (at most --clients)"),
+    rounds: int = typer.Option(20, help="federated rounds to run"),
     algorithm: str = typer.Option(
         "fedavg", help="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad"
     ),
@@ -201,13 +214,15 @@ def simulate(
     mu: float | None = typer.Option(None, help="FedProx proximal coefficient"),
     epochs: int = typer.Option(1, help="local epochs"),
     batch_size: int | None = typer.Option(None, help="local batch size (default: the data set's)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the split, the sampling and the model"),
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he: str | None = typer.Option(
-        None, help="encrypt client updates: bfv (default choice), bfv-packed or ckks"
+        None, help="encrypt client updates: bfv (recommended), bfv-packed or ckks; default: no "
+        "encryption"
     ),
     backend: str = typer.Option("sequential", help="client steps: " + ", ".join(BACKENDS)),
-    device: str = typer.Option("cpu", help="vectorized backend device: cpu or cuda"),
+    device: str = typer.Option(
+        "auto", help="vectorized backend device: auto (a GPU if torch sees one), cpu or cuda"),
     custody: str = typer.Option(
         "clients", help="with --he: who decrypts: clients, keyholder or threshold"
     ),
@@ -248,6 +263,7 @@ def simulate(
         f"[bold]final accuracy {s['final_accuracy']:.4f}[/] after {s['rounds']} rounds "
         f"({s['algorithm']}, {s['dataset']}, {s['backend']}, {s['wall_s']:.1f} s)"
     )
+    out.print(_upload_line(s))
     if "dp" in s:
         d = s["dp"]
         out.print(f"DP ({d['mode']}): epsilon {d['epsilon']:.3g} at delta {d['delta']:g}, noise "
@@ -256,6 +272,19 @@ def simulate(
         err.print(f"[yellow]{s['stopped']}[/]")
     if "out" in s:
         out.print(f"history and plot written to {s['out']}")
+
+
+def _upload_line(s: dict) -> str:
+    how = f"encrypted, {s['he']}, custody {s['custody']}" if s["he"] != "none" else "plaintext"
+    return (f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter, "
+            f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)")
+
+
+def _title(o: SimulateOptions, algorithm: str, clients: int) -> str:
+    enc = f"{o.he}, custody {o.custody}" if o.he else "plaintext"
+    dp = f", DP {o.privacy.mode}" if o.privacy is not None else ""
+    return (f"{o.dataset}: {algorithm}, {enc}{dp}, {o.clients_per_round} of {clients} clients "
+            "per round")
 
 
 def _print_round(record) -> None:
@@ -273,8 +302,10 @@ def demo(
     epochs: int = typer.Option(5, help="local epochs"),
     he: str = typer.Option("bfv", help="HE scheme for the updates ('none' = plaintext)"),
 ) -> None:
-    """Digits (bundled with scikit-learn) across 100 clients, Dirichlet(0.5) label skew, client
-    updates encrypted by default."""
+    """The README's demo: digits across 100 clients, label skew, encrypted updates.
+
+    Digits is bundled with scikit-learn; clients get a Dirichlet(0.5) label skew; updates are
+    encrypted with BFV unless --he none."""
     scheme = None if he.lower() == "none" else he
     out.print(
         "[bold]hefl demo[/]: digits across 100 clients (Dirichlet 0.5 label skew), 10 clients per "
@@ -287,11 +318,7 @@ def demo(
     except HeflError as e:
         _fail(e)
         return
-    out.print(
-        f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter "
-        f"({'encrypted, ' + scheme if scheme else 'plaintext'}); plaintext float32 is 4.00 "
-        f"bytes/parameter ({s['params']} parameters)"
-    )
+    out.print(_upload_line(s))
     if scheme:
         out.print(
             "  (a model this small leaves part of its ciphertexts empty; at 1 M parameters the "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import http.client
 import json
 import os
@@ -213,7 +214,13 @@ def make_server(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(certfile), str(keyfile))
-    server = ThreadingHTTPServer((host, port), _handler(service, log or (lambda _m: None)))
+    try:
+        server = ThreadingHTTPServer((host, port), _handler(service, log or (lambda _m: None)))
+    except OSError as e:
+        hint = ("another process is listening there (an earlier hefl infer serve?); pick "
+                "another with --port N, or --port 0 for any free port"
+                if e.errno == errno.EADDRINUSE else "check --host and --port")
+        raise TransportError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from e
     server.daemon_threads = True
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     return server

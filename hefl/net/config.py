@@ -153,6 +153,9 @@ class RunConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+RUN_KEYS = frozenset({"name", "rounds", "clients_per_round", "seed", "state_dir"})
+
+
 def _section(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
     v = doc.get(name, {})
     if not isinstance(v, dict):
@@ -206,6 +209,10 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
     base = p.parent
     run = _section(doc, "run")
+    unknown = set(run) - RUN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [run] of {str(p)!r}; known: "
+                          f"{', '.join(sorted(RUN_KEYS))}")
     server = _section(doc, "server")
     server["test_data"] = _path(base, server.get("test_data"))
     tls = _section(doc, "tls")

@@ -62,6 +62,7 @@ from hefl.net.identity import digest, statement, verify
 from hefl.net.logs import event, get_logger
 from hefl.net.privacy import check_keys, run_plan
 from hefl.net.proto import hefl_pb2 as pb
+from hefl.net.status import run_title
 from hefl.net.store import StateLock, Store, write_atomic
 from hefl.privacy.roles import DpDecoder
 from hefl.rounds import (
@@ -622,7 +623,8 @@ class Coordinator:
 
             with warnings.catch_warnings():  # a run without a test set has no accuracy curve
                 warnings.simplefilter("ignore", UserWarning)
-                history.plot(self.cfg.state_dir / "run.png", title=f"hefl run {self.run_id}")
+                history.plot(self.cfg.state_dir / "run.png",
+                             title=run_title(self.cfg.public_dict()))
 
     # ------------------------------------------------------------------ authentication
 

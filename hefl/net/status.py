@@ -36,7 +36,7 @@ def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None
             if len(runs) == 1:  # the latest run
                 history = History(records)
                 if plot is not None and records:
-                    history.plot(plot, title=f"hefl run {info.run_id}")
+                    history.plot(plot, title=run_title(info.config))
                 if metrics is not None:
                     import json
 
@@ -45,6 +45,18 @@ def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None
     finally:
         store.close()
     return {"state": str(state), "runs": runs}
+
+
+def run_title(config: dict[str, Any]) -> str:
+    """A plot title a person can read: the run's name, algorithm, aggregation and DP mode (its
+    run id is a hash, and stays in the status text)."""
+    agg = config.get("aggregation") or {}
+    kind = agg.get("kind", "plain")
+    how = f"{kind}, custody {agg['custody']}" if kind != "plain" and "custody" in agg else kind
+    dp = config.get("privacy") or {}
+    privacy = f", DP {dp.get('mode', 'central')}" if dp else ""
+    return (f"hefl run {config.get('name', 'run')}: {(config.get('algorithm') or {}).get('name', '')}"
+            f", {how}{privacy}, {config.get('clients_per_round', '?')} clients per round")
 
 
 def render(info: dict[str, Any]) -> str:
