@@ -224,3 +224,45 @@ def test_unknown_revoked_and_mtls_identity(tmp_path):
         assert "x" * 20 not in (tmp_path / "auth.log").read_text()
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(60)
+def test_local_misconfiguration_fails_at_once_instead_of_retrying(tmp_path):
+    import json
+    import time
+
+    from hefl.errors import ConfigError
+
+    data = toy_data()
+    demo = make_demo(tmp_path, data, model=MODEL, rounds=1, clients_per_round=3)
+    with pytest.raises(ConfigError, match="--ca .*no such file"):
+        FederationClient(dataclasses.replace(settings(demo, "c0"), ca=tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match="--cert and --key"):
+        FederationClient(dataclasses.replace(settings(demo, "c0"),
+                                             cert=demo.fed.client_cert("c0")[0]))
+    srv = FederationServer(load_config(demo.config), log=quiet("t.cfg", tmp_path / "cfg.log"))
+    srv.start()
+    try:
+        t0 = time.monotonic()
+        no_ca = dataclasses.replace(settings(demo, "c0"), ca=None, give_up_s=300)
+        with pytest.raises(ConfigError, match="not trusted .* pass --ca"):
+            FederationClient(no_ca, log=quiet("t.c0", tmp_path / "c0.log")).run()
+        assert time.monotonic() - t0 < 20  # not give_up_s of reconnecting
+    finally:
+        srv.stop()
+
+    class EncryptedRun:  # a server whose run is encrypted, reached by a client with no --he-key
+        def join(self, req):
+            return pb.JoinReply(run_id="r", model_json=json.dumps(MODEL),
+                                aggregation_json=json.dumps({"kind": "bfv"}))
+
+        def close(self):
+            pass
+
+    joins = []
+    c = FederationClient(dataclasses.replace(settings(demo, "c0"), give_up_s=300),
+                         log=quiet("t.c1", tmp_path / "c1.log"),
+                         connect=lambda: joins.append(1) or EncryptedRun())
+    with pytest.raises(ConfigError, match="pass --he-key"):
+        c.run()
+    assert joins == [1]  # refused on the first join, never retried

@@ -76,3 +76,24 @@ def test_mutual_tls_run(tmp_path):
     ref = simulate(LogisticRegressionModel(4, 2), toy_data(), fedavg(), rounds=2,
                    clients_per_round=3)
     np.testing.assert_allclose(params, ref.params, rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_server_logs_why_it_waits_for_a_client_never_started(tmp_path):
+    from hefl.net.testing import events, run_in_memory, wait_event
+
+    demo = make_demo(tmp_path, toy_data(), model=LOGREG, rounds=2, clients_per_round=3,
+                     server={"min_clients": 2, "start_timeout_s": 60.0, "join_timeout_s": 5.0})
+    log = demo.root / "server.log"
+    run = run_in_memory(demo, {"c0": {}, "c1": {}})  # c2 is registered but never started
+    run.wait(lambda c: c._live("c0") and c._live("c1"))
+    wait_event(log, "waiting_for_clients", round=1)
+    run.advance(60.0)  # round 1 waits start_timeout_s for c2
+    wait_event(log, "waiting_for_clients", round=2)
+    run.advance(5.0)  # round 2 waits join_timeout_s
+    records, _ = run.finish()
+    assert [(r.selected, r.contributors) for r in records] == [(3, 2), (3, 2)]
+    waits = {w["round"]: w for w in events(log, "waiting_for_clients")}
+    assert all("c2" in w["absent"] for w in waits.values())
+    assert [(w["seconds"], w["setting"]) for w in waits.values()] == [
+        (60.0, "[server] start_timeout_s"), (5.0, "[server] join_timeout_s")]

@@ -117,7 +117,7 @@ def client(
 
 @app.command()
 def certs(
-    clients: Annotated[str, typer.Option(help="comma-separated client names")],
+    clients: Annotated[str, typer.Option(help="comma-separated client names")] = "",
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write into")] = Path("certs"),
     host: Annotated[list[str] | None, typer.Option(
         help="server DNS name or IP (repeat; default localhost and 127.0.0.1)")] = None,
@@ -126,17 +126,29 @@ def certs(
         "--overwrite", help="replace an existing CA in OUT")] = False,
     key_holders: Annotated[str, typer.Option(
         help="comma-separated key-holder names (encrypted runs: they decrypt verified sums)")] = "",
+    add: Annotated[bool, typer.Option(
+        "--add", help="add these parties to the federation in OUT: its CA signs them, nobody "
+        "else's files change")] = False,
 ) -> None:
-    """Make a test CA, server and client certificates, client tokens and the registry."""
-    from hefl.net.certs import make_federation
+    """Make a test CA, server and client certificates, client tokens and the registry (or, with
+    --add, certificates and tokens for new parties of an existing one)."""
+    from hefl.net.certs import add_parties, make_federation
 
+    names = [c.strip() for c in clients.split(",") if c.strip()]
+    holders = [k.strip() for k in key_holders.split(",") if k.strip()]
     try:
-        fed = make_federation(out, [c.strip() for c in clients.split(",") if c.strip()],
-                              hosts=host or ("localhost", "127.0.0.1"), days=days,
-                              overwrite=overwrite,
-                              key_holders=[k.strip() for k in key_holders.split(",") if k.strip()])
+        if add and overwrite:
+            raise HeflError("--add keeps the federation in OUT, --overwrite replaces it: pick one")
+        fed = (add_parties(out, names, holders, days=days) if add else
+               make_federation(out, names, hosts=host or ("localhost", "127.0.0.1"), days=days,
+                               overwrite=overwrite, key_holders=holders))
     except HeflError as e:
         _fail(e)
+    if add:
+        typer.echo(f"added {', '.join(names + holders)}: {fed.client_dir}/NAME.{{token,id,pem,key}}"
+                   f" (give each its own); registry {fed.registry} updated (give the server and "
+                   "key holders the new copy; the server reads it at start)")
+        return
     typer.echo(f"CA {fed.ca}\nserver {fed.server_cert} {fed.server_key}\n"
                f"registry {fed.registry} (give the server this)\n"
                f"clients {fed.client_dir}/NAME.{{token,id,pem,key}} (give each client its own)")
@@ -188,6 +200,7 @@ def ceremony(
     and deals) -> KEY_DIR/share.key (secret) and KEY_DIR/public.ctx (give it to the server)."""
     from hefl.net.ceremony import CeremonyMember
     from hefl.net.config import build_model, load_registry
+    from hefl.net.files import ignore_secrets, write_private
     from hefl.net.identity import Identity
     from hefl.net.keys import committee_spec
 
@@ -202,6 +215,7 @@ def ceremony(
                                 Identity.load(identity), signers, key_dir)
         key_dir.mkdir(parents=True, exist_ok=True)
         key_dir.chmod(0o700)
+        ignore_secrets(key_dir, ["share.key", "*.state"])
         if step == "hello":
             path = key_dir / f"{name}.hello"
             path.write_bytes(member.start().to_bytes())
@@ -219,9 +233,7 @@ def ceremony(
                     hello_bytes, [p.read_bytes() for p in sorted(deals.glob("*.deal"))])
                 path = key_dir / "public.ctx"
                 path.write_bytes(public.to_bytes())
-                fd = os.open(key_dir / "share.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(share.to_bytes())
+                write_private(key_dir / "share.key", share.to_bytes())
                 typer.echo(f"key id {public.key_id.hex()} (every key holder must print the "
                            f"same); secret {key_dir / 'share.key'} stays here")
         else:

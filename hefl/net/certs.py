@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hefl.errors import ConfigError
+from hefl.net.files import ignore_secrets, write_private
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,15 @@ def issue(ca_key, ca_cert, common_name: str, *, server: bool, hosts: Sequence[st
     return key, cert
 
 
+#: The secret files of a federation folder (kept out of git by its .gitignore).
+SECRETS = ("ca.key", "server.key", "clients/*.key", "clients/*.token", "clients/*.id")
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if private:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write_private(path, data)
     else:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
 
@@ -163,31 +165,85 @@ def make_federation(
 
     Raises:
         ConfigError: no clients, a bad client name, or ``out`` already holds a CA (pass
-            ``overwrite=True`` to replace it).
+            ``overwrite=True`` to replace it, or use ``add_parties``).
     """
-    from hefl.net.identity import Identity
-    from hefl.net.wire import NAME_RE, Token
-
     out = Path(out)
     if not clients:
         raise ConfigError("name at least one client, e.g. --clients alice,bob,carol")
-    everyone = [*clients, *key_holders]
-    for c in everyone:
-        if not NAME_RE.match(c):
-            raise ConfigError(f"client name {c!r} must be 1-64 letters, digits, '-' or '_'")
-    if len(set(everyone)) != len(everyone):
-        raise ConfigError("client names must be unique")
+    _check_names([*clients, *key_holders])
     if (out / "ca.pem").exists() and not overwrite:
-        raise ConfigError(f"{str(out)!r} already holds a CA; pass --overwrite to replace it")
+        raise ConfigError(f"{str(out)!r} already holds a CA; pass --add to add these parties to "
+                          "its federation (nobody else's files change), or --overwrite to start "
+                          "a new one (every certificate and token changes)")
     ca_key, ca_cert = make_ca(days=days)
     _write(out / "ca.pem", _pem_cert(ca_cert))
     _write(out / "ca.key", _pem_key(ca_key), private=True)
     s_key, s_cert = issue(ca_key, ca_cert, "hefl-server", server=True, hosts=hosts, days=days)
     _write(out / "server.pem", _pem_cert(s_cert))
     _write(out / "server.key", _pem_key(s_key), private=True)
-    lines = ["# hefl client registry: names (index order), token SHA-256 and public identity keys;"
-             " no secrets.\n"]
-    for name in everyone:
+    head = ("# hefl client registry: names (index order), token SHA-256 and public identity "
+            "keys; no secrets.\n")
+    entries = _issue_parties(out, ca_key, ca_cert, clients, key_holders, days)
+    _write(out / "clients.toml", (head + entries).encode())
+    ignore_secrets(out, SECRETS)
+    return _federation(out)
+
+
+def add_parties(out: str | Path, clients: Sequence[str] = (), key_holders: Sequence[str] = (),
+                days: int = 365) -> Federation:
+    """Add clients or key holders to the federation in ``out``: its CA signs their
+    certificates, their registry entries are appended, and no existing file changes (every
+    other party keeps its certificate, token and identity key).
+
+    Adding a data client changes the run id of a config that uses this registry (the client
+    names are part of it), so a running federation starts a new run; a key holder does not.
+
+    Raises:
+        ConfigError: no CA in ``out``, no names, a bad name, or a name already registered.
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from hefl.net.config import load_registry
+
+    out = Path(out)
+    if not (out / "ca.pem").exists() or not (out / "ca.key").exists():
+        raise ConfigError(f"{str(out)!r} holds no CA (ca.pem and ca.key) to add parties to; run "
+                          "hefl certs without --add first")
+    _check_names([*clients, *key_holders])
+    if not (clients or key_holders):
+        raise ConfigError("name the parties to add: --clients dave and/or --key-holders kh")
+    taken = sorted({e.name for e in load_registry(out / "clients.toml")}
+                   & {*clients, *key_holders})
+    if taken:
+        raise ConfigError(f"{', '.join(taken)} already registered in {str(out / 'clients.toml')!r}"
+                          "; choose new names (to replace a party, revoke it and add a new one)")
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    ca_key = load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    entries = _issue_parties(out, ca_key, ca_cert, clients, key_holders, days)
+    with (out / "clients.toml").open("a") as f:
+        f.write(entries)
+    ignore_secrets(out, SECRETS)
+    return _federation(out)
+
+
+def _check_names(everyone: Sequence[str]) -> None:
+    from hefl.net.wire import NAME_RE
+
+    for c in everyone:
+        if not NAME_RE.match(c):
+            raise ConfigError(f"client name {c!r} must be 1-64 letters, digits, '-' or '_'")
+    if len(set(everyone)) != len(everyone):
+        raise ConfigError("client names must be unique")
+
+
+def _issue_parties(out: Path, ca_key, ca_cert, clients: Sequence[str],
+                   key_holders: Sequence[str], days: int) -> str:
+    """Certificate, key, token and identity files for each party; its registry entries."""
+    from hefl.net.identity import Identity
+    from hefl.net.wire import Token
+
+    lines = []
+    for name in [*clients, *key_holders]:
         role = "keyholder" if name in key_holders else "client"
         c_key, c_cert = issue(ca_key, ca_cert, name, server=False, days=days)
         _write(out / "clients" / f"{name}.pem", _pem_cert(c_cert))
@@ -198,6 +254,9 @@ def make_federation(
         ident.save(out / "clients" / f"{name}.id")
         lines.append(f'\n[[client]]\nname = "{name}"\ntoken_sha256 = "{token.sha256}"\n'
                      f'revoked = false\nrole = "{role}"\nsign_key = "{ident.public_hex}"\n')
-    _write(out / "clients.toml", "".join(lines).encode())
+    return "".join(lines)
+
+
+def _federation(out: Path) -> Federation:
     return Federation(out / "ca.pem", out / "server.pem", out / "server.key",
                       out / "clients.toml", out / "clients")

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import grpc
 
 from hefl.client import FitConfig, ModelClient
-from hefl.errors import HeflError, Refused, TransportError
+from hefl.errors import ConfigError, HeflError, Refused, TransportError
 from hefl.net import wire
 from hefl.net.config import build_aggregator, build_model, is_encrypted, load_registry
 from hefl.net.data import load_client_data
@@ -41,6 +41,8 @@ from hefl.privacy.roles import DpEncoder
 from hefl.rounds import client_answer
 
 FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+#: TLS failures that no retry mends: this client does not trust the server's certificate.
+UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def make_channel(s: ClientSettings) -> grpc.Channel:
         key = s.key.read_bytes() if s.key else None
         cert = s.cert.read_bytes() if s.cert else None
     except OSError as e:
-        raise TransportError(f"cannot read TLS files: {e}") from e
+        raise ConfigError(f"cannot read a TLS file: {e}; check --ca, --cert and --key") from e
     if s.server_name:
         opts.append(("grpc.ssl_target_name_override", s.server_name))
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
@@ -140,9 +142,14 @@ _UNREACHABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INT
                 "ABORTED"}
 
 
-def _rpc_error(e: grpc.RpcError) -> TransportError:
+def _rpc_error(e: grpc.RpcError) -> HeflError:
     code = e.code().name  # type: ignore[attr-defined]
     details = e.details() or ""  # type: ignore[attr-defined]
+    if any(u in details for u in UNTRUSTED):
+        return ConfigError(
+            f"the server's TLS certificate is not trusted by this client ({code}: {details}); "
+            "pass --ca with the CA certificate that signed it (ca.pem from `hefl certs`), and "
+            "--server-name if the address is not a name in the certificate")
     if code in _UNREACHABLE:
         return TransportError(f"{code}: {details}")
     return Refused(code, details)
@@ -211,6 +218,21 @@ def _take(it: Iterator[pb.ServerFrame], size: int) -> Iterator[pb.ServerFrame]:
         yield f
 
 
+def _check_files(s: ClientSettings) -> None:
+    """Every file named on the command line exists, before any connection is tried: a typo
+    must fail at once, not after ``give_up_s`` of reconnecting."""
+    named = {"--data": s.data, "--he-key": s.he_key, "--registry": s.registry,
+             "--identity": s.identity}
+    if not s.insecure:
+        named.update({"--ca": s.ca, "--cert": s.cert, "--key": s.key})
+    for flag, path in named.items():
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {str(path)!r}: no such file")
+    if not s.insecure and (s.cert is None) != (s.key is None):
+        raise ConfigError("mTLS needs both --cert and --key (NAME.pem and NAME.key from "
+                          "`hefl certs`)")
+
+
 def encoding_seed(token: wire.Token, run_id: str, round_num: int) -> int:
     """A 128-bit seed for one round's encoding: HMAC-SHA256 keyed by the client's token secret
     (which the server never holds: it keeps only the token's SHA-256) over run id and round."""
@@ -234,16 +256,17 @@ class FederationClient:
         self.s = settings
         self.name = settings.token.name
         self.log = log or get_logger(f"hefl.client.{self.name}")
+        _check_files(settings)
         if settings.key_holder:
             if settings.he_key is None:
-                raise TransportError("a key holder needs --he-key share.key")
+                raise ConfigError("a key holder needs --he-key share.key")
             if settings.registry is None:
-                raise TransportError(
+                raise ConfigError(
                     "a key holder needs --registry clients.toml: its own copy of the registry, "
                     "to verify whose contributions it decrypts")
             self.data = None
         elif settings.data is None:
-            raise TransportError("pass --data PATH (the client's .npz)")
+            raise ConfigError("pass --data PATH (the client's .npz)")
         else:
             self.data = load_client_data(settings.data)
         self.key = load_key(settings.he_key) if settings.he_key is not None else None
@@ -321,8 +344,8 @@ class FederationClient:
         agg = json.loads(join.aggregation_json)
         announced = agg.pop("privacy", None)  # the server's DP plan: clip, mode
         if is_encrypted(agg):
-            if self.key is None:
-                raise TransportError(
+            if self.key is None:  # local misconfiguration: stop now, do not retry
+                raise ConfigError(
                     f"this federation aggregates encrypted ({agg.get('kind')}): pass --he-key "
                     "with the key file from `hefl keys`"
                 )

@@ -394,9 +394,14 @@ class Coordinator:
             return self._finish_pending(plan, attempt, params, opt_state, t0)
         chosen = [str(n) for n in plan.chosen]
         wanted = [n for n in chosen if not self.registry[n].revoked]  # revoked never connect
+        key, wait = (("start_timeout_s", s.start_timeout_s) if first
+                     else ("join_timeout_s", s.join_timeout_s))
         with self.cond:
-            self._wait(lambda: all(self._live(n) for n in wanted),
-                       s.start_timeout_s if first else s.join_timeout_s)
+            absent = [n for n in wanted if not self._live(n)]
+            if absent:  # say why the round has not started yet, and what bounds the wait
+                event(self.log, "waiting_for_clients", round=r, attempt=attempt, absent=absent,
+                      seconds=wait, setting=f"[server] {key}")
+            self._wait(lambda: all(self._live(n) for n in wanted), wait)
             participants = frozenset(n for n in chosen if self._live(n))
             if len(participants) < self.min_clients:
                 event(self.log, "round_retry", level=logging.WARNING, round=r, attempt=attempt,

@@ -15,13 +15,13 @@ contributions (``KeyHolder``) and sends back only the mean update and the total 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hefl.errors import ConfigError, CryptoError, KeyCustodyError, UpdateRejected
+from hefl.net.files import ignore_secrets, write_private
 
 HE_KINDS = ("bfv", "ckks")
 SPEC_OPTIONS = ("bits", "clip", "clip_norm", "max_weight", "max_clients", "lanes", "coeff_bits",
@@ -73,9 +73,8 @@ def write_keys(agg: Mapping[str, Any], size: int, out: Path, overwrite: bool = F
     ceremony = key_ceremony(spec)
     out.mkdir(parents=True, exist_ok=True)
     public.write_bytes(ceremony.public.to_bytes())
-    fd = os.open(share, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(ceremony.shares[0].to_bytes())
+    write_private(share, ceremony.shares[0].to_bytes())
+    ignore_secrets(out, ["share.key"])
     return KeyFiles(public, share, custody)
 
 
