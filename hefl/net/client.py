@@ -129,7 +129,8 @@ class Transport(Protocol):
 
     def join(self, req: pb.JoinRequest) -> pb.JoinReply: ...
 
-    def subscribe(self, req: pb.SubscribeRequest) -> Iterator[tuple[pb.TaskHeader, bytes]]: ...
+    def subscribe(self, req: pb.SubscribeRequest, limit: int = ...
+                  ) -> Iterator[tuple[pb.TaskHeader, bytes]]: ...
 
     def submit(self, header: pb.UpdateHeader, body: bytes) -> pb.SubmitReply: ...
 
@@ -177,10 +178,11 @@ class GrpcTransport:
         except grpc.RpcError as e:
             raise _rpc_error(e) from e
 
-    def subscribe(self, req: pb.SubscribeRequest) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+    def subscribe(self, req: pb.SubscribeRequest, limit: int = 1 << 40
+                  ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
         stream = self._subscribe(req, metadata=self.md)
         try:
-            yield from _tasks(stream)
+            yield from _tasks(stream, limit)
         except grpc.RpcError as e:
             raise _rpc_error(e) from e
         finally:
@@ -196,15 +198,17 @@ class GrpcTransport:
         self.channel.close()
 
 
-def _tasks(stream: Iterator[pb.ServerFrame]) -> Iterator[tuple[pb.TaskHeader, bytes]]:
-    """Reassemble (header, body) tasks from the frame stream."""
+def _tasks(stream: Iterator[pb.ServerFrame], limit: int = 1 << 40
+           ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+    """Reassemble (header, body) tasks from the frame stream; a declared body over ``limit``
+    bytes is refused before any of it is read."""
     it = iter(stream)
     for frame in it:
         if frame.WhichOneof("frame") != "header":
             raise TransportError("server sent a chunk without a header")
         h = frame.header
         body = wire.read_body((f.chunk for f in _take(it, h.body_size)), h.body_size,
-                              h.body_sha256, limit=1 << 40)
+                              h.body_sha256, limit=limit)
         yield h, body
 
 
@@ -313,7 +317,8 @@ class FederationClient:
         self._last_ok = time.monotonic()
         event(self.log, "joined", run_id=join.run_id, index=join.index, rounds=join.rounds)
         tasks = transport.subscribe(
-            pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None))
+            pb.SubscribeRequest(run_id=join.run_id, key_holder=self.holder is not None),
+            limit=self._task_limit)
         with contextlib.closing(tasks):  # type: ignore[type-var]
             for header, body in tasks:
                 self._last_ok = time.monotonic()
@@ -361,6 +366,11 @@ class FederationClient:
             if clip is not None:
                 self.encoder = DpEncoder(self.encoder, clip)
             self.client = ModelClient(self.model, self.data)
+        # what this client accepts from the server: a model (data client), or every
+        # contribution of a round (key holder: at most one per registered data client)
+        senders = (sum(1 for c in load_registry(self.s.registry) if c.role == "client")
+                   if self.holder is not None and self.s.registry is not None else 0)
+        self._task_limit = wire.body_cap(size, messages=senders + 1)
         self.summary.run_id = join.run_id
         self._model_key = key
 

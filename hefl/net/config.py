@@ -94,8 +94,10 @@ class ServerSettings:
     join_timeout_s: float = 5.0
     max_attempts: int = 0
     retry_delay_s: float = 1.0
-    max_update_mb: float = 256.0
+    max_update_mb: float | None = None  # None: wire.body_cap(model size), what the model needs
     heartbeat_s: float = 5.0
+    first_frame_timeout_s: float = 30.0  # a Submit must send its header within this
+    streams_per_client: int = 2  # open Submit (and Subscribe) streams per identity
     linger_s: float = 60.0  # after the run: keep telling late clients "finished", then exit
     test_data: Path | None = None
 
@@ -128,6 +130,7 @@ class RunConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     privacy: Mapping[str, Any] = field(default_factory=dict)  # [privacy]: hefl.dp(...) keys
+    registry: Path | None = None  # [clients] registry: re-read for revocations while running
 
     @property
     def run_id(self) -> str:
@@ -220,8 +223,9 @@ def load_config(path: str | Path) -> RunConfig:
         tls[k] = _path(base, tls.get(k))
     clients_sec = _section(doc, "clients")
     entries: list[ClientEntry] = []
-    if clients_sec.get("registry"):
-        entries += load_registry(_path(base, clients_sec["registry"]))  # type: ignore[arg-type]
+    registry = _path(base, clients_sec.get("registry"))
+    if registry is not None:
+        entries += load_registry(registry)
     entries += [_build(ClientEntry, dict(c), "clients.client")
                 for c in clients_sec.get("client", [])]
     algorithm = _section(doc, "algorithm") or {"name": "fedavg"}
@@ -242,6 +246,7 @@ def load_config(path: str | Path) -> RunConfig:
             server=_build(ServerSettings, server, "server"),
             tls=_build(TLSSettings, tls, "tls"),
             privacy=_section(doc, "privacy"),
+            registry=registry,
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value in [run] of {str(p)!r}: {e}") from e
@@ -270,8 +275,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"wait_fraction must be in (0, 1], got {s.wait_fraction}")
     if s.linger_s < 0:
         raise ConfigError(f"linger_s must be >= 0 seconds, got {s.linger_s}")
-    if min(s.round_timeout_s, s.start_timeout_s, s.join_timeout_s, s.heartbeat_s) <= 0:
+    if min(s.round_timeout_s, s.start_timeout_s, s.join_timeout_s, s.heartbeat_s,
+           s.first_frame_timeout_s) <= 0:
         raise ConfigError("timeouts must be positive numbers of seconds")
+    if s.max_update_mb is not None and not s.max_update_mb > 0:
+        raise ConfigError(f"max_update_mb must be a positive number of MiB (or left out: sized "
+                          f"to the model), got {s.max_update_mb}")
+    if s.streams_per_client < 1:
+        raise ConfigError(f"streams_per_client must be >= 1, got {s.streams_per_client}")
     if not cfg.tls.insecure and (cfg.tls.cert is None or cfg.tls.key is None):
         raise ConfigError(
             "TLS is on by default: set [tls] cert and key (`hefl certs` makes them), "

@@ -55,7 +55,14 @@ from hefl.errors import (
 )
 from hefl.history import History
 from hefl.net import wire
-from hefl.net.config import RunConfig, build_aggregator, build_algorithm, build_model, is_encrypted
+from hefl.net.config import (
+    RunConfig,
+    build_aggregator,
+    build_algorithm,
+    build_model,
+    is_encrypted,
+    load_registry,
+)
 from hefl.net.data import load_client_data
 from hefl.net.decrypt import registry_signers
 from hefl.net.identity import digest, statement, verify
@@ -97,6 +104,15 @@ class RealClock:
 
 class NoKeyHolder(RetryRound):
     """No key holder could decrypt this round's aggregate (the round is retried)."""
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """What says a file changed: its size and mtime (None: no file)."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if st is not None else None
 
 
 @dataclass
@@ -230,6 +246,7 @@ class Coordinator:
         self.index = {n: i for i, n in enumerate(self.names)}
         self.encrypted = is_encrypted(cfg.aggregation)
         self.registry = {c.name: c for c in cfg.clients}
+        self._registry_stamp = _stamp(cfg.registry)
         # encrypted runs: whose signatures a contribution must carry (the key holder checks
         # them again against its own copy of the registry)
         self.signers = registry_signers(cfg.clients) if self.encrypted else {}
@@ -266,7 +283,8 @@ class Coordinator:
         self.retries = 0  # attempts abandoned so far (for status and tests)
         self.done = False
         self.stopping = threading.Event()
-        self.max_body = int(cfg.server.max_update_mb * (1 << 20))
+        mb = cfg.server.max_update_mb
+        self.max_body = wire.body_cap(self.size) if mb is None else int(mb * (1 << 20))
         self.life = secrets.token_hex(4)  # distinguishes task ids across server restarts
 
     # ------------------------------------------------------------------ lifecycle
@@ -387,6 +405,7 @@ class Coordinator:
     ) -> tuple[np.ndarray, Any] | None:
         s = self.cfg.server
         t0 = time.perf_counter()
+        self.refresh_registry()  # a client revoked since the last round is not waited for
         plan = plan_round(self.names, self.cfg.clients_per_round, self.cfg.seed, self.algorithm, r,
                           *((self.privacy.sampling_rate, self._sampler) if self.privacy else ()))
         pending = self._pending(r)
@@ -636,6 +655,7 @@ class Coordinator:
     def authenticate(self, token: wire.Token, cert_names: Sequence[str] | None, peer: str = "") -> str:
         """The registered name behind ``token`` (and, with mTLS, the client certificate's
         common names); raises ``Refused`` otherwise."""
+        self.refresh_registry()
         entry = self.registry.get(token.name)
         if entry is None or not hmac.compare_digest(entry.token_sha256, token.sha256):
             event(self.log, "auth_refused", level=logging.WARNING, client=token.name, peer=peer)
@@ -650,6 +670,42 @@ class Coordinator:
                           f"client certificate {list(cert_names or ())} does not belong to "
                           f"{token.name!r}")
         return token.name
+
+    def refresh_registry(self) -> None:
+        """Revocations and token rotations written to the registry file take effect without a
+        restart: the file is re-read when its size or mtime changed (one ``stat`` per
+        authentication), and a revoked client's open stream is closed. Other changes (a new
+        party, a new role) need a restart, and are logged so."""
+        stamp = _stamp(self.cfg.registry)
+        if stamp == self._registry_stamp or self.cfg.registry is None:
+            return
+        try:
+            entries = load_registry(self.cfg.registry)
+        except ConfigError as e:  # half-written or broken: keep the registry we have
+            event(self.log, "registry_unreadable", level=logging.WARNING, error=str(e))
+            return
+        with self.cond:
+            if stamp == self._registry_stamp:
+                return
+            self._registry_stamp = stamp
+            for new in entries:
+                old = self.registry.get(new.name)
+                if old is None or old.role != new.role:
+                    event(self.log, "registry_change_needs_restart", level=logging.WARNING,
+                          client=new.name, change="new party" if old is None else "new role")
+                    continue
+                if (new.revoked, new.token_sha256) == (old.revoked, old.token_sha256):
+                    continue
+                self.registry[new.name] = replace(old, revoked=new.revoked,
+                                                  token_sha256=new.token_sha256)
+                event(self.log, "registry_updated", client=new.name, revoked=new.revoked,
+                      token_changed=new.token_sha256 != old.token_sha256)
+                sess = self.sessions.get(new.name)
+                if sess is not None and (new.revoked or new.token_sha256 != old.token_sha256):
+                    self.disconnect(sess, "credentials changed")  # its stream ends now
+        with contextlib.suppress(sqlite3.Error):  # `hefl status` shows the revocation
+            self.store.register_clients(
+                self.run_id, [(c.name, self.registry[c.name].revoked) for c in self.cfg.clients])
 
     # ------------------------------------------------------------------ requests
 

@@ -34,3 +34,23 @@ def ignore_secrets(folder: str | Path, patterns: Sequence[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) mode 0700; a folder that already exists keeps its mode
+    (it may be one the operator chose, such as the working directory)."""
+    p = Path(path)
+    if not p.is_dir():
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(p, 0o700)  # mkdir's mode is masked by the umask
+    return p
+
+
+def private_file(path: str | Path) -> Path:
+    """Make sure ``path`` exists and is mode 0600 (created empty if missing), before a library
+    (SQLite, logging) opens it with the process umask."""
+    p = Path(path)
+    private_dir(p.parent)
+    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(p, 0o600)
+    return p

@@ -8,7 +8,10 @@ streams, and status codes. No round policy lives here (``hefl.net.coordinator`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,11 +33,53 @@ def _abort(context: grpc.ServicerContext, e: Refused) -> Any:
     context.abort(getattr(grpc.StatusCode, e.code), e.reason)
 
 
+class StreamSlots:
+    """At most ``cap`` open streams of one kind per identity: a client that opens more is
+    refused RESOURCE_EXHAUSTED at once, so one token cannot hold the server's threads."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._open: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, name: str, kind: str) -> Iterator[None]:
+        with self._lock:
+            if self._open[name, kind] >= self.cap:
+                raise Refused("RESOURCE_EXHAUSTED",
+                              f"{name!r} already has {self.cap} open {kind} streams; wait for "
+                              "them to end")
+            self._open[name, kind] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[name, kind] -= 1
+
+
+@contextlib.contextmanager
+def deadline(context: grpc.ServicerContext, seconds: float) -> Iterator[threading.Timer]:
+    """Cancel the RPC if this block takes longer than ``seconds`` (a blocked read of the
+    client's stream then raises, and the handler's thread is free again)."""
+    timer = threading.Timer(seconds, context.cancel)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield timer
+    finally:
+        timer.cancel()
+
+
 class GrpcService:
     """gRPC handlers over one ``Coordinator``."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        s = coordinator.cfg.server
+        self.slots = StreamSlots(s.streams_per_client)
+        self.first_frame_s = s.first_frame_timeout_s
+        # a whole Submit: the round's own deadline bounds an honest one
+        self.message_s = max(s.round_timeout_s, s.first_frame_timeout_s) + 60.0
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -78,34 +123,40 @@ class GrpcService:
         return self.c.join(name, parse(pb.JoinRequest, raw, "JoinRequest"), peer=context.peer())
 
     def _subscribe(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
+        slot = contextlib.ExitStack()
         try:
             name = self._auth(context)
+            slot.enter_context(self.slots.take(name, "Subscribe"))
             sess = self.c.subscribe(name, parse(pb.SubscribeRequest, raw, "SubscribeRequest"))
         except Refused as e:
+            slot.close()
             _abort(context, e)
             return
         context.add_callback(lambda: self.c.disconnect(sess, "stream closed"))
-        try:
-            while context.is_active():
-                item = self.c.next_task(sess)
-                if item is None:
-                    return
-                header, body = item
-                yield from wire.server_frames(header, body)
-                if header.kind == pb.TASK_DONE:
-                    return
-        finally:
-            self.c.disconnect(sess, "stream closed")
+        with slot:
+            try:
+                while context.is_active():
+                    item = self.c.next_task(sess)
+                    if item is None:
+                        return
+                    header, body = item
+                    yield from wire.server_frames(header, body)
+                    if header.kind == pb.TASK_DONE:
+                        return
+            finally:
+                self.c.disconnect(sess, "stream closed")
 
     def _submit(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
         name = self._auth(context)
-        first = next(iter(frames), None)
-        if first is None:
-            raise Refused("INVALID_ARGUMENT", "empty submission: send a header frame")
-        frame = parse(pb.ClientFrame, first, "frame")
-        if frame.WhichOneof("frame") != "header":
-            raise Refused("INVALID_ARGUMENT", "the first frame must be a header")
-        return self.c.submit(name, frame.header, _chunks(frames))
+        with self.slots.take(name, "Submit"), deadline(context, self.message_s):
+            with deadline(context, self.first_frame_s):  # the header comes first, and soon
+                first = next(iter(frames), None)
+            if first is None:
+                raise Refused("INVALID_ARGUMENT", "empty submission: send a header frame")
+            frame = parse(pb.ClientFrame, first, "frame")
+            if frame.WhichOneof("frame") != "header":
+                raise Refused("INVALID_ARGUMENT", "the first frame must be a header")
+            return self.c.submit(name, frame.header, _chunks(frames))
 
 
 def _chunks(frames: Iterator[bytes]) -> Iterator[bytes]:
@@ -147,9 +198,13 @@ class FederationServer:
 
     def start(self) -> int:
         """Bind and start serving; returns the port (useful with address ``HOST:0``)."""
+        # each identity holds at most streams_per_client Subscribe and Submit streams and a
+        # Join; beyond the pool, calls are refused (RESOURCE_EXHAUSTED), never queued
         n = len(self.cfg.clients)
+        workers = (2 * self.cfg.server.streams_per_client + 1) * n + 16
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=2 * n + 16, thread_name_prefix="hefl-rpc"),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hefl-rpc"),
+            maximum_concurrent_rpcs=workers,
             options=wire.GRPC_OPTIONS + [
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail
                 # clients ping every keepalive_time_ms: allow it rather than answer GOAWAY

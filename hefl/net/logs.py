@@ -35,8 +35,9 @@ def get_logger(name: str, stream: TextIO | None = None, file: Path | None = None
         log.removeHandler(h)
     handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(file))
+        from hefl.net.files import private_file
+
+        handlers.append(logging.FileHandler(private_file(file)))  # owner-only, like the state
     for h in handlers:
         h.setFormatter(JsonFormatter())
         log.addHandler(h)

@@ -46,7 +46,8 @@ class MemoryTransport:
     def join(self, req: pb.JoinRequest) -> pb.JoinReply:
         return _copy(self.c.join(self._name(), _copy(req), peer="memory"))
 
-    def subscribe(self, req: pb.SubscribeRequest) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+    def subscribe(self, req: pb.SubscribeRequest, limit: int = 1 << 40
+                  ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
         sess = self.c.subscribe(self._name(), _copy(req))
         try:
             while not self.closed:
@@ -54,6 +55,7 @@ class MemoryTransport:
                 if item is None:
                     return
                 header, body = item
+                wire.check_size(len(body), limit)  # what the gRPC client refuses before reading
                 yield _copy(header), bytes(body)
                 if header.kind == pb.TASK_DONE:
                     return

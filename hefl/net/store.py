@@ -156,7 +156,9 @@ class Store:
                 raise ConfigError(f"no hefl state at {str(self.dir)!r} (missing {DB_NAME})")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        from hefl.net.files import private_file
+
+        private_file(self.path)  # SQLite gives its -wal and -shm files the database's mode
         self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -33,6 +33,11 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 SERVICE = "hefl.net.v1.Federation"
+#: Bytes per parameter no message of hefl needs more than: the largest upload is 27.3 B/param
+#: (BFV, threshold custody, BENCHMARKS.md W4), a model travels as 8 B/param (float64).
+BODY_BYTES_PER_PARAM = 32
+#: Room for headers and a mostly empty last ciphertext (a small model still sends whole ones).
+BODY_SLACK = 4 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -77,6 +82,24 @@ class BodyError(TransportError):
         self.code = code
 
 
+def body_cap(size: int, messages: int = 1) -> int:
+    """The largest body one side accepts for a model of ``size`` parameters: ``messages``
+    times what one upload of it can need."""
+    return messages * (BODY_BYTES_PER_PARAM * int(size) + BODY_SLACK)
+
+
+def check_size(size: int, limit: int) -> None:
+    """Refuse a declared body size over ``limit`` before reading any of it (BodyError,
+    RESOURCE_EXHAUSTED)."""
+    if size > limit:
+        raise BodyError(
+            f"body of {size} bytes exceeds the limit of {limit} bytes for this model; a "
+            "message this large is not one hefl sends (a server can raise [server] "
+            "max_update_mb)",
+            "RESOURCE_EXHAUSTED",
+        )
+
+
 def read_body(pieces: Iterable[bytes], size: int, sha256: bytes, limit: int) -> bytes:
     """Join chunks into exactly ``size`` bytes whose SHA-256 is ``sha256``.
 
@@ -84,12 +107,7 @@ def read_body(pieces: Iterable[bytes], size: int, sha256: bytes, limit: int) -> 
         BodyError: declared size over ``limit`` (RESOURCE_EXHAUSTED), more or fewer bytes than
             declared, or a hash mismatch.
     """
-    if size > limit:
-        raise BodyError(
-            f"body of {size} bytes exceeds the limit of {limit} bytes; raise max_update_mb "
-            "in the server config if this model really is that large",
-            "RESOURCE_EXHAUSTED",
-        )
+    check_size(size, limit)
     buf = bytearray()
     for piece in pieces:
         buf += piece
