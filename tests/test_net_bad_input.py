@@ -106,7 +106,8 @@ def test_bad_messages_are_refused_and_nothing_is_lost(tmp_path):
         sub = ch.unary_stream(wire.method("Subscribe"),
                               request_serializer=pb.SubscribeRequest.SerializeToString,
                               response_deserializer=pb.ServerFrame.FromString)
-        tasks = _tasks(sub(pb.SubscribeRequest(run_id=run_id), metadata=md))
+        tasks = _tasks(sub(pb.SubscribeRequest(run_id=run_id), metadata=md),
+                       limit=wire.body_cap(model.spec.size))
         previous = None
         for h, body in tasks:
             if h.kind == pb.TASK_DONE:

@@ -129,7 +129,7 @@ class Transport(Protocol):
 
     def join(self, req: pb.JoinRequest) -> pb.JoinReply: ...
 
-    def subscribe(self, req: pb.SubscribeRequest, limit: int = ...
+    def subscribe(self, req: pb.SubscribeRequest, limit: int
                   ) -> Iterator[tuple[pb.TaskHeader, bytes]]: ...
 
     def submit(self, header: pb.UpdateHeader, body: bytes) -> pb.SubmitReply: ...
@@ -178,7 +178,7 @@ class GrpcTransport:
         except grpc.RpcError as e:
             raise _rpc_error(e) from e
 
-    def subscribe(self, req: pb.SubscribeRequest, limit: int = 1 << 40
+    def subscribe(self, req: pb.SubscribeRequest, limit: int
                   ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
         stream = self._subscribe(req, metadata=self.md)
         try:
@@ -198,8 +198,7 @@ class GrpcTransport:
         self.channel.close()
 
 
-def _tasks(stream: Iterator[pb.ServerFrame], limit: int = 1 << 40
-           ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
+def _tasks(stream: Iterator[pb.ServerFrame], limit: int) -> Iterator[tuple[pb.TaskHeader, bytes]]:
     """Reassemble (header, body) tasks from the frame stream; a declared body over ``limit``
     bytes is refused before any of it is read."""
     it = iter(stream)
@@ -367,9 +366,8 @@ class FederationClient:
                 self.encoder = DpEncoder(self.encoder, clip)
             self.client = ModelClient(self.model, self.data)
         # what this client accepts from the server: a model (data client), or every
-        # contribution of a round (key holder: at most one per registered data client)
-        senders = (sum(1 for c in load_registry(self.s.registry) if c.role == "client")
-                   if self.holder is not None and self.s.registry is not None else 0)
+        # contribution of a round (key holder: at most one per data client it accepts)
+        senders = len(self.holder.signers) if self.holder is not None else 0
         self._task_limit = wire.body_cap(size, messages=senders + 1)
         self.summary.run_id = join.run_id
         self._model_key = key

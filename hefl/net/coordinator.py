@@ -108,11 +108,13 @@ class NoKeyHolder(RetryRound):
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:
     """What says a file changed: its size and mtime (None: no file)."""
+    if path is None:
+        return None
     try:
-        st = path.stat() if path is not None else None
+        st = path.stat()
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if st is not None else None
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -677,7 +679,7 @@ class Coordinator:
         authentication), and a revoked client's open stream is closed. Other changes (a new
         party, a new role) need a restart, and are logged so."""
         stamp = _stamp(self.cfg.registry)
-        if stamp == self._registry_stamp or self.cfg.registry is None:
+        if stamp == self._registry_stamp or self.cfg.registry is None:  # unchanged, or none
             return
         try:
             entries = load_registry(self.cfg.registry)

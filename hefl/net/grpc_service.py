@@ -58,14 +58,14 @@ class StreamSlots:
 
 
 @contextlib.contextmanager
-def deadline(context: grpc.ServicerContext, seconds: float) -> Iterator[threading.Timer]:
+def deadline(context: grpc.ServicerContext, seconds: float) -> Iterator[None]:
     """Cancel the RPC if this block takes longer than ``seconds`` (a blocked read of the
     client's stream then raises, and the handler's thread is free again)."""
     timer = threading.Timer(seconds, context.cancel)
     timer.daemon = True
     timer.start()
     try:
-        yield timer
+        yield
     finally:
         timer.cancel()
 

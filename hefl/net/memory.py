@@ -46,7 +46,7 @@ class MemoryTransport:
     def join(self, req: pb.JoinRequest) -> pb.JoinReply:
         return _copy(self.c.join(self._name(), _copy(req), peer="memory"))
 
-    def subscribe(self, req: pb.SubscribeRequest, limit: int = 1 << 40
+    def subscribe(self, req: pb.SubscribeRequest, limit: int
                   ) -> Iterator[tuple[pb.TaskHeader, bytes]]:
         sess = self.c.subscribe(self._name(), _copy(req))
         try:
