@@ -16,6 +16,7 @@
     │       └── DecodeRefused      a key holder refused to decrypt (unverified, repeated, too few)
     └── TransportError             a message could not be sent, received or parsed
         └── Refused                the other side refused the request (a status code and why)
+            └── QuotaExceeded      a caller's query budget is spent until the next window
 
 Every message says what was wrong and what to do about it.
 """
@@ -145,3 +146,16 @@ class Refused(TransportError):
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+
+
+class QuotaExceeded(Refused):
+    """A caller's query budget is spent (requests per minute, records per day) until the next
+    window (``hefl.inference.callers``).
+
+    Attributes:
+        retry_after_s: seconds until the window that refused the request ends.
+    """
+
+    def __init__(self, reason: str, retry_after_s: int = 0) -> None:
+        super().__init__("RESOURCE_EXHAUSTED", reason)
+        self.retry_after_s = retry_after_s

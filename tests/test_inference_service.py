@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 from hefl.cli.infer import app
 from hefl.crypto.scoring import MLP_PARAMS, Keyring
 from hefl.data.tabular import read_csv
-from hefl.errors import ConfigError, ContextMismatch, DataError, TransportError
+from hefl.errors import ConfigError, ContextMismatch, DataError, Refused, TransportError
 from hefl.inference.bench import BENCH_KEYS, fit_logistic
-from hefl.inference.service import ScoringClient, ScoringService, make_server, score_csv
-from hefl.inference.tls import self_signed
+from hefl.inference.server import make_server
+from hefl.inference.service import ScoringClient, ScoringService, score_csv
 from hefl.inference.wire import Batch
+from hefl.net.certs import make_federation
 
 
 def _csv(path, n, seed=0, with_target=True, extra_category=False):
@@ -32,19 +33,29 @@ def _csv(path, n, seed=0, with_target=True, extra_category=False):
     return path
 
 
+def start(service, d, **kw):
+    """A scoring server on a free port for callers bank-a and bank-b (certs from hefl certs)."""
+    fed = make_federation(d / "certs", ["bank-a", "bank-b"])
+    server = make_server(service, fed.server_cert, fed.server_key, fed.registry, port=0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"https://127.0.0.1:{server.server_address[1]}", fed
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     train = read_csv(_csv(d / "train.csv", 400))
     mf = fit_logistic(train, target="y")
     model_path = mf.save(d / "model.json")
-    cert, key = self_signed(d / "certs")
-    server = make_server(ScoringService(mf), cert, key, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_address[1]}"
-    yield {"dir": d, "mf": mf, "model": model_path, "cert": cert, "url": url}
+    server, url, fed = start(ScoringService(mf, publish_preprocessing=True), d)
+    yield {"dir": d, "mf": mf, "model": model_path, "cert": fed.ca, "url": url, "fed": fed,
+           "token": fed.token("bank-a")}
     server.shutdown()
     server.server_close()
+
+
+def _client(served, **kw):
+    return ScoringClient(served["url"], served["cert"], token_file=served["token"], **kw)
 
 
 def _read_scores(path):
@@ -56,7 +67,7 @@ def _read_scores(path):
 def test_score_csv_over_https_equals_plaintext(served, tmp_path):
     data = _csv(tmp_path / "new.csv", 150, seed=1, with_target=False)
     out = tmp_path / "scores.csv"
-    s = score_csv(ScoringClient(served["url"], served["cert"]), data, out, batch_size=64)
+    s = score_csv(_client(served), data, out, batch_size=64)
     assert (s.scored, s.batches) == (150, 3)
     rows, z = _read_scores(out)
     x = served["mf"].preprocessing.transform(read_csv(data))
@@ -67,23 +78,23 @@ def test_score_csv_over_https_equals_plaintext(served, tmp_path):
 def test_cli_score_and_unknown_category_warning(served, tmp_path):
     data = _csv(tmp_path / "new.csv", 30, seed=2, with_target=False, extra_category=True)
     out = tmp_path / "s.csv"
-    r = CliRunner().invoke(app, ["score", "--data", str(data), "--out", str(out),
-                                 "--url", served["url"], "--ca", str(served["cert"])])
+    args = ["--url", served["url"], "--ca", str(served["cert"]), "--token-file",
+            str(served["token"])]
+    r = CliRunner().invoke(app, ["score", "--data", str(data), "--out", str(out), *args])
     assert r.exit_code == 0, r.output
     assert "not seen in training" in r.output and "scored 30 rows" in r.output
     rows, z = _read_scores(out)
     x = served["mf"].preprocessing.transform(read_csv(data))
     np.testing.assert_allclose(z, served["mf"].model.logits(x), atol=1e-5)
-    again = CliRunner().invoke(app, ["score", "--data", str(data), "--out", str(out),
-                                     "--url", served["url"], "--ca", str(served["cert"])])
+    again = CliRunner().invoke(app, ["score", "--data", str(data), "--out", str(out), *args])
     assert again.exit_code == 2 and "--resume" in again.output  # never overwrites scores
 
 
 class _FailingClient(ScoringClient):
     """Fails after ``ok`` batches, like a dropped connection."""
 
-    def __init__(self, url, ca, ok):
-        super().__init__(url, ca)
+    def __init__(self, served, ok):
+        super().__init__(served["url"], served["cert"], token_file=served["token"])
         self.ok = ok
 
     def score(self, session, batch):
@@ -97,10 +108,10 @@ def test_interrupted_scoring_keeps_done_batches_and_resumes(served, tmp_path):
     data = _csv(tmp_path / "new.csv", 50, seed=3, with_target=False)
     out = tmp_path / "s.csv"
     with pytest.raises(TransportError):
-        score_csv(_FailingClient(served["url"], served["cert"], ok=2), data, out, batch_size=20)
+        score_csv(_FailingClient(served, ok=2), data, out, batch_size=20)
     rows, _ = _read_scores(out)
     assert rows.tolist() == list(range(40))  # two full batches are on disk
-    s = score_csv(ScoringClient(served["url"], served["cert"]), data, out, batch_size=20,
+    s = score_csv(_client(served), data, out, batch_size=20,
                   resume=True)
     assert (s.skipped, s.scored) == (40, 10)
     rows, z = _read_scores(out)
@@ -113,12 +124,12 @@ def test_bad_csv_fails_before_anything_is_sent(served, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("age,kind\n30,a\n")
     with pytest.raises(DataError, match="lacks columns the model needs: income"):
-        score_csv(ScoringClient(served["url"], served["cert"]), bad, tmp_path / "o.csv")
+        score_csv(_client(served), bad, tmp_path / "o.csv")
     assert not (tmp_path / "o.csv").exists()
 
 
 def test_server_refuses_foreign_ciphertexts_and_sessions(served):
-    client = ScoringClient(served["url"], served["cert"])
+    client = _client(served)
     info = client.info()
     assert info["kind"] == "logistic" and info["preprocessing"]["target"] == "y"
     mine = Keyring.generate(ScoringService(served["mf"]).params)
@@ -129,6 +140,8 @@ def test_server_refuses_foreign_ciphertexts_and_sessions(served):
         client.score(session, Batch(other.key_id, 3, tuple(other.encrypt_batch(x))))
     mlp = Keyring.generate(MLP_PARAMS, relin=True)  # other parameters, forged key id
     with pytest.raises(ContextMismatch, match="other parameters"):
+        client.score(session, Batch(mine.key_id, 3, tuple(mlp.encrypt_batch(x[:, :1]))))
+    with pytest.raises(Refused, match="TOO_LARGE: .* exceeds this model's limit"):
         client.score(session, Batch(mine.key_id, 3, tuple(mlp.encrypt_batch(x))))
     with pytest.raises(ContextMismatch, match="this model needs"):
         client.open_session(mlp.evaluation_keys())
@@ -143,7 +156,8 @@ def test_server_refuses_foreign_ciphertexts_and_sessions(served):
 
 def test_untrusted_certificate_is_refused(served):
     with pytest.raises(TransportError, match="certificate"):
-        ScoringClient(served["url"]).info()  # system CAs do not trust the self-signed cert
+        # the system CAs do not trust the federation's own CA
+        ScoringClient(served["url"], token_file=served["token"]).info()
 
 
 def test_cli_bench_json_keys_and_serve_needs_a_certificate(tmp_path):
@@ -157,6 +171,10 @@ def test_cli_bench_json_keys_and_serve_needs_a_certificate(tmp_path):
     assert res["accuracy_encrypted"] == res["accuracy_plain"]
     assert abs(res["auc_encrypted"] - res["auc_plain"]) < 1e-9
     r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m.json")])
+    assert r.exit_code == 2 and "--clients FILE" in r.output
+    fed = make_federation(tmp_path / "certs", ["bank-a"])
+    r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m.json"),
+                                 "--clients", str(fed.registry)])
     assert r.exit_code == 2 and "--self-signed" in r.output
     import socket
 
@@ -165,7 +183,8 @@ def test_cli_bench_json_keys_and_serve_needs_a_certificate(tmp_path):
         busy.listen()
         port = str(busy.getsockname()[1])
         r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "m.json"), "--port", port,
-                                     "--self-signed", str(tmp_path / "c")])
+                                     "--self-signed", str(tmp_path / "c"),
+                                     "--clients", str(fed.registry)])
     assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
     assert "--port 0 for any free port" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["bench", "--csv", str(data), "--target", "nope"])
@@ -180,15 +199,16 @@ def test_mlp_model_served_with_relin_keys_uploaded_once(tmp_path):
     pre = fit_logistic(train, target="y").preprocessing
     mlp = train_poly_mlp(pre.transform(train), pre.labels(train), hidden=4, epochs=5)
     mf = ModelFile(mlp, pre)
-    cert, key = self_signed(tmp_path / "certs")
-    server = make_server(ScoringService(mf), cert, key, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url, fed = start(ScoringService(mf), tmp_path)
     try:
-        client = ScoringClient(f"https://127.0.0.1:{server.server_address[1]}", cert)
+        client = ScoringClient(url, fed.ca, token_file=fed.token("bank-b"))
         assert client.info()["needs_relin_keys"] is True
+        assert "preprocessing" not in client.info()  # not published unless configured
         data = _csv(tmp_path / "new.csv", 40, seed=6, with_target=False)
         out = tmp_path / "s.csv"
-        s = score_csv(client, data, out, batch_size=16)
+        with pytest.raises(ConfigError, match="--preprocessing FILE"):
+            score_csv(client, data, out, batch_size=16)
+        s = score_csv(client, data, out, batch_size=16, preprocessing=pre)
         assert s.batches == 3
         _, z = _read_scores(out)
         ref = mlp.logits(pre.transform(read_csv(data)))
@@ -201,7 +221,7 @@ def test_mlp_model_served_with_relin_keys_uploaded_once(tmp_path):
 def test_resume_cuts_a_torn_last_line_and_refuses_another_file(served, tmp_path):
     data = _csv(tmp_path / "new.csv", 30, seed=7, with_target=False)
     out = tmp_path / "s.csv"
-    client = ScoringClient(served["url"], served["cert"])
+    client = _client(served)
     score_csv(client, data, out, batch_size=10)
     text = out.read_text().splitlines()
     out.write_text("\n".join(text[:21]) + "\n20,0.12")  # crash in the middle of row 20

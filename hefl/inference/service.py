@@ -1,86 +1,110 @@
-"""Scoring service over HTTPS: the model owner serves, the data owner scores a CSV.
+"""The scoring service's core (sessions, evaluation, budgets charged) and the data owner's
+client; the HTTPS front is ``hefl.inference.server``.
 
-Transport: HTTP/1.1 over TLS with the standard library (``http.server`` + ``ssl`` on the server,
-``http.client`` on the client). HTTP rather than gRPC because a data owner's scoring job is a
-batch client that may be written in any language: a POST of opaque bytes is reachable from
-``curl`` or any HTTP library, needs no generated stubs, and has no dependency on the federated
-deployment's gRPC services. Bodies are binary frames (``hefl.inference.wire``) and JSON; nothing
-is ever pickled.
+``ScoringService`` has no I/O, so tests and other transports reuse it. Sessions belong to the
+caller that opened them: another caller's session id is as unknown as a made-up one.
 
-    GET    /v1/model                     -> JSON: model kind, features, CKKS parameters,
-                                            preprocessing, records per batch
-    POST   /v1/sessions                  body: evaluation-key bundle (no secret key)
-                                         -> JSON {"session": id}      (once per session)
-    POST   /v1/sessions/{id}/score       body: batch frame -> result frame (encrypted logits)
-    DELETE /v1/sessions/{id}
-
-Errors are JSON ``{"error": <hefl error class>, "message": ...}`` with a 4xx status.
-
-``ScoringService`` is the transport-free core (sessions and evaluation), so tests and other
-transports reuse it.
+``ScoringClient`` speaks to the server over TLS (the server's certificate verified; a client
+certificate for mTLS optional) with a bearer token; ``score_csv`` is the data owner's batch job.
+Bodies are binary frames (``hefl.inference.wire``) and JSON; nothing is ever pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import http.client
 import json
+import math
 import os
 import ssl
-import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
 from hefl import errors
 from hefl.crypto.scoring import CkksParams, EvaluationKeys, Evaluator, Keyring, split_batches
 from hefl.data.tabular import Preprocessor, read_csv
-from hefl.errors import ConfigError, ContextMismatch, DataError, HeflError, TransportError
+from hefl.errors import (
+    ConfigError,
+    ContextMismatch,
+    DataError,
+    HeflError,
+    QuotaExceeded,
+    Refused,
+    TransportError,
+)
 from hefl.inference.engine import evaluate, params_for
 from hefl.inference.model import ModelFile, PolyMLP, sigmoid
 from hefl.inference.wire import Batch
+from hefl.net.wire import Token
 
-MAX_BODY = 512 * 1024 * 1024
+#: Bound on the serialized evaluation keys' headroom beyond the key-switching keys.
+KEYS_SLACK = 1 << 20
 
 
 class ScoringService:
-    """Sessions (one per data owner's key) and batch evaluation; no I/O.
+    """Sessions (one per data owner's key, owned by the caller that opened it) and batch
+    evaluation; no I/O.
 
     Args:
         model_file: the model and its preprocessing.
         max_sessions: least recently used sessions beyond this are dropped.
+        sessions_per_caller: a caller's own least recently used session goes beyond this, so
+            no caller can push out another's.
         profile: CKKS parameter profile (``params_for``): ``"precise"`` or ``"fast"``.
+        publish_preprocessing: ``info`` includes the preprocessing statistics (training means
+            and standard deviations). Off by default: they describe the training data, and a
+            data owner can be given the preprocessing file directly
+            (``hefl infer export-preprocessing``).
     """
 
     def __init__(self, model_file: ModelFile, max_sessions: int = 32,
-                 profile: str = "precise") -> None:
+                 profile: str = "precise", sessions_per_caller: int = 4,
+                 publish_preprocessing: bool = False) -> None:
         self.model_file = model_file
         self.params = params_for(model_file.model, profile)
         self.max_sessions = max_sessions
-        self._sessions: OrderedDict[str, Evaluator] = OrderedDict()
+        self.sessions_per_caller = sessions_per_caller
+        self.publish_preprocessing = publish_preprocessing
+        self._sessions: OrderedDict[str, tuple[str, Evaluator]] = OrderedDict()
         self._lock = threading.Lock()
 
     def info(self) -> dict:
+        """What a data owner needs to encrypt: the model kind, its features in order, the CKKS
+        parameters and batch size; training statistics only when ``publish_preprocessing``."""
         m = self.model_file.model
         pre = self.model_file.preprocessing
-        return {
+        info = {
             "kind": m.kind,
             "n_features": m.n_features,
+            "features": list(pre.feature_names) if pre is not None else None,
             "needs_relin_keys": isinstance(m, PolyMLP),
             "ckks": self.params.to_dict(),
             "records_per_batch": self.params.records_per_ciphertext,
-            "preprocessing": pre.to_dict() if pre is not None else None,
         }
+        if self.publish_preprocessing and pre is not None:
+            info["preprocessing"] = pre.to_dict()
+        return info
 
-    def open_session(self, bundle: bytes) -> str:
+    def body_cap(self, what: str) -> int:
+        """Largest request body this model can need: ``"batch"`` (one ciphertext per feature,
+        unseeded, at every data prime) or ``"keys"`` (relinearization and Galois keys); any
+        larger ``Content-Length`` is refused before reading."""
+        p = self.params
+        n, primes = p.poly_modulus_degree, len(p.coeff_mod_bit_sizes)
+        ciphertext = 2 * n * (primes - 1) * 8 + 4096
+        if what == "batch":
+            return 64 + self.model_file.model.n_features * (ciphertext + 4)
+        switch_key = (primes - 1) * 2 * n * primes * 8
+        return (2 + 2 * int(math.log2(n))) * switch_key + KEYS_SLACK
+
+    def open_session(self, bundle: bytes, owner: str = "") -> str:
         """Register a data owner's evaluation keys; returns the session id.
 
         Raises:
@@ -98,26 +122,50 @@ class ScoringService:
         evaluator = Evaluator(keys)
         sid = uuid.uuid4().hex
         with self._lock:
-            self._sessions[sid] = evaluator
+            mine = [k for k, (o, _) in self._sessions.items() if o == owner]
+            for k in mine[: max(0, len(mine) + 1 - self.sessions_per_caller)]:
+                del self._sessions[k]
+            self._sessions[sid] = (owner, evaluator)
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
         return sid
 
-    def close_session(self, sid: str) -> None:
+    def _session(self, sid: str, owner: str) -> Evaluator | None:
         with self._lock:
-            self._sessions.pop(sid, None)
+            entry = self._sessions.get(sid)
+            if entry is None or entry[0] != owner:
+                return None  # another caller's session is as unknown as a made-up one
+            self._sessions.move_to_end(sid)
+            return entry[1]
 
-    def score(self, sid: str, body: bytes) -> bytes:
-        """Evaluate one batch frame; returns the result frame.
+    def close_session(self, sid: str, owner: str = "") -> None:
+        with self._lock:
+            if self._sessions.get(sid, (None,))[0] == owner:
+                del self._sessions[sid]
+
+    def charge_for(self, batch: Batch) -> int:
+        """Records a batch is charged: all it can carry. Every slot of a ciphertext is scored
+        and returned, whatever the batch declares, so each is a query to the model."""
+        from hefl.crypto.scoring import feature_blocks
+        from hefl.inference.model import LinearModel
+
+        cap = self.params.records_per_ciphertext
+        if isinstance(self.model_file.model, LinearModel):
+            k = feature_blocks(batch.records, self.model_file.model.n_features, self.params)
+            return cap // k
+        return cap
+
+    def score(self, sid: str, body: bytes, owner: str = "",
+              charge: Callable[[int], None] | None = None) -> bytes:
+        """Evaluate one batch frame; returns the result frame. ``charge`` is called with the
+        batch's records (``charge_for``) after the batch is checked and before it is
+        evaluated; it refuses by raising.
 
         Raises:
-            ConfigError: unknown session.
+            ConfigError: unknown session (or another caller's).
             ContextMismatch: the batch was made under another key or parameters.
         """
-        with self._lock:
-            evaluator = self._sessions.get(sid)
-            if evaluator is not None:
-                self._sessions.move_to_end(sid)
+        evaluator = self._session(sid, owner)
         if evaluator is None:
             raise ConfigError(f"unknown or expired session {sid!r}; open a new one with "
                               "POST /v1/sessions")
@@ -131,144 +179,68 @@ class ScoringService:
         if not 0 < batch.records <= self.params.records_per_ciphertext:
             raise ConfigError(f"batch declares {batch.records} records; 1 to "
                               f"{self.params.records_per_ciphertext} fit one batch")
+        if charge is not None:
+            charge(self.charge_for(batch))
         result = evaluate(evaluator, self.model_file.model, list(batch.blobs), batch.records)
         return Batch(batch.key_id, batch.records, (result,)).dumps()
-
-
-# --------------------------------------------------------------------------- HTTP server
-
-
-def _handler(service: ScoringService, log: Callable[[str], None]) -> type:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "hefl-infer/1"
-
-        def log_message(self, format: str, *args) -> None:  # `format`: the stdlib's signature
-            log(f"{self.address_string()} {format % args}")
-
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, obj: dict) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def _error(self, e: Exception) -> None:
-            status = 404 if isinstance(e, ConfigError) and "session" in str(e) else 400
-            if not isinstance(e, HeflError):
-                status = 500
-            self._json(status, {"error": type(e).__name__, "message": str(e)})
-
-        def _body(self) -> bytes:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                raise TransportError(f"request body of {n} bytes exceeds {MAX_BODY}; send "
-                                     "smaller batches")
-            return self.rfile.read(n)
-
-        def _route(self) -> list[str]:
-            return [p for p in urlparse(self.path).path.split("/") if p]
-
-        def do_GET(self) -> None:
-            if self._route() == ["v1", "model"]:
-                self._json(200, service.info())
-            else:
-                self._json(404, {"error": "NotFound", "message": f"no route {self.path}"})
-
-        def do_POST(self) -> None:
-            route = self._route()
-            try:
-                body = self._body()
-                if route == ["v1", "sessions"]:
-                    self._json(200, {"session": service.open_session(body)})
-                elif len(route) == 4 and route[:2] == ["v1", "sessions"] and route[3] == "score":
-                    self._send(200, service.score(route[2], body), "application/octet-stream")
-                else:
-                    self._json(404, {"error": "NotFound", "message": f"no route {self.path}"})
-            except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error reply
-                self._error(e)
-
-        def do_DELETE(self) -> None:
-            route = self._route()
-            if len(route) == 3 and route[:2] == ["v1", "sessions"]:
-                service.close_session(route[2])
-                self._json(200, {"closed": route[2]})
-            else:
-                self._json(404, {"error": "NotFound", "message": f"no route {self.path}"})
-
-    return Handler
-
-
-def make_server(
-    service: ScoringService,
-    certfile: str | Path,
-    keyfile: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8443,
-    log: Callable[[str], None] | None = None,
-) -> ThreadingHTTPServer:
-    """An HTTPS server for ``service`` (call ``serve_forever``; port 0 picks a free port)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(certfile), str(keyfile))
-    try:
-        server = ThreadingHTTPServer((host, port), _handler(service, log or (lambda _m: None)))
-    except OSError as e:
-        hint = ("another process is listening there (an earlier hefl infer serve?); pick "
-                "another with --port N, or --port 0 for any free port"
-                if e.errno == errno.EADDRINUSE else "check --host and --port")
-        raise TransportError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from e
-    server.daemon_threads = True
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    return server
 
 
 # --------------------------------------------------------------------------- HTTP client
 
 
 class ScoringClient:
-    """The data owner's connection to a scoring server (TLS, certificate verified).
+    """The data owner's connection to a scoring server (TLS, the server certificate verified).
 
     Args:
         url: ``https://host:port``.
-        cafile: certificate (or CA) to trust, e.g. the server's self-signed ``cert.pem``.
+        cafile: certificate (or CA) to trust: the CA's ``ca.pem`` from ``hefl certs``, or a
+            self-signed server's ``cert.pem``.
+        token: the caller's token ``NAME:SECRET`` (a ``Token``, the text, or ``token_file``).
+        token_file: file holding the token (``certs/clients/NAME.token`` from ``hefl certs``).
+        cert, key: client certificate and key, for a server that requires mTLS.
         timeout: seconds per request.
     """
 
-    def __init__(self, url: str, cafile: str | Path | None = None, timeout: float = 300) -> None:
+    def __init__(self, url: str, cafile: str | Path | None = None, *,
+                 token: str | Token | None = None, token_file: str | Path | None = None,
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 timeout: float = 300) -> None:
         u = urlparse(url)
         if u.scheme != "https" or not u.hostname:
             raise ConfigError(f"server URL must be https://host:port, got {url!r}")
         self.host, self.port = u.hostname, u.port or 443
         self.ssl = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+        if (cert is None) != (key is None):
+            raise ConfigError("give both --cert and --key for a client certificate, or neither")
+        if cert is not None:
+            try:
+                self.ssl.load_cert_chain(str(cert), str(key))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"cannot load client certificate {str(cert)!r} / key "
+                                  f"{str(key)!r}: {e}") from e
+        self.token = _token(token, token_file)
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         conn = http.client.HTTPSConnection(self.host, self.port, context=self.ssl,
                                            timeout=self.timeout)
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            conn.request(method, path, body=body,
-                         headers={"Content-Type": "application/octet-stream"})
+            conn.request(method, path, body=body if body is not None or method != "POST"
+                         else b"", headers=headers)
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException) as e:
             raise TransportError(f"{method} https://{self.host}:{self.port}{path} failed: {e}; "
-                                 "is the server running and its certificate trusted?") from e
+                                 "is the server running, its certificate trusted (--ca), and, "
+                                 "if it requires one, your client certificate given (--cert, "
+                                 "--key)?") from e
         finally:
             conn.close()
         if resp.status != 200:
-            try:
-                err = json.loads(data)
-                cls = getattr(errors, err.get("error", ""), None)
-                msg = err.get("message", "")
-            except ValueError:
-                cls, msg = None, data[:200].decode(errors="replace")
-            if isinstance(cls, type) and issubclass(cls, HeflError):
-                raise cls(f"server: {msg}")
-            raise TransportError(f"server answered {resp.status}: {msg}")
+            raise _refusal(resp.status, data, resp.getheader("Retry-After"))
         return data
 
     def info(self) -> dict:
@@ -282,6 +254,72 @@ class ScoringClient:
 
     def close_session(self, session: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session}")
+
+
+def _preprocessing(info: dict, given: Preprocessor | str | Path | None) -> Preprocessor:
+    """The preprocessing to apply: the one given (checked against the server's feature list),
+    else the one the server publishes."""
+    if given is None:
+        if info.get("preprocessing") is None:
+            raise ConfigError("the server does not publish its preprocessing statistics; ask "
+                              "the model owner for the preprocessing file (hefl infer "
+                              "export-preprocessing) and pass it with --preprocessing FILE")
+        return Preprocessor.from_dict(info["preprocessing"])
+    pre = given if isinstance(given, Preprocessor) else load_preprocessing(given)
+    if info.get("features") is not None and list(pre.feature_names) != info["features"]:
+        raise ConfigError(f"the preprocessing makes features {list(pre.feature_names)[:6]}..., "
+                          f"the server's model takes {info['features'][:6]}...; use the "
+                          "preprocessing file that came with this model")
+    return pre
+
+
+def load_preprocessing(path: str | Path) -> Preprocessor:
+    """A preprocessing file (``hefl infer export-preprocessing``), or a model file's part.
+
+    Raises:
+        ConfigError: missing or not JSON; DataError: malformed."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read preprocessing file {str(p)!r}: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"{str(p)!r} is not JSON: {e}") from e
+    return Preprocessor.from_dict(d.get("preprocessing", d) if isinstance(d, dict) else d)
+
+
+def _token(token: str | Token | None, token_file: str | Path | None) -> Token | None:
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read token file {str(token_file)!r}: {e}; hefl certs "
+                              "writes it as certs/clients/NAME.token") from e
+    if token is None or isinstance(token, Token):
+        return token
+    try:
+        return Token.parse(token)
+    except TransportError as e:
+        raise ConfigError(f"bad token{f' in {str(token_file)!r}' if token_file else ''}: "
+                          f"{e}") from e
+
+
+def _refusal(status: int, data: bytes, retry_after: str | None) -> HeflError:
+    """The error a non-200 reply stands for (the server's own class where it names one)."""
+    try:
+        err = json.loads(data)
+        name, code, msg = err.get("error", ""), err.get("code", ""), err.get("message", "")
+    except (ValueError, AttributeError):
+        name, code, msg = "", "", data[:200].decode(errors="replace")
+    if status == 429:
+        return QuotaExceeded(f"server: {msg}", retry_after_s=int(retry_after or 0))
+    if name == "Refused" or status in (401, 403, 411, 413, 503):
+        return Refused(code or f"HTTP_{status}", f"server: {msg}")
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, HeflError) and cls not in (Refused,
+                                                                           QuotaExceeded):
+        return cls(f"server: {msg}")
+    return TransportError(f"server answered {status}: {msg}")
 
 
 @dataclass(frozen=True)
@@ -324,22 +362,25 @@ def score_csv(
     resume: bool = False,
     keyring: Keyring | None = None,
     progress: Callable[[int, int], None] | None = None,
+    preprocessing: Preprocessor | str | Path | None = None,
 ) -> ScoreSummary:
-    """Data owner: preprocess ``data`` with the server's shipped preprocessing, encrypt, score,
-    decrypt and append ``row,logit,probability`` to ``out`` after every batch (flushed), so an
-    interruption loses nothing already scored; ``resume=True`` continues after the rows already
-    in ``out``.
+    """Data owner: preprocess ``data``, encrypt, score, decrypt and append
+    ``row,logit,probability`` to ``out`` after every batch (flushed), so an interruption loses
+    nothing already scored; ``resume=True`` continues after the rows already in ``out``.
+
+    Args:
+        preprocessing: the model's preprocessing (a ``Preprocessor`` or the file from
+            ``hefl infer export-preprocessing``), checked against the features the server
+            lists; needed unless the server publishes it.
 
     Raises:
+        ConfigError: no preprocessing, or one for other features than the server's model.
         DataError: bad CSV (missing columns, NaN, ...): raised before anything is sent.
         ContextMismatch / TransportError: from the server; rows scored so far stay in ``out``.
     """
     t0 = time.perf_counter()
     info = client.info()
-    if info.get("preprocessing") is None:
-        raise ConfigError("the server's model ships no preprocessing; score preprocessed "
-                          "features with hefl.inference.engine instead")
-    pre = Preprocessor.from_dict(info["preprocessing"])
+    pre = _preprocessing(info, preprocessing)
     x, unknown = pre.transform_report(read_csv(data, sep=sep))
     out = Path(out)
     done = 0
@@ -383,13 +424,3 @@ def score_csv(
         with contextlib.suppress(HeflError):
             client.close_session(session)
     return ScoreSummary(len(x), len(x) - done, done, batches, unknown, time.perf_counter() - t0)
-
-
-def serve_forever(server: ThreadingHTTPServer) -> None:
-    """Run until interrupted (Ctrl-C)."""
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        server.server_close()
