@@ -19,6 +19,7 @@ from hefl.aggregation import PlainAggregator, PlainPayload
 from hefl.algorithms import fedavg
 from hefl.client import FitConfig, ModelClient
 from hefl.data.federated import FederatedData
+from hefl.errors import TransportError
 from hefl.models.linear import LogisticRegressionModel
 from hefl.net import wire
 from hefl.net.client import ClientSettings, FederationClient, _tasks, make_channel
@@ -267,3 +268,23 @@ def test_local_misconfiguration_fails_at_once_instead_of_retrying(tmp_path):
     with pytest.raises(ConfigError, match="pass --he-key"):
         c.run()
     assert joins == [1]  # refused on the first join, never retried
+
+
+@pytest.mark.timeout(60)
+def test_a_client_without_a_certificate_at_an_mtls_server_is_told_to_pass_one(tmp_path):
+    """The README's quickstart turns mTLS on; a client that forgets --cert/--key cannot tell
+    a closed handshake from a server not yet up, so it retries, but says what to try."""
+    demo = make_demo(tmp_path, toy_data(), model=MODEL, rounds=1, clients_per_round=3)
+    cfg = load_config(demo.config)
+    srv = FederationServer(dataclasses.replace(cfg, tls=dataclasses.replace(
+        cfg.tls, client_ca=demo.fed.ca)), log=quiet("t.mtls", tmp_path / "mtls.log"))
+    srv.start()
+    try:
+        log = tmp_path / "c0.log"
+        c = FederationClient(dataclasses.replace(settings(demo, "c0"), give_up_s=2),
+                             log=quiet("t.nocert", log))
+        with pytest.raises(TransportError, match="could not reach .*pass --cert"):
+            c.run()
+        assert '"hint"' in log.read_text() and "--key certs/clients/NAME.key" in log.read_text()
+    finally:
+        srv.stop()

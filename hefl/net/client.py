@@ -221,6 +221,10 @@ def _take(it: Iterator[pb.ServerFrame], size: int) -> Iterator[pb.ServerFrame]:
         yield f
 
 
+MTLS_HINT = ("if the server requires client certificates (mTLS, [tls] client_ca), pass --cert "
+             "certs/clients/NAME.pem --key certs/clients/NAME.key")
+
+
 def _check_files(s: ClientSettings) -> None:
     """Every file named on the command line exists, before any connection is tried: a typo
     must fail at once, not after ``give_up_s`` of reconnecting."""
@@ -300,14 +304,20 @@ class FederationClient:
                 event(self.log, "reconnecting", level=logging.WARNING, code=e.code,
                       details=e.reason, delay_s=round(delay, 2))
             except TransportError as e:
-                event(self.log, "reconnecting", level=logging.WARNING, error=str(e))
+                event(self.log, "reconnecting", level=logging.WARNING, error=str(e),
+                      **({"hint": MTLS_HINT} if self._no_cert(e) else {}))
             if time.monotonic() - self._last_ok > self.s.give_up_s:
                 raise TransportError(
                     f"could not reach the server at {self.s.server} for {self.s.give_up_s:.0f} s"
+                    + (f"; {MTLS_HINT}" if self.s.cert is None and self.s.ca is not None else "")
                 )
             time.sleep(delay * (0.5 + self._rng.random()))
             delay = min(cap, delay * 2)
             self.summary.reconnects += 1
+
+    def _no_cert(self, e: Exception) -> bool:
+        """A TLS connection closed during the handshake, by a server that may require mTLS."""
+        return self.s.cert is None and self.s.ca is not None and "Socket closed" in str(e)
 
     def _session(self, transport: Transport) -> bool:
         """Join, subscribe and serve tasks until the stream ends; True when the run is done."""
