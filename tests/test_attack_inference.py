@@ -57,11 +57,11 @@ def fed(tmp_path_factory):
 
 class Served:
     def __init__(self, model, fed, tmp_path, budget=Budget(), limits=None, client_ca=None,
-                 publish=False):
+                 publish=False, service_cls=ScoringService):
         self.clock = Clock()
         self.fed, self.ledger = fed, tmp_path / "usage.jsonl"
         self.quotas = Quotas(budget, ledger=self.ledger, clock=self.clock)
-        self.service = ScoringService(model, publish_preprocessing=publish)
+        self.service = service_cls(model, publish_preprocessing=publish)
         self.log = []
         self.server = make_server(self.service, fed.server_cert, fed.server_key, fed.registry,
                                   port=0, quotas=self.quotas, limits=limits,
@@ -287,6 +287,7 @@ def test_records_per_day_counts_every_slot_survives_a_restart_and_resets_next_da
     ("Content-Length: 1099511627776\r\n", 413),
     ("Content-Length: 12, 12\r\n", 400),
     ("Transfer-Encoding: chunked\r\n", 411),
+    ("Content-Length: " + "9" * 5000 + "\r\n", 413),  # past int()'s digit limit
 ])
 def test_bad_content_length_is_refused_without_reading_the_body(served, header, status):
     head = f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{header}\r\n"
@@ -361,5 +362,43 @@ def test_a_slow_client_is_cut_off_at_its_deadline(model, fed, tmp_path):
         idle.settimeout(5)
         assert idle.recv(1) == b""  # the lobby closed the silent one after 0.5 s
         assert s.client().info()["kind"] == "logistic"
+    finally:
+        s.close()
+
+
+class SlowService(ScoringService):
+    def score(self, *a, **kw):
+        time.sleep(1.5)
+        return super().score(*a, **kw)
+
+
+def test_a_request_waiting_for_an_evaluation_slot_is_not_cut_off(model, fed, tmp_path):
+    """Waiting for a worker is the server's time: with one slot, a 1 s request deadline and
+    1.5 s evaluations, both of two concurrent batches are answered (and each charged once)."""
+    s = Served(model, fed, tmp_path, service_cls=SlowService,
+               limits=Limits(evaluations=1, handshake_timeout_s=0.5, header_timeout_s=0.5))
+    keys = Keyring.generate(s.service.params)
+    x = np.random.default_rng(2).normal(size=(4, 5))
+    batch = Batch(keys.key_id, 4, tuple(keys.encrypt_batch(x)))
+    try:
+        c = s.client()
+        sid = c.open_session(keys.evaluation_keys())
+        got, errors = [], []
+
+        def one():
+            try:
+                got.append(keys.decrypt_scores(c.score(sid, batch).blobs[0], 4))
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and len(got) == 2
+        for z in got:
+            np.testing.assert_allclose(z, model.model.logits(x), atol=1e-4)
+        assert s.quotas.used("bank-a")[1] == 2 * s.service.charge_for(batch)
     finally:
         s.close()

@@ -40,7 +40,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,6 @@ class Quotas:
     default: Budget = field(default_factory=Budget)
     ledger: Path | None = None
     clock: Callable[[], float] = time.time
-    budgets: Mapping[str, Budget] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -235,9 +234,8 @@ class Quotas:
                 continue  # a torn last line after a crash
 
     def budget(self, caller: str | Caller) -> Budget:
-        if isinstance(caller, Caller):
-            return caller.budget(self.default)
-        return self.budgets.get(caller, self.default)
+        """The caller's own budget where its entry sets one, else the default."""
+        return caller.budget(self.default) if isinstance(caller, Caller) else self.default
 
     def _log(self, **rec: Any) -> None:
         if self.ledger is None:

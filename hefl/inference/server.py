@@ -265,17 +265,19 @@ class ScoringServer(socketserver.TCPServer):
 
     def _connection(self, sock: socket.socket, addr: tuple, accepted: float) -> None:
         lim = self.limits
-        key = self._reaper.watch(sock, accepted + lim.handshake_timeout_s + lim.header_timeout_s)
-        self.local.deadline = lambda d: self._reaper.extend(key, d)
-        tls = None
-        try:
+        key, tls = None, None
+        try:  # everything, the reaper's dup() included: a failure must still free the slot
+            key = self._reaper.watch(sock, accepted + lim.handshake_timeout_s
+                                     + lim.header_timeout_s)
+            self.local.deadline = lambda d: self._reaper.extend(key, d)
             sock.settimeout(lim.handshake_timeout_s + lim.header_timeout_s)
             tls = self.ctx.wrap_socket(sock, server_side=True)
             _Handler(tls, addr, self)
         except (OSError, ssl.SSLError, ValueError):
             pass  # a failed handshake, a reaped or reset connection: nothing to answer
         finally:
-            self._reaper.forget(key)
+            if key is not None:
+                self._reaper.forget(key)
             with contextlib.suppress(OSError):
                 (tls or sock).close()
             with self._lock:
@@ -287,6 +289,13 @@ class ScoringServer(socketserver.TCPServer):
             self._reaper.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
         super().server_close()
+
+
+def _int(digits: str) -> int:
+    """A decimal string of ASCII digits as an int; past 18 digits (beyond any cap, and past
+    what ``int()`` converts without a limit) a number larger than every cap."""
+    digits = digits.strip()
+    return int(digits) if len(digits) <= 18 else 1 << 62
 
 
 def _cert_names(conn: socket.socket) -> list[str]:
@@ -314,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
         connection before the client has read the refusal."""
         headers = getattr(self, "headers", None)
         raw = (headers.get("Content-Length") or "").strip() if headers else ""
-        left = min(int(raw) if raw.isascii() and raw.isdigit() else 4 << 20, 4 << 20)
+        left = min(_int(raw) if raw.isascii() and raw.isdigit() else 4 << 20, 4 << 20)
         self.server.local.deadline(time.monotonic() + 1.0)
         with contextlib.suppress(OSError, ValueError):
             while left > 0:
@@ -380,7 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(values) > 1 or not values[0].strip().isascii() or not values[0].strip().isdigit():
             raise _Reply(400, f"Content-Length must be one non-negative integer, got "
                          f"{values!r}")
-        n = int(values[0])
+        n = _int(values[0])
         if n > cap:
             raise _Reply(413, f"request body of {n} bytes exceeds this model's limit of {cap}; "
                          "send smaller batches (one ciphertext's worth of records or fewer)")
@@ -408,10 +417,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _work(self, fn: Callable[[], bytes | str]):
         """Run ``fn`` in one of the ``evaluations`` slots (503 when none frees up in time)."""
+        # waiting for a slot and evaluating are the server's time, not the caller's: no
+        # deadline (the body is in; the reply gets its own deadline in _send)
+        self.server.local.deadline(float("inf"))
         if not self.server.cpu.acquire(timeout=self.server.limits.queue_timeout_s):
             raise _Reply(503, f"all {self.server.limits.evaluations} evaluation slots busy for "
                          f"{self.server.limits.queue_timeout_s:.0f} s; retry later")
-        self.server.local.deadline(float("inf"))
         try:
             return fn()
         finally:
