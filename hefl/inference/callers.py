@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from hefl.errors import ConfigError, QuotaExceeded, Refused, TransportError
+from hefl.net.files import file_stamp
 
 MINUTE, DAY = 60, 86400
 #: Federation fields a ``hefl certs`` registry also carries; a scoring service ignores them.
@@ -96,16 +97,11 @@ def load_callers(path: str | Path) -> dict[str, Caller]:
     Raises:
         ConfigError: missing, not TOML, a malformed or unknown key, a name listed twice.
     """
-    from hefl.net.config import tomllib
+    from hefl.net.config import read_toml
 
     p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"callers file {str(p)!r} not found; `hefl certs --out certs "
-                          "--clients NAME` writes one (certs/clients.toml)") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"callers file {str(p)!r} is not valid TOML: {e}") from e
+    doc = read_toml(p, "callers file", "; `hefl certs --out certs --clients NAME` writes one "
+                    "(certs/clients.toml)")
     out: dict[str, Caller] = {}
     for entry in doc.get("client", []):
         values = {k: v for k, v in dict(entry).items() if k not in FEDERATION_KEYS}
@@ -123,11 +119,6 @@ def load_callers(path: str | Path) -> dict[str, Caller]:
     return out
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
 class Callers:
     """Authenticates requests against a callers file, re-read when it changes.
 
@@ -140,16 +131,13 @@ class Callers:
         self.path = Path(path)
         self.require_cert = require_cert
         self._lock = threading.Lock()
-        self._stamp = _stamp(self.path) if self.path.exists() else (0, 0)
+        self._stamp = file_stamp(self.path)
         self.callers = load_callers(self.path)
 
     def refresh(self) -> None:
         """Re-read the file if its size or mtime changed; a broken file keeps the old list."""
-        try:
-            stamp = _stamp(self.path)
-        except OSError:
-            return
-        if stamp == self._stamp:
+        stamp = file_stamp(self.path)
+        if stamp is None or stamp == self._stamp:  # gone (mid-rename?) or unchanged
             return
         try:
             callers = load_callers(self.path)

@@ -186,14 +186,19 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"bad [{where}] section: {e}") from e
 
 
+def read_toml(path: Path, what: str, missing_hint: str = "") -> dict[str, Any]:
+    """Parse a TOML file; ``ConfigError`` naming ``what`` when it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {str(path)!r} not found{missing_hint}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {e}") from e
+
+
 def load_registry(path: Path) -> tuple[ClientEntry, ...]:
     """Read a client registry TOML (``[[client]] name, token_sha256, revoked``)."""
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"client registry {str(path)!r} not found; run `hefl certs`") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"client registry {str(path)!r} is not valid TOML: {e}") from e
+    doc = read_toml(path, "client registry", "; run `hefl certs`")
     return tuple(_build(ClientEntry, dict(c), "client") for c in doc.get("client", []))
 
 
@@ -204,12 +209,7 @@ def load_config(path: str | Path) -> RunConfig:
         ConfigError: missing file, invalid TOML, unknown keys, or inconsistent settings.
     """
     p = Path(path).expanduser().resolve()
-    try:
-        doc = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {str(p)!r} not found") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+    doc = read_toml(p, "config file")
     base = p.parent
     run = _section(doc, "run")
     unknown = set(run) - RUN_KEYS

@@ -65,6 +65,7 @@ from hefl.net.config import (
 )
 from hefl.net.data import load_client_data
 from hefl.net.decrypt import registry_signers
+from hefl.net.files import file_stamp
 from hefl.net.identity import digest, statement, verify
 from hefl.net.logs import event, get_logger
 from hefl.net.privacy import check_keys, run_plan
@@ -104,17 +105,6 @@ class RealClock:
 
 class NoKeyHolder(RetryRound):
     """No key holder could decrypt this round's aggregate (the round is retried)."""
-
-
-def _stamp(path: Path | None) -> tuple[int, int] | None:
-    """What says a file changed: its size and mtime (None: no file)."""
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -248,7 +238,7 @@ class Coordinator:
         self.index = {n: i for i, n in enumerate(self.names)}
         self.encrypted = is_encrypted(cfg.aggregation)
         self.registry = {c.name: c for c in cfg.clients}
-        self._registry_stamp = _stamp(cfg.registry)
+        self._registry_stamp = file_stamp(cfg.registry)
         # encrypted runs: whose signatures a contribution must carry (the key holder checks
         # them again against its own copy of the registry)
         self.signers = registry_signers(cfg.clients) if self.encrypted else {}
@@ -678,7 +668,7 @@ class Coordinator:
         restart: the file is re-read when its size or mtime changed (one ``stat`` per
         authentication), and a revoked client's open stream is closed. Other changes (a new
         party, a new role) need a restart, and are logged so."""
-        stamp = _stamp(self.cfg.registry)
+        stamp = file_stamp(self.cfg.registry)
         if stamp == self._registry_stamp or self.cfg.registry is None:  # unchanged, or none
             return
         try:

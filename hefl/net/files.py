@@ -54,3 +54,14 @@ def private_file(path: str | Path) -> Path:
     os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     os.chmod(p, 0o600)
     return p
+
+
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """What says a file changed: its size and mtime (None: no file)."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
