@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hefl.aggregation import Aggregator, PlainAggregator
-from hefl.data.tabular import Table, as_float, check_finite
+from hefl.data.tabular import (
+    Column,
+    Preprocessor,
+    Table,
+    as_float,
+    check_finite,
+    check_text_complete,
+    default_positive,
+)
 from hefl.errors import ConfigError, DataError, RoundError
 
 DECADES = 19  # |x| <= 10^0 .. 10^18
@@ -380,3 +388,88 @@ def select_variables(stats: FederatedStats, min_iv: float = 0.02,
     treated as suspiciously strong: a leak of the label)."""
     chosen = [(v.iv, k) for k, v in stats.variables.items() if min_iv <= v.iv < max_iv]
     return tuple(k for _, k in sorted(chosen, key=lambda t: (-t[0], t[1])))
+
+
+# ------------------------------------------------------------------ preprocessing, federated
+
+
+def preprocessor_from_stats(stats: FederatedStats, selected: Sequence[str], target: str,
+                            positive: str, sep: str | None = None) -> Preprocessor:
+    """One-hot the selected categoricals (levels seen in the pooled counts) and standardise the
+    selected numerics with the securely computed pooled mean and standard deviation."""
+    cols = []
+    for name in selected:
+        v = stats.variables[name]
+        if v.kind == "numeric":
+            assert v.mean is not None and v.var is not None
+            cols.append(Column(name, "numeric", mean=v.mean, std=math.sqrt(v.var) or 1.0))
+        else:
+            cols.append(Column(name, "categorical",
+                               categories=tuple(b for b in v.bins if b != "<other>")))
+    return Preprocessor(target, positive, tuple(cols), sep)
+
+
+def schema_of(parties: Mapping[Hashable, Table], target: str, positive: str | None = None
+              ) -> VariableSpec:
+    """The data dictionary of parties holding the same columns: a column is numeric if every
+    party's values parse as numbers; a text column's levels are the union of the parties'
+    level sets. Each party computes its part locally; no row leaves it.
+
+    Raises:
+        DataError: the parties' columns differ, the target is not binary, or a text column has
+            missing values.
+    """
+    tables = [t for t in parties.values() if len(t)]
+    if not tables:
+        raise DataError("no party has any rows")
+    names = tables[0].names
+    for cid, t in parties.items():
+        if len(t) and set(t.names) != set(names):
+            raise DataError(f"party {cid!r} has columns {sorted(t.names)}, the others "
+                            f"{sorted(names)}; every party needs the same columns")
+    if target not in names:
+        raise DataError(f"target column {target!r} is not in the data (columns: "
+                        f"{', '.join(names)}); pass --target with one of them")
+    labels = np.concatenate([np.unique(t[target]) for t in tables])
+    positive = positive if positive is not None else default_positive(np.unique(labels))
+    if positive not in set(labels):
+        raise DataError(f"positive label {positive!r} does not occur in column {target!r}")
+    numeric, categorical = [], {}
+    for name in names:
+        if name == target:
+            continue
+        if all(as_float(t[name]) is not None for t in tables):
+            numeric.append(name)
+            continue
+        for t in tables:
+            check_text_complete(name, t[name])
+        categorical[name] = tuple(sorted({str(v) for t in tables for v in np.unique(t[name])}))
+    return VariableSpec(target, str(positive), tuple(numeric), categorical)
+
+
+def fit_preprocessing(
+    parties: Mapping[Hashable, Table],
+    target: str,
+    positive: str | None = None,
+    make_aggregator: Callable[[int], Aggregator] = PlainAggregator,
+) -> Preprocessor:
+    """The preprocessing a federation trains with, fitted without pooling rows: column kinds
+    and levels from ``schema_of``, numeric means and standard deviations from
+    ``federated_stats`` (sums only, through ``make_aggregator``: plaintext, or CKKS so that no
+    party's statistics are seen). Equal to ``Preprocessor.fit`` on the pooled rows, up to
+    float rounding (and CKKS's error when encrypted).
+
+    Example:
+        >>> rows = {"a": [["20", "red", "no"], ["30", "blue", "yes"]],
+        ...         "b": [["40", "red", "no"], ["50", "blue", "yes"], ["60", "red", "yes"]]}
+        >>> parties = {k: Table.from_rows(["age", "color", "y"], v) for k, v in rows.items()}
+        >>> pre = fit_preprocessing(parties, "y")
+        >>> pre.feature_names, round(pre.columns[0].mean, 9), pre.positive
+        (('age', 'color=blue', 'color=red'), 40.0, 'yes')
+    """
+    spec = schema_of(parties, target, positive)
+    stats = federated_stats(parties, spec, make_aggregator)
+    seps = {t.sep for t in parties.values()}
+    columns = [n for n in next(iter(parties.values())).names if n != target]
+    return preprocessor_from_stats(stats, columns, target, spec.positive,
+                                   seps.pop() if len(seps) == 1 else None)

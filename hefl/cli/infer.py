@@ -113,7 +113,8 @@ def score(
     preprocessing: Annotated[Path | None, typer.Option(
         help="the model's preprocessing file from the model owner (hefl infer "
              "export-preprocessing); not needed if the server publishes it")] = None,
-    sep: Annotated[str, typer.Option(help="CSV separator")] = ",",
+    sep: Annotated[str | None, typer.Option(
+        help="CSV separator (default: the model's training file's, else sniffed)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="records per batch (default: a full "
                                                      "ciphertext)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted --out")] = False,
@@ -134,6 +135,9 @@ def score(
                    "all-zeros one-hot", err=True)
     typer.echo(f"scored {s.scored} rows in {s.batches} batches ({s.seconds:.1f} s) -> {out}"
                + (f" (resumed after {s.skipped})" if s.skipped else ""), err=True)
+    if s.accuracy is not None:
+        typer.echo(f"accuracy of the decrypted scores on the {s.rows} labelled rows: "
+                   f"{s.accuracy:.4f} (logit > 0 is class 1)", err=True)
 
 
 @app.command("export-preprocessing")

@@ -60,7 +60,11 @@ def server(
 def client(
     server: Annotated[str, typer.Option("--server", "-s", help="HOST:PORT of the server")],
     data: Annotated[Path | None, typer.Option(
-        "--data", "-d", help=".npz with this client's x, y")] = None,
+        "--data", "-d", help="this client's data: an .npz with x, y, or a CSV of raw rows "
+        "(with --preprocessing)")] = None,
+    preprocessing: Annotated[Path | None, typer.Option(
+        help="with a CSV --data: the federation's preprocessing.json (hefl split-data --csv)")
+    ] = None,
     token: Annotated[str | None, typer.Option(
         "--token", envvar="HEFL_TOKEN", help="NAME:SECRET (or set HEFL_TOKEN)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="file holding the token")] = None,
@@ -108,6 +112,7 @@ def client(
             insecure=insecure, server_name=server_name, give_up_s=give_up_after,
             fit_delay_s=fit_delay, he_key=he_key, key_holder=key_holder, min_clients=min_clients,
             identity=identity, registry=registry, state_dir=state_dir, share_metrics=share_metrics,
+            preprocessing=preprocessing,
         )
         summary = FederationClient(settings).run()
     except (HeflError, OSError) as e:
@@ -284,24 +289,94 @@ def status(
     typer.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
+@app.command("export-model")
+def export_model(
+    state: Annotated[Path, typer.Option(help="the server's state_dir (from run.toml)")],
+    preprocessing: Annotated[Path, typer.Option(
+        help="the federation's preprocessing.json (hefl split-data --csv)")],
+    out: Annotated[Path, typer.Option(help="model file to write")] = Path("model.json"),
+    run: Annotated[str | None, typer.Option(help="run id (default: the latest)")] = None,
+) -> None:
+    """Model owner: the trained federated logistic regression as the model file `hefl infer
+    serve` loads (weights of the last completed round plus the preprocessing)."""
+    from hefl.net.export import export_model as export
+
+    try:
+        rid, round_num, path = export(state, preprocessing, out, run)
+    except HeflError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}: run {rid}, round {round_num}; serve it with hefl infer serve "
+               f"--model {path} ...")
+
+
 @app.command("split-data")
 def split_data(
-    out: Annotated[Path, typer.Option("--out", "-o")] = Path("data"),
-    clients: Annotated[str, typer.Option(help="comma-separated names")] = "alice,bob,carol",
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write into")] = Path("data"),
+    clients: Annotated[str | None, typer.Option(
+        help="comma-separated client names (default alice,bob,carol; with --csv and --by: one "
+             "client per value instead)")] = None,
     partition: Annotated[str, typer.Option(help="dirichlet or iid")] = "dirichlet",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the split")] = 0,
+    csv: Annotated[Path | None, typer.Option(
+        help="split your own table instead of the digits demo: a CSV with a binary --target")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="--csv: the binary column to predict")] = None,
+    by: Annotated[str | None, typer.Option(
+        help="--csv: one client per value of this column (names made token-safe)")] = None,
+    sep: Annotated[str | None, typer.Option(help="--csv separator (default: sniffed)")] = None,
+    drop: Annotated[list[str] | None, typer.Option(
+        help="--csv: a column to leave out (repeat)")] = None,
+    positive: Annotated[str | None, typer.Option(
+        help="--csv: the target value that is class 1")] = None,
+    test_size: Annotated[float, typer.Option(help="--csv: share of rows held out")] = 0.2,
 ) -> None:
-    """Write the W1 digits split as one NAME.npz per client plus test.npz (demo data)."""
-    from hefl.net.data import write_federated
-    from hefl.workloads import digits
-
-    names = [c.strip() for c in clients.split(",") if c.strip()]
+    """Demo data for a deployment: the W1 digits split as NAME.npz per client plus test.npz, or
+    with --csv one NAME.csv per party, test.csv and the preprocessing.json every party uses
+    (fitted from the parties' summed statistics, not from pooled rows)."""
+    names = [c.strip() for c in (clients or "alice,bob,carol").split(",") if c.strip()]
     try:
+        if csv is not None:
+            _split_csv(out, csv, target, by, None if by else names, partition, seed, sep,
+                       tuple(drop or ()), positive, test_size)
+            return
+        if target or by:
+            raise HeflError("--target and --by go with --csv PATH")
+        from hefl.net.data import write_federated
+        from hefl.workloads import digits
+
         w = digits(num_clients=len(names), partition=partition, seed=seed)
         paths = write_federated(w.data, out, names, w.test)
     except HeflError as e:
         _fail(e)
     typer.echo("\n".join(str(p) for p in paths) + f"\n{out / 'test.npz'}")
+
+
+def _split_csv(out: Path, csv: Path, target: str | None, by: str | None,
+               names: list[str] | None, partition: str, seed: int, sep: str | None,
+               drop: tuple[str, ...], positive: str | None, test_size: float) -> None:
+    from hefl.data.parties import split_table
+    from hefl.data.tabular import read_csv
+
+    if target is None:
+        raise HeflError("--csv needs --target COL: the binary column to predict")
+    table = read_csv(csv, sep=sep, drop=drop)
+    split = split_table(table, target, by=by, clients=None if by else len(names or ()),
+                        partition=partition, seed=seed, test_size=test_size, positive=positive)
+    parties = split.parties
+    if names is not None:  # --clients names the parties, in order
+        parties = dict(zip(names, parties.values(), strict=True))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in parties.items():
+        typer.echo(f"{rows.write_csv(out / f'{name}.csv')}  ({len(rows)} rows)")
+    if len(split.test):
+        typer.echo(f"{split.test.write_csv(out / 'test.csv')}  ({len(split.test)} held-out rows)")
+    pre = split.preprocessing
+    (out / "preprocessing.json").write_text(json.dumps(pre.to_dict(), indent=1))
+    typer.echo(
+        f"{out / 'preprocessing.json'}  ({pre.n_features} features; give it to every party)\n"
+        f"next: hefl certs --clients {','.join(parties)}; in run.toml [model] kind = \"logreg\", "
+        f"n_features = {pre.n_features}; each party runs hefl client --data "
+        f"{out}/NAME.csv --preprocessing {out / 'preprocessing.json'} ...")
 
 
 def run_process(typer_app: typer.Typer) -> NoReturn:

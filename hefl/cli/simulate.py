@@ -39,8 +39,8 @@ class SimulateOptions:
     data: Path | None = None
     partition: str = "dirichlet"
     alpha: float = 0.5
-    clients: int = 100
-    clients_per_round: int = 10
+    clients: int | None = None
+    clients_per_round: int | None = None
     rounds: int = 20
     algorithm: str = "fedavg"
     client_lr: float | None = None
@@ -62,6 +62,14 @@ class SimulateOptions:
     dp_mode: str | None = None
     dp_noise_multiplier: float | None = None
     dp_min_clients: int | None = None
+    csv: Path | None = None
+    target: str | None = None
+    sep: str | None = None
+    drop: tuple[str, ...] = ()
+    partition_by: str | None = None
+    model: str = "logreg"
+    positive: str | None = None
+    test_size: float = 0.2
 
     @property
     def privacy(self):
@@ -82,9 +90,13 @@ def _workload(o: SimulateOptions):
     from hefl import workloads
     from hefl.errors import ConfigError
 
+    if o.csv is not None:
+        return _csv_workload(o)
+    if o.target is not None or o.partition_by is not None:
+        raise ConfigError("--target and --partition-by go with --csv PATH (your own data)")
     if o.dataset == "digits":
         return workloads.digits(
-            num_clients=o.clients, partition=o.partition, alpha=o.alpha, seed=o.seed
+            num_clients=o.clients or 100, partition=o.partition, alpha=o.alpha, seed=o.seed
         )
     if o.dataset not in DATASETS:
         raise ConfigError(f"unknown data set {o.dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -95,6 +107,28 @@ def _workload(o: SimulateOptions):
         )
     build = workloads.femnist if o.dataset == "femnist" else workloads.shakespeare
     return build(o.data, seed=o.seed, device=_device(o))
+
+
+def _csv_workload(o: SimulateOptions):
+    """``--csv PATH --target COL``: the user's own table as a federation."""
+    from hefl import workloads
+
+    if o.target is None:
+        raise ConfigError("--csv needs --target COL: the binary column to predict")
+    if o.dataset != "digits" or o.data is not None:
+        raise ConfigError("give either --csv PATH (your own table) or --dataset/--data, not both")
+    if o.partition_by is not None and o.clients is not None:
+        raise ConfigError("give --partition-by COL (one client per value) or --clients N, not "
+                          "both")
+    if o.model not in workloads.TABULAR_MODELS:
+        raise ConfigError(f"--model {o.model!r}: a CSV federation trains "
+                          f"{' or '.join(workloads.TABULAR_MODELS)} (both score encrypted)")
+    return workloads.tabular(
+        o.csv, o.target, sep=o.sep, drop=o.drop, by=o.partition_by,
+        clients=None if o.partition_by else (o.clients or 10),
+        partition=o.partition if o.partition_by is None else "iid", alpha=o.alpha,
+        model=o.model, positive=o.positive, test_size=o.test_size, seed=o.seed,
+    )
 
 
 def _device(o: SimulateOptions) -> str:
@@ -108,7 +142,8 @@ def _device(o: SimulateOptions) -> str:
 
 
 def run_simulation(
-    o: SimulateOptions, *, out_dir: Path | None = None, progress: bool = False, on_round=None
+    o: SimulateOptions, *, out_dir: Path | None = None, progress: bool = False, on_round=None,
+    save_model: Path | None = None,
 ) -> dict:
     """Run one simulation from CLI options; return the JSON summary."""
     from hefl import workloads
@@ -120,9 +155,13 @@ def run_simulation(
     t0 = time.perf_counter()
     workloads.set_torch_threads(o.threads)
     wl = _workload(o)
-    if o.clients_per_round > len(wl.data):
-        raise ConfigError(f"--clients-per-round {o.clients_per_round} is more than the "
+    k = o.clients_per_round if o.clients_per_round is not None else wl.clients_per_round
+    if k > len(wl.data):
+        raise ConfigError(f"--clients-per-round {k} is more than the "
                           f"{len(wl.data)} clients of this data set; give at most {len(wl.data)}")
+    if save_model is not None and wl.export is None:
+        raise ConfigError("--save-model writes the model file encrypted scoring loads: it "
+                          "needs a --csv federation (logreg or mlp)")
     algo = make_algorithm(
         o.algorithm,
         client_lr=o.client_lr if o.client_lr is not None else wl.client_lr,
@@ -138,7 +177,7 @@ def run_simulation(
         if o.privacy.mode == "distributed" and o.he != "bfv":
             raise ConfigError("--dp-mode distributed adds each client's noise under BFV: add "
                               "--he bfv (with --custody keyholder or threshold)")
-        plan = o.privacy.plan(len(wl.data), o.clients_per_round, o.rounds, size)
+        plan = o.privacy.plan(len(wl.data), k, o.rounds, size)
     if o.he:
         from hefl.crypto import make_aggregator
 
@@ -151,7 +190,7 @@ def run_simulation(
         wl.data,
         algo,
         rounds=o.rounds,
-        clients_per_round=o.clients_per_round,
+        clients_per_round=k,
         seed=o.seed,
         test=wl.test,
         aggregator=aggregator,
@@ -163,10 +202,10 @@ def run_simulation(
     )
     stats = workloads.summary(result)
     summary = {
-        "dataset": o.dataset,
+        "dataset": str(o.csv) if o.csv is not None else o.dataset,
         "algorithm": algo.name,
         "clients": len(wl.data),
-        "clients_per_round": o.clients_per_round,
+        "clients_per_round": k,
         "he": o.he or "none",
         **({"custody": o.custody} if o.he else {}),
         **({"key_holders": aggregator.spec.parties, "threshold": aggregator.spec.threshold}
@@ -182,11 +221,24 @@ def run_simulation(
         summary["dp"] = result.privacy.to_json(len(result.history))
         if result.stopped:
             summary["stopped"] = result.stopped
+    if wl.export is not None:
+        summary["features"] = wl.split.preprocessing.n_features
+        summary["model"] = o.model
+        summary["parties"] = {name: len(t) for name, t in wl.split.parties.items()}
+        summary["test_rows"] = len(wl.split.test)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result.history.to_jsonl(out_dir / "history.jsonl")
         result.history.to_csv(out_dir / "history.csv")
-        result.history.plot(out_dir / "history.png", title=_title(o, algo.name, len(wl.data)))
+        result.history.plot(out_dir / "history.png", title=_title(o, algo.name, len(wl.data), k))
+        if wl.export is not None:
+            save_model = save_model or out_dir / "model.json"
+            if len(wl.split.test):
+                summary["test_csv"] = str(wl.split.test.write_csv(out_dir / "test.csv"))
+    if save_model is not None:
+        assert wl.export is not None
+        summary["model_file"] = str(wl.export(result.params).save(save_model))
+    if out_dir is not None:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["out"] = str(out_dir)
     return summary
@@ -200,11 +252,12 @@ def simulate(
     ),
     partition: str = typer.Option("dirichlet", help="dirichlet or iid"),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more skew)"),
-    clients: int = typer.Option(
-        100, help="number of clients (digits; others: one per writer/role)"
-    ),
-    clients_per_round: int = typer.Option(
-        10, "--clients-per-round", "-k", help="clients sampled each round (at most --clients)"),
+    clients: int | None = typer.Option(
+        None, help="number of clients (digits: 100, --csv: 10; femnist and shakespeare: one per "
+        "writer/role)"),
+    clients_per_round: int | None = typer.Option(
+        None, "--clients-per-round", "-k", help="clients sampled each round (default 10, or "
+        "every party of --partition-by; at most the number of clients)"),
     rounds: int = typer.Option(20, help="federated rounds to run"),
     algorithm: str = typer.Option(
         "fedavg", help="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad"
@@ -239,20 +292,44 @@ def simulate(
     dp_noise_multiplier: float | None = typer.Option(None, help="DP: fixed noise multiplier"),
     dp_min_clients: int | None = typer.Option(
         None, help="distributed DP: contributions the noise is sized for"),
+    csv: Path | None = typer.Option(
+        None, help="your own table: a CSV (.gz allowed) with a binary --target column; one "
+        "client per value of --partition-by, or --clients N by --partition"),
+    target: str | None = typer.Option(None, help="--csv: the binary column to predict"),
+    sep: str | None = typer.Option(
+        None, help="--csv separator (default: sniffed; ' ' splits on runs of spaces)"),
+    drop: list[str] | None = typer.Option(
+        None, help="--csv: a column to leave out, e.g. one that leaks the label (repeat)"),
+    partition_by: str | None = typer.Option(
+        None, help="--csv: one client per value of this column (e.g. a bank's branch)"),
+    model: str = typer.Option(
+        "logreg", help="--csv: logreg or mlp (one hidden layer, quadratic activation); both "
+        "score encrypted with `hefl infer serve`"),
+    positive: str | None = typer.Option(
+        None, help="--csv: the target value that is class 1 (default: yes/1/true/bad, ...)"),
+    test_size: float = typer.Option(
+        0.2, help="--csv: share of rows held out (stratified) to test the model"),
+    save_model: Path | None = typer.Option(
+        None, help="--csv: write the trained model file (default with --out: OUT/model.json)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON summary"),
     out_dir: Path | None = typer.Option(
-        None, "--out", help="write history (jsonl, csv), summary.json and a plot"
+        None, "--out", help="write history (jsonl, csv), summary.json and a plot; with --csv "
+        "also model.json and the held-out rows as test.csv"
     ),
 ) -> None:
     """Simulate federated training on this machine."""
     opts = SimulateOptions(
-        dataset, data, partition, alpha, clients, clients_per_round, rounds, algorithm, client_lr,
-        server_lr, mu, epochs, batch_size, seed, threads, he, backend, device, custody,
-        key_holders, threshold, dp_epsilon, dp_delta, dp_clip, dp_mode, dp_noise_multiplier,
-        dp_min_clients,
-    )  # fmt: skip
+        dataset=dataset, data=data, partition=partition, alpha=alpha, clients=clients,
+        clients_per_round=clients_per_round, rounds=rounds, algorithm=algorithm,
+        client_lr=client_lr, server_lr=server_lr, mu=mu, epochs=epochs, batch_size=batch_size,
+        seed=seed, threads=threads, he=he, backend=backend, device=device, custody=custody,
+        key_holders=key_holders, threshold=threshold, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+        dp_clip=dp_clip, dp_mode=dp_mode, dp_noise_multiplier=dp_noise_multiplier,
+        dp_min_clients=dp_min_clients, csv=csv, target=target, sep=sep, drop=tuple(drop or ()),
+        partition_by=partition_by, model=model, positive=positive, test_size=test_size,
+    )
     try:
-        s = run_simulation(opts, out_dir=out_dir, progress=not as_json)
+        s = run_simulation(opts, out_dir=out_dir, progress=not as_json, save_model=save_model)
     except HeflError as e:
         _fail(e)
         return
@@ -272,6 +349,11 @@ def simulate(
         err.print(f"[yellow]{s['stopped']}[/]")
     if "out" in s:
         out.print(f"history and plot written to {s['out']}")
+    if "model_file" in s:
+        out.print(f"model file (with its preprocessing) written to {s['model_file']}; score "
+                  f"encrypted records with `hefl infer serve --model {s['model_file']} ...`"
+                  + (f" and `hefl infer score --data {s['test_csv']} ...`"
+                     if "test_csv" in s else ""))
 
 
 def _upload_line(s: dict) -> str:
@@ -280,11 +362,11 @@ def _upload_line(s: dict) -> str:
             f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)")
 
 
-def _title(o: SimulateOptions, algorithm: str, clients: int) -> str:
+def _title(o: SimulateOptions, algorithm: str, clients: int, per_round: int) -> str:
     enc = f"{o.he}, custody {o.custody}" if o.he else "plaintext"
     dp = f", DP {o.privacy.mode}" if o.privacy is not None else ""
-    return (f"{o.dataset}: {algorithm}, {enc}{dp}, {o.clients_per_round} of {clients} clients "
-            "per round")
+    data = o.csv.name if o.csv is not None else o.dataset
+    return f"{data}: {algorithm}, {enc}{dp}, {per_round} of {clients} clients per round"
 
 
 def _print_round(record) -> None:

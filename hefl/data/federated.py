@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hefl.errors import DataError
+
+if TYPE_CHECKING:
+    from hefl.data.tabular import Preprocessor
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class ClientData:
 class FederatedData:
     """Training data per client, plus optional per-client test splits.
 
+    ``preprocessing`` is set when the features came from a table (``from_frame``): the
+    transform that turns a party's raw rows, or records to score, into ``x``.
+
     Client order is the mapping's order; a client's *index* in that order is what seeds its
     local shuffling, so two runs over the same FederatedData are identical.
 
@@ -45,6 +51,7 @@ class FederatedData:
 
     train: Mapping[Any, ClientData]
     test: Mapping[Any, ClientData] = field(default_factory=dict)
+    preprocessing: Preprocessor | None = field(default=None, compare=False)
 
     @property
     def ids(self) -> tuple[Hashable, ...]:
@@ -74,3 +81,40 @@ class FederatedData:
             ix = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx, dtype=np.int64)
             train[cid] = ClientData(x[ix], y[ix])
         return cls(train)
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: Any,
+        target: str,
+        by: str | None = None,
+        *,
+        clients: int | None = None,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        seed: int = 0,
+        positive: str | None = None,
+        drop: Sequence[str] = (),
+        preprocessing: Preprocessor | None = None,
+    ) -> FederatedData:
+        """A federation from a table: a pandas DataFrame (or ``hefl.data.tabular.Table``),
+        one client per value of column ``by`` or ``clients`` clients (``partition``: iid or
+        dirichlet). Text columns are one-hot encoded and numeric ones standardised; unless
+        ``preprocessing`` is given it is fitted from the clients' summed statistics
+        (``hefl.analytics.fit_preprocessing``), never from pooled rows, and kept as
+        ``.preprocessing``. Every row is training data: hold out a test split first (or use
+        ``hefl.data.parties.split_table``).
+
+        Example:
+            >>> import pandas as pd  # doctest: +SKIP
+            >>> df = pd.read_csv("bank.csv", sep=";")  # doctest: +SKIP
+            >>> fd = FederatedData.from_frame(df, target="y", by="job")  # doctest: +SKIP
+        """
+        from hefl.data.parties import split_table
+        from hefl.data.tabular import Table
+
+        table = Table.from_frame(frame)
+        split = split_table(table.drop(*drop) if drop else table, target, by=by,
+                            clients=clients, partition=partition, alpha=alpha, seed=seed,
+                            test_size=0.0, positive=positive, preprocessing=preprocessing)
+        return split.federated()

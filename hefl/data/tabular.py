@@ -30,24 +30,55 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from hefl.errors import DataError
+from hefl.errors import ConfigError, DataError
 
 _MISSING = {"", "na", "nan", "null", "none", "?"}
 
 
 @dataclass(frozen=True)
 class Table:
-    """Columns of strings, all the same length, in file order."""
+    """Columns of strings, all the same length, in file order.
+
+    Attributes:
+        columns: column name -> its values as strings.
+        sep: the separator of the file it was read from (``None``: not read from a file); a
+            model fitted on it remembers the separator, so its data owners need no ``--sep``.
+    """
 
     columns: Mapping[str, np.ndarray]
+    sep: str | None = field(default=None, compare=False)
 
     @classmethod
-    def from_rows(cls, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    def from_rows(cls, header: Sequence[str], rows: Sequence[Sequence[str]],
+                  sep: str | None = None) -> Table:
         arr = np.asarray(rows, dtype=object).reshape(len(rows), len(header))
-        return cls({h: arr[:, i].astype(str) for i, h in enumerate(header)})
+        return cls({h: arr[:, i].astype(str) for i, h in enumerate(header)}, sep)
+
+    @classmethod
+    def from_frame(cls, frame: Any) -> Table:
+        """A pandas (or any) DataFrame: every column as strings, missing values (``None``,
+        ``NaN``) as ``""`` so they are reported like a blank CSV field. A ``Table`` is returned
+        as it is."""
+        if isinstance(frame, Table):
+            return frame
+        if not hasattr(frame, "columns"):
+            raise DataError(f"expected a DataFrame (pandas) or a hefl Table, got "
+                            f"{type(frame).__name__}")
+
+        def text(v: Any) -> str:
+            return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+        cols = {}
+        for name in frame.columns:
+            values = np.asarray(frame[name], dtype=object)
+            cols[str(name)] = np.array([text(v) for v in values], dtype=str)
+        if not cols:
+            raise DataError("the DataFrame has no columns")
+        return cls(cols)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -65,10 +96,25 @@ class Table:
             ) from None
 
     def take(self, rows: np.ndarray) -> Table:
-        return Table({k: v[rows] for k, v in self.columns.items()})
+        return Table({k: v[rows] for k, v in self.columns.items()}, self.sep)
 
     def drop(self, *names: str) -> Table:
-        return Table({k: v for k, v in self.columns.items() if k not in names})
+        unknown = [n for n in names if n not in self.columns]
+        if unknown:
+            raise DataError(f"cannot drop {', '.join(map(repr, unknown))}: not a column (columns: "
+                            f"{', '.join(self.names)})")
+        return Table({k: v for k, v in self.columns.items() if k not in names}, self.sep)
+
+    def write_csv(self, path: str | Path, sep: str | None = None) -> Path:
+        """Write a header line and the rows (separator: ``sep``, else the one it was read with,
+        else ``,``). ``" "`` is written as a single space."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter=sep or self.sep or ",")
+            w.writerow(self.names)
+            w.writerows(zip(*self.columns.values(), strict=True))
+        return p
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -77,9 +123,42 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
+#: Separators ``sniff_sep`` chooses between (``" "``: runs of spaces, as in German credit).
+SEPARATORS = (",", ";", "\t", "|")
+
+
+def sniff_sep(path: str | Path, sample_bytes: int = 65536) -> str:
+    r"""The separator of a delimited file, read off its first lines: the one of ``SEPARATORS``
+    that splits every sampled line into the same number (> 1) of fields, the most fields
+    winning; else ``" "`` if runs of spaces do; else ``","`` (a one-column file).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "bank.csv"
+        >>> _ = p.write_text('age;job;"y"\n30;"admin.";no\n41;"blue-collar";yes\n')
+        >>> sniff_sep(p)
+        ';'
+    """
+    with _open_text(Path(path)) as f:
+        sample = f.read(sample_bytes)
+    lines = [ln for ln in sample.splitlines() if ln.strip()]
+    if len(lines) > 1 and len(sample) >= sample_bytes:
+        lines = lines[:-1]  # the last line may be cut off by the sample
+    best, fields = ",", 1
+    for sep in SEPARATORS:
+        counts = {len(r) for r in csv.reader(lines, delimiter=sep)}
+        if len(counts) == 1 and (n := counts.pop()) > fields:
+            best, fields = sep, n
+    if fields == 1:
+        counts = {len(ln.split()) for ln in lines}
+        if len(counts) == 1 and counts.pop() > 1:
+            return " "
+    return best
+
+
 def read_csv(
     path: str | Path,
-    sep: str = ",",
+    sep: str | None = None,
     header: Sequence[str] | None = None,
     drop: Iterable[str] = (),
     no_header: bool = False,
@@ -88,7 +167,8 @@ def read_csv(
 
     Args:
         path: the file.
-        sep: field separator (``" "`` splits on runs of spaces).
+        sep: field separator (``" "`` splits on runs of spaces); ``None``: found by
+            ``sniff_sep`` and kept as ``Table.sep``.
         header: column names when the file has no header line.
         drop: columns to leave out (e.g. ``duration`` in the bank data, which leaks the label).
         no_header: the file has no header line and no ``header`` is given: name the columns
@@ -101,6 +181,8 @@ def read_csv(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file not found at {str(p)!r}; pass the path to an existing file")
+    if sep is None:
+        sep = sniff_sep(p)
     with _open_text(p) as f:
         if sep == " ":
             lines = (ln.split() for ln in f if ln.strip())
@@ -123,12 +205,12 @@ def read_csv(
             if len(r) != len(names):
                 raise DataError(
                     f"{p.name} line {i + first_line}: {len(r)} fields, the header has "
-                    f"{len(names)}; check the separator (--sep) and quoting"
+                    f"{len(names)} (separator {sep!r}); check the separator (--sep) and quoting"
                 )
             rows.append([v.strip() for v in r])
     if not rows:
         raise DataError(f"{str(p)!r} has a header but no rows")
-    table = Table.from_rows(names, rows)
+    table = Table.from_rows(names, rows, sep)
     return table.drop(*drop) if drop else table
 
 
@@ -180,12 +262,15 @@ class Preprocessor:
         target: label column name.
         positive: the label value that is class 1.
         columns: per input column, how it is encoded (in feature order).
+        sep: the training file's separator, used for the data owners' files unless they say
+            otherwise (``None``: not known).
         unknown_counts: filled by ``transform_report``; not part of the JSON.
     """
 
     target: str
     positive: str
     columns: tuple[Column, ...]
+    sep: str | None = None
     unknown_counts: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -218,7 +303,9 @@ class Preprocessor:
                 (e.g. computed under encryption by ``hefl.analytics``).
 
         Raises:
-            DataError: target missing or not binary, or a numeric column with missing values.
+            DataError: target missing or not binary, or a column with missing values (blank,
+                ``NA``, ...): a text column's blanks would otherwise become a category of
+                their own.
         """
         labels = table[target] if target in table.columns else None
         if labels is None:
@@ -235,6 +322,7 @@ class Preprocessor:
             raw = table[name]
             num = as_float(raw)
             if num is None:
+                check_text_complete(name, raw)
                 levels = tuple(sorted(str(v) for v in set(raw)))
                 cols.append(Column(name, "categorical", categories=levels))
                 continue
@@ -244,7 +332,7 @@ class Preprocessor:
             else:
                 mean, std = float(num.mean()), float(num.std())
             cols.append(Column(name, "numeric", mean=float(mean), std=float(std) or 1.0))
-        return cls(target, str(positive), tuple(cols))
+        return cls(target, str(positive), tuple(cols), table.sep)
 
     def labels(self, table: Table) -> np.ndarray:
         """0/1 labels (``positive`` -> 1).
@@ -307,6 +395,7 @@ class Preprocessor:
             "format": "hefl-preprocessing/1",
             "target": self.target,
             "positive": self.positive,
+            **({"sep": self.sep} if self.sep is not None else {}),
             "unknown_categories": "all-zeros one-hot",
             "columns": [
                 {"name": c.name, "kind": c.kind, "mean": c.mean, "std": c.std}
@@ -315,6 +404,26 @@ class Preprocessor:
                 for c in self.columns
             ],
         }
+
+    @classmethod
+    def load(cls, path: str | Path) -> Preprocessor:
+        """A ``hefl-preprocessing/1`` JSON file (``hefl split-data --csv``, ``hefl infer
+        export-preprocessing``, or written by hand from a public schema), or a model file's
+        ``preprocessing`` part.
+
+        Raises:
+            ConfigError: missing or not JSON; DataError: malformed.
+        """
+        import json
+
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read preprocessing file {str(p)!r}: {e}") from e
+        except ValueError as e:
+            raise ConfigError(f"{str(p)!r} is not JSON: {e}") from e
+        return cls.from_dict(d.get("preprocessing", d) if isinstance(d, dict) else d)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Preprocessor:
@@ -330,9 +439,32 @@ class Preprocessor:
                 else Column(c["name"], "categorical", categories=tuple(map(str, c["categories"])))
                 for c in d["columns"]
             )
-            return cls(str(d["target"]), str(d["positive"]), cols)
+            sep = d.get("sep")
+            return cls(str(d["target"]), str(d["positive"]), cols,
+                       None if sep is None else str(sep))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"malformed preprocessing JSON: {e!r}") from e
+
+
+def check_text_complete(name: str, raw: np.ndarray) -> None:
+    """A text column must have no missing values: one-hot encoding would silently make
+    ``""``/``NA`` a category of its own (a bank's blank ``job`` is not a job)."""
+    bad = np.flatnonzero([v.strip().lower() in _MISSING for v in raw])
+    if len(bad):
+        shown = sorted({str(raw[i]) for i in bad[:50]})
+        raise DataError(
+            f"text column {name!r} has {len(bad)} missing values ({shown!r}; rows "
+            f"{bad[:5].tolist()}, counted from 0 after the header); fill them with a level of their own (e.g. 'unknown') or "
+            f"leave the column out (--drop {name})"
+        )
+
+
+def check_complete(table: Table, target: str) -> None:
+    """Every text column (all but ``target``) free of blanks and ``NA``: see
+    ``check_text_complete``. Numeric columns are checked where they are parsed."""
+    for name in table.names:
+        if name != target and as_float(table[name]) is None:
+            check_text_complete(name, table[name])
 
 
 def check_finite(name: str, num: np.ndarray) -> None:

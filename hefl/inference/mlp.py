@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hefl.errors import ConfigError
 from hefl.inference.model import SOFTPLUS2, PolyMLP
 
 
@@ -35,16 +36,32 @@ def poly_mlp_module(n_in: int, hidden: int = 16,
     return nn.Sequential(nn.Linear(n_in, hidden), QuadraticActivation(coeffs), nn.Linear(hidden, 1))
 
 
+def poly_mlp_classifier(n_in: int, hidden: int = 16,
+                        coeffs: tuple[float, float, float] = SOFTPLUS2) -> nn.Sequential:
+    """``poly_mlp_module`` with two outputs, for training with cross-entropy over class indices
+    (what ``hefl.models.TorchModel`` does): ``softmax(z0, z1)[1] = sigmoid(z1 - z0)``, so
+    ``from_torch`` exports it exactly as the one-logit ``PolyMLP`` encrypted scoring evaluates."""
+    return nn.Sequential(nn.Linear(n_in, hidden), QuadraticActivation(coeffs), nn.Linear(hidden, 2))
+
+
 def from_torch(module: nn.Sequential) -> PolyMLP:
-    """Weights of a ``poly_mlp_module`` as a ``PolyMLP``."""
+    """Weights of a ``poly_mlp_module`` (one logit) or ``poly_mlp_classifier`` (two: the
+    difference of the class-1 and class-0 rows is the logit) as a ``PolyMLP``."""
     first, act, last = module[0], module[1], module[2]
     assert isinstance(first, nn.Linear) and isinstance(last, nn.Linear)
     assert isinstance(act, QuadraticActivation)
+    w2 = last.weight.detach().double().numpy()
+    b2 = last.bias.detach().double().numpy()
+    if w2.shape[0] == 2:
+        w2, b2 = w2[1:] - w2[:1], b2[1:] - b2[:1]
+    elif w2.shape[0] != 1:
+        raise ConfigError(f"encrypted scoring takes binary models; this one has {w2.shape[0]} "
+                          "outputs")
     return PolyMLP(
         first.weight.detach().double().numpy().copy(),
         first.bias.detach().double().numpy().copy(),
-        last.weight.detach().double().numpy().reshape(-1).copy(),
-        float(last.bias.detach().double().item()),
+        w2.reshape(-1).copy(),
+        float(b2[0]),
         act.coeffs,
     )
 

@@ -13,7 +13,6 @@ reference, a CKKS aggregator for the encrypted run; nothing else changes.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +21,15 @@ import numpy as np
 
 from hefl.aggregation import Aggregator, PlainAggregator
 from hefl.algorithms import fedavg
-from hefl.analytics import FederatedStats, VariableSpec, federated_stats, select_variables
+from hefl.analytics import (
+    VariableSpec,
+    federated_stats,
+    preprocessor_from_stats,
+    select_variables,
+)
 from hefl.data.federated import ClientData, FederatedData
 from hefl.data.partition import by_key
-from hefl.data.tabular import Column, Preprocessor, Table, stratified_split
+from hefl.data.tabular import Table, stratified_split
 from hefl.inference.bench import auc
 from hefl.inference.engine import score_encrypted
 from hefl.inference.model import LinearModel
@@ -83,22 +87,6 @@ class PipelineResult:
     us_per_record: float
     params: np.ndarray = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def preprocessor_from_stats(stats: FederatedStats, selected: tuple[str, ...], target: str,
-                            positive: str) -> Preprocessor:
-    """One-hot the selected categoricals (levels seen in the pooled counts) and standardise the
-    selected numerics with the securely computed pooled mean and standard deviation."""
-    cols = []
-    for name in selected:
-        v = stats.variables[name]
-        if v.kind == "numeric":
-            assert v.mean is not None and v.var is not None
-            cols.append(Column(name, "numeric", mean=v.mean, std=math.sqrt(v.var) or 1.0))
-        else:
-            cols.append(Column(name, "categorical",
-                               categories=tuple(b for b in v.bins if b != "<other>")))
-    return Preprocessor(target, positive, tuple(cols))
 
 
 def run_pipeline(

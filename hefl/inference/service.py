@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
 from hefl import errors
 from hefl.crypto.scoring import CkksParams, EvaluationKeys, Evaluator, Keyring, split_batches
-from hefl.data.tabular import Preprocessor, read_csv
+from hefl.data.tabular import Preprocessor, Table, read_csv
 from hefl.errors import (
     ConfigError,
     ContextMismatch,
@@ -265,27 +267,12 @@ def _preprocessing(info: dict, given: Preprocessor | str | Path | None) -> Prepr
                               "the model owner for the preprocessing file (hefl infer "
                               "export-preprocessing) and pass it with --preprocessing FILE")
         return Preprocessor.from_dict(info["preprocessing"])
-    pre = given if isinstance(given, Preprocessor) else load_preprocessing(given)
+    pre = given if isinstance(given, Preprocessor) else Preprocessor.load(given)
     if info.get("features") is not None and list(pre.feature_names) != info["features"]:
         raise ConfigError(f"the preprocessing makes features {list(pre.feature_names)[:6]}..., "
                           f"the server's model takes {info['features'][:6]}...; use the "
                           "preprocessing file that came with this model")
     return pre
-
-
-def load_preprocessing(path: str | Path) -> Preprocessor:
-    """A preprocessing file (``hefl infer export-preprocessing``), or a model file's part.
-
-    Raises:
-        ConfigError: missing or not JSON; DataError: malformed."""
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read preprocessing file {str(p)!r}: {e}") from e
-    except ValueError as e:
-        raise ConfigError(f"{str(p)!r} is not JSON: {e}") from e
-    return Preprocessor.from_dict(d.get("preprocessing", d) if isinstance(d, dict) else d)
 
 
 def _token(token: str | Token | None, token_file: str | Path | None) -> Token | None:
@@ -332,6 +319,7 @@ class ScoreSummary:
     batches: int
     unknown_categories: dict[str, int]
     seconds: float
+    accuracy: float | None = None
 
 
 def _rows_done(out: Path) -> int:
@@ -357,7 +345,7 @@ def score_csv(
     client: ScoringClient,
     data: str | Path,
     out: str | Path,
-    sep: str = ",",
+    sep: str | None = None,
     batch_size: int | None = None,
     resume: bool = False,
     keyring: Keyring | None = None,
@@ -369,6 +357,8 @@ def score_csv(
     nothing already scored; ``resume=True`` continues after the rows already in ``out``.
 
     Args:
+        sep: the CSV separator; default: the model's training file's (in the preprocessing),
+            else sniffed.
         preprocessing: the model's preprocessing (a ``Preprocessor`` or the file from
             ``hefl infer export-preprocessing``), checked against the features the server
             lists; needed unless the server publishes it.
@@ -381,7 +371,8 @@ def score_csv(
     t0 = time.perf_counter()
     info = client.info()
     pre = _preprocessing(info, preprocessing)
-    x, unknown = pre.transform_report(read_csv(data, sep=sep))
+    table = read_csv(data, sep=sep if sep is not None else pre.sep)
+    x, unknown = pre.transform_report(table)
     out = Path(out)
     done = 0
     if out.exists():
@@ -423,4 +414,18 @@ def score_csv(
     finally:
         with contextlib.suppress(HeflError):
             client.close_session(session)
-    return ScoreSummary(len(x), len(x) - done, done, batches, unknown, time.perf_counter() - t0)
+    return ScoreSummary(len(x), len(x) - done, done, batches, unknown, time.perf_counter() - t0,
+                        _accuracy(out, table, pre))
+
+
+def _accuracy(out: Path, table: Table, pre: Preprocessor) -> float | None:
+    """Accuracy of the decrypted scores in ``out`` (logit > 0 is class 1) when the scored CSV
+    also holds the target column (a held-out split), else None."""
+    if pre.target not in table.columns:
+        return None
+    y = pre.labels(table)
+    with open(out, newline="") as f:
+        logits = np.array([float(r["logit"]) for r in csv.DictReader(f)])
+    if len(logits) != len(y):
+        return None
+    return float(((logits > 0) == y).mean())

@@ -51,7 +51,9 @@ class ClientSettings:
 
     Attributes:
         server: ``HOST:PORT``.
-        data: ``.npz`` with the client's ``x`` and ``y``.
+        data: ``.npz`` with the client's ``x`` and ``y``, or a CSV of its raw rows.
+        preprocessing: for a CSV, the federation's preprocessing file (``hefl split-data
+            --csv`` writes it; or a public schema in the same format).
         token: ``NAME:SECRET`` from ``hefl certs`` (NAME is the client's registered name).
         ca: CA certificate to verify the server (TLS); ``insecure`` skips TLS (loopback only).
         cert, key: client certificate and key, when the server requires mTLS.
@@ -95,6 +97,7 @@ class ClientSettings:
     registry: Path | None = None
     state_dir: Path | None = None
     share_metrics: bool = False
+    preprocessing: Path | None = None
 
 
 @dataclass
@@ -228,7 +231,7 @@ MTLS_HINT = ("if the server requires client certificates (mTLS, [tls] client_ca)
 def _check_files(s: ClientSettings) -> None:
     """Every file named on the command line exists, before any connection is tried: a typo
     must fail at once, not after ``give_up_s`` of reconnecting."""
-    named = {"--data": s.data, "--he-key": s.he_key, "--registry": s.registry,
+    named = {"--data": s.data, "--preprocessing": s.preprocessing, "--he-key": s.he_key, "--registry": s.registry,
              "--identity": s.identity}
     if not s.insecure:
         named.update({"--ca": s.ca, "--cert": s.cert, "--key": s.key})
@@ -273,9 +276,10 @@ class FederationClient:
                     "to verify whose contributions it decrypts")
             self.data = None
         elif settings.data is None:
-            raise ConfigError("pass --data PATH (the client's .npz)")
+            raise ConfigError("pass --data PATH (the client's .npz, or its CSV with "
+                              "--preprocessing)")
         else:
-            self.data = load_client_data(settings.data)
+            self.data = load_client_data(settings.data, settings.preprocessing)
         self.key = load_key(settings.he_key) if settings.he_key is not None else None
         self.holder: Any = None  # a VerifiedDecryptor, only in a key-holder process
         self.identity: Identity | None = None

@@ -22,7 +22,8 @@ Example ``run.toml`` (paths are relative to the file)::
     min_clients = 2        # fewer results than this and the round is retried
     wait_fraction = 1.0    # close the round once this fraction of participants answered
     round_timeout_s = 120  # then close it anyway (stragglers dropped)
-    test_data = "test.npz" # optional: evaluate the global model each round
+    test_data = "test.npz" # optional: evaluate the global model each round (or a CSV,
+                           # with preprocessing = "preprocessing.json" from split-data --csv)
 
     [tls]
     cert = "certs/server.pem"
@@ -100,6 +101,7 @@ class ServerSettings:
     streams_per_client: int = 2  # open Submit (and Subscribe) streams per identity
     linger_s: float = 60.0  # after the run: keep telling late clients "finished", then exit
     test_data: Path | None = None
+    preprocessing: Path | None = None  # a CSV test_data's preprocessing.json
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,7 @@ def load_config(path: str | Path) -> RunConfig:
                           f"{', '.join(sorted(RUN_KEYS))}")
     server = _section(doc, "server")
     server["test_data"] = _path(base, server.get("test_data"))
+    server["preprocessing"] = _path(base, server.get("preprocessing"))
     tls = _section(doc, "tls")
     for k in ("cert", "key", "client_ca"):
         tls[k] = _path(base, tls.get(k))

@@ -262,7 +262,8 @@ class Coordinator:
             self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
             self.store = Store(cfg.state_dir)
             self.test: ClientData | None = (
-                load_client_data(cfg.server.test_data) if cfg.server.test_data else None
+                load_client_data(cfg.server.test_data, cfg.server.preprocessing)
+                if cfg.server.test_data else None
             )
         except BaseException:
             self.lock.release()

@@ -1,4 +1,5 @@
-"""A client's local data on disk: an ``.npz`` with arrays ``x`` and ``y``.
+"""A client's local data on disk: an ``.npz`` with arrays ``x`` and ``y``, or a CSV of raw rows
+with the federation's preprocessing file (``hefl split-data --csv`` writes both).
 
 ``write_federated(data, out)`` writes one file per client (``NAME.npz``) plus ``test.npz`` so a
 demo or a test can hand each client process its own shard.
@@ -12,7 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from hefl.data.federated import ClientData, FederatedData
-from hefl.errors import DataError
+from hefl.data.tabular import Preprocessor
+from hefl.errors import ConfigError, DataError
+
+#: Suffixes read as delimited text (anything else must be an ``.npz``).
+CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".data")
+
+
+def is_csv(path: str | Path) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in CSV_SUFFIXES or (
+        p.suffix.lower() == ".gz" and Path(p.stem).suffix.lower() in CSV_SUFFIXES)
 
 
 def save_client_data(path: str | Path, data: ClientData) -> Path:
@@ -22,13 +33,35 @@ def save_client_data(path: str | Path, data: ClientData) -> Path:
     return p
 
 
-def load_client_data(path: str | Path) -> ClientData:
-    """Read ``x`` and ``y`` from an ``.npz`` (no pickle).
+def load_client_data(path: str | Path,
+                     preprocessing: Preprocessor | str | Path | None = None) -> ClientData:
+    """Read ``x`` and ``y`` from an ``.npz`` (no pickle), or a CSV's rows through
+    ``preprocessing`` (its separator unless sniffed otherwise, its target as ``y``).
 
     Raises:
-        DataError: missing file, not an npz, or no ``x``/``y`` arrays.
+        ConfigError: a CSV without preprocessing, or preprocessing for an npz.
+        DataError: missing file, not an npz, no ``x``/``y`` arrays, or a CSV that does not fit
+            the preprocessing (missing columns, blanks, a third label).
     """
     p = Path(path)
+    if is_csv(p):
+        if preprocessing is None:
+            raise ConfigError(f"{str(p)!r} is a CSV: also pass --preprocessing FILE, the "
+                              "federation's preprocessing.json (hefl split-data --csv writes it)")
+        from hefl.data.tabular import read_csv
+
+        pre = (preprocessing if isinstance(preprocessing, Preprocessor)
+               else Preprocessor.load(preprocessing))
+        table = read_csv(p, sep=pre.sep)
+        x, unknown = pre.transform_report(table)
+        if unknown:
+            raise DataError(f"{p.name} holds categories the federation's preprocessing does not "
+                            f"know ({unknown}); add them to the schema so every party encodes "
+                            "them alike")
+        return ClientData(x, pre.labels(table))
+    if preprocessing is not None:
+        raise ConfigError(f"--preprocessing applies to CSV data; {str(p)!r} is an .npz of "
+                          "features already")
     try:
         with np.load(p, allow_pickle=False) as z:
             if "x" not in z.files or "y" not in z.files:

@@ -267,10 +267,11 @@ def run_in_threads(
     opts = client_options or {}
     clients = {}
     for n in opts or demo.names:
-        s = ClientSettings(server=demo.address, data=demo.data.get(n), ca=demo.fed.ca,
+        s = ClientSettings(server=demo.address, ca=demo.fed.ca,
                            token=Token.parse(demo.fed.token(n).read_text()),
                            backoff_s=(0.05, 0.5), give_up_s=timeout,
-                           **demo.party_options(n, opts.get(n, {})))
+                           **{"data": demo.data.get(n),
+                              **demo.party_options(n, opts.get(n, {}))})
         clients[n] = FederationClient(s, log=logger(n))
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients.values()]
     for t in threads:
