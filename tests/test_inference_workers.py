@@ -130,3 +130,57 @@ def test_map_keeps_chunk_order_and_stays_in_step_after_an_error():
         assert pool.each(operator.add, 1, 2) == [3]
     finally:
         pool.close()
+
+
+def test_scoring_service_and_client_share_work_with_helpers_and_stop_them(tmp_path):
+    """``hefl infer serve/score --workers 2``: the service's session evaluates with a helper,
+    the client encrypts with one; scores match plaintext, and closing or evicting a session
+    stops its helper process."""
+    import threading
+
+    from hefl.data.tabular import Table
+    from hefl.inference.callers import Budget, Quotas
+    from hefl.inference.model import ModelFile
+    from hefl.inference.server import make_server
+    from hefl.inference.service import ScoringClient, ScoringService, score_csv
+    from hefl.net.certs import make_federation
+
+    x, model = _data(n=300, d=5)
+    header = [f"f{i}" for i in range(5)]
+    Table.from_rows(header, [[f"{v:.17g}" for v in row] for row in x]).write_csv(
+        tmp_path / "x.csv")
+    service = ScoringService(ModelFile(model), workers=2, sessions_per_caller=1)
+    fed = make_federation(tmp_path / "certs", ["bank"])
+    server = make_server(service, fed.server_cert, fed.server_key, fed.registry, port=0,
+                         quotas=Quotas(Budget(), ledger=tmp_path / "usage.jsonl"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ScoringClient(f"https://127.0.0.1:{server.server_address[1]}", fed.ca,
+                               token_file=fed.token("bank"))
+        seen = []
+        real_open = service.open_session
+
+        def spy(bundle, owner=""):
+            sid = real_open(bundle, owner)
+            seen.append(service._sessions[sid][1])
+            return sid
+
+        service.open_session = spy  # type: ignore[method-assign]
+        s = score_csv(client, tmp_path / "x.csv", tmp_path / "scores.csv", workers=2,
+                      batch_size=100, preprocessing=_identity(header))
+        z = np.loadtxt(tmp_path / "scores.csv", delimiter=",", skiprows=1, usecols=1)
+        np.testing.assert_allclose(z, model.logits(x), atol=1e-5)
+        assert s.batches == 3 and len(seen) == 1
+        assert seen[0]._pool.workers == 1  # the session was closed: its helper stopped
+        assert not service._sessions
+    finally:
+        server.shutdown()
+        server.server_close()
+        service.close()
+
+
+def _identity(names):
+    """A preprocessing that passes numeric columns through unchanged (mean 0, std 1)."""
+    from hefl.data.tabular import Column, Preprocessor
+
+    return Preprocessor("y", "1", tuple(Column(n, "numeric") for n in names))

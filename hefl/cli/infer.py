@@ -52,6 +52,9 @@ def serve(
         help="ledger of scored records and refusals (default: usage.jsonl beside --clients)")
     ] = None,
     evaluations: Annotated[int, typer.Option(help="batches evaluated at once")] = 2,
+    workers: Annotated[int, typer.Option(
+        help="processes that share each logistic-regression batch (this one included); each "
+             "session starts workers - 1 helpers when it opens")] = 1,
     publish_preprocessing: Annotated[bool, typer.Option(
         "--publish-preprocessing",
         help="let callers fetch the training means and standard deviations from /v1/model "
@@ -82,7 +85,7 @@ def serve(
             raise HeflError("give --cert and --key, or --self-signed DIR for a local test "
                             "certificate")
         service = ScoringService(ModelFile.load(model), profile=profile,
-                                 publish_preprocessing=publish_preprocessing)
+                                 publish_preprocessing=publish_preprocessing, workers=workers)
         quotas = Quotas(Budget(records_per_day, requests_per_minute),
                         ledger=usage_log or clients.parent / "usage.jsonl")
         server = make_server(service, cert, key, clients, host, port, quotas=quotas,
@@ -96,7 +99,10 @@ def serve(
                f"https://{host}:{server.server_address[1]} to "
                f"{len(server.callers.callers)} callers{' (mTLS)' if client_ca else ''}; "
                f"certificate: {cert}; usage: {quotas.ledger}", err=True)
-    serve_forever(server)
+    try:
+        serve_forever(server)
+    finally:
+        service.close()
 
 
 @app.command()
@@ -118,6 +124,8 @@ def score(
     batch_size: Annotated[int | None, typer.Option(help="records per batch (default: a full "
                                                      "ciphertext)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted --out")] = False,
+    workers: Annotated[int, typer.Option(
+        help="processes that share the encryption (this one included)")] = 1,
 ) -> None:
     """Data owner: encrypt records locally, have the server score them, decrypt, write CSV."""
     from hefl.inference.service import ScoringClient, score_csv
@@ -127,7 +135,7 @@ def score(
             raise HeflError("give --token-file FILE: the token the model owner issued you")
         client = ScoringClient(url, ca, token_file=token_file, cert=cert, key=key)
         s = score_csv(client, data, out, sep=sep, batch_size=batch_size, resume=resume,
-                      preprocessing=preprocessing)
+                      preprocessing=preprocessing, workers=workers)
     except HeflError as e:
         raise _fail(e) from e
     for col, n in s.unknown_categories.items():
@@ -165,7 +173,8 @@ def export_preprocessing(
 def bench(
     csv: Annotated[Path, typer.Option(help="CSV file with a header (or --no-header)")],
     target: Annotated[str, typer.Option(help="binary target column")],
-    sep: Annotated[str, typer.Option(help="separator (' ' splits on runs of spaces)")] = ",",
+    sep: Annotated[str | None, typer.Option(
+        help="separator (default: sniffed; ' ' splits on runs of spaces)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     positive: Annotated[str | None, typer.Option(help="label of the positive class")] = None,
     no_header: Annotated[bool, typer.Option(
@@ -173,6 +182,8 @@ def bench(
     drop: Annotated[list[str] | None, typer.Option(help="column to leave out (repeat)")] = None,
     save_model: Annotated[Path | None, typer.Option(help="also write the model file")] = None,
     profile: Annotated[str, typer.Option(help="CKKS parameters: precise or fast")] = "precise",
+    workers: Annotated[int, typer.Option(
+        help="processes per side (data owner and model owner), this one included")] = 1,
 ) -> None:
     """Logistic regression on a stratified 80/20 split (seed 0), test split scored encrypted."""
     from hefl.data.tabular import read_csv
@@ -181,7 +192,7 @@ def bench(
     try:
         table = read_csv(csv, sep=sep, drop=drop or (), no_header=no_header)
         res = bench_table(table, target, positive=positive, save_model=save_model,
-                          profile=profile)
+                          profile=profile, workers=workers)
     except HeflError as e:
         raise _fail(e) from e
     if json_out:

@@ -19,7 +19,7 @@ from hefl.inference.model import LinearModel, ModelFile
 #: Exactly the keys ``bench --json`` prints.
 BENCH_KEYS = (
     "rows", "features", "accuracy_plain", "accuracy_encrypted", "auc_plain", "auc_encrypted",
-    "us_per_record", "server_us_per_record", "ciphertext_bytes_per_record",
+    "us_per_record", "server_us_per_record", "ciphertext_bytes_per_record", "workers",
 )
 
 
@@ -39,8 +39,10 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def bench_table(table: Table, target: str, positive: str | None = None, seed: int = 0,
-                save_model: str | Path | None = None, profile: str = "precise") -> dict:
-    """Train on 80 %, score the 20 % test split in plaintext and encrypted; the JSON figures."""
+                save_model: str | Path | None = None, profile: str = "precise",
+                workers: int = 1) -> dict:
+    """Train on 80 %, score the 20 % test split in plaintext and encrypted (``workers``
+    processes per side, see ``score_encrypted``); the JSON figures."""
     if target not in table.columns:
         raise DataError(f"target column {target!r} is not in the data (columns: "
                         f"{', '.join(table.names)})")
@@ -52,7 +54,7 @@ def bench_table(table: Table, target: str, positive: str | None = None, seed: in
     test = table.take(te)
     x, y = mf.preprocessing.transform(test), mf.preprocessing.labels(test)  # type: ignore[union-attr]
     plain = mf.model.logits(x)
-    enc, t = score_encrypted(mf.model, x, profile=profile)
+    enc, t = score_encrypted(mf.model, x, profile=profile, workers=workers)
     return {
         "rows": len(table),
         "features": mf.model.n_features,
@@ -63,4 +65,5 @@ def bench_table(table: Table, target: str, positive: str | None = None, seed: in
         "us_per_record": t.us_per_record,
         "server_us_per_record": t.server_us_per_record,
         "ciphertext_bytes_per_record": t.bytes_per_record,
+        "workers": workers,
     }

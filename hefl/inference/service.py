@@ -68,14 +68,18 @@ class ScoringService:
 
     def __init__(self, model_file: ModelFile, max_sessions: int = 32,
                  profile: str = "precise", sessions_per_caller: int = 4,
-                 publish_preprocessing: bool = False) -> None:
+                 publish_preprocessing: bool = False, workers: int = 1) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.model_file = model_file
+        self.workers = workers
         self.params = params_for(model_file.model, profile)
         self.max_sessions = max_sessions
         self.sessions_per_caller = sessions_per_caller
         self.publish_preprocessing = publish_preprocessing
         self._sessions: OrderedDict[str, tuple[str, Evaluator]] = OrderedDict()
         self._lock = threading.Lock()
+        self._busy: dict[int, threading.Lock] = {}  # one batch at a time per helper pool
 
     def info(self) -> dict:
         """What a data owner needs to encrypt: the model kind, its features in order, the CKKS
@@ -121,16 +125,37 @@ class ScoringService:
             )
         if isinstance(self.model_file.model, PolyMLP) and not keys.relin_keys:
             raise errors.CryptoError("this MLP needs relinearization keys in the bundle")
-        evaluator = Evaluator(keys)
+        evaluator = Evaluator(keys, workers=self.workers)
         sid = uuid.uuid4().hex
+        gone = []
         with self._lock:
             mine = [k for k, (o, _) in self._sessions.items() if o == owner]
             for k in mine[: max(0, len(mine) + 1 - self.sessions_per_caller)]:
-                del self._sessions[k]
+                gone.append(self._sessions.pop(k)[1])
             self._sessions[sid] = (owner, evaluator)
+            self._busy[id(evaluator)] = threading.Lock()
             while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+                gone.append(self._sessions.popitem(last=False)[1][1])
+        for ev in gone:
+            self._retire(ev)
         return sid
+
+    def _retire(self, evaluator: Evaluator) -> None:
+        """Stop a dropped session's helper processes (after a batch it is evaluating)."""
+        with self._lock:
+            busy = self._busy.pop(id(evaluator), None)
+        if busy is None:
+            return
+        with busy:
+            evaluator.close()
+
+    def close(self) -> None:
+        """Drop every session and stop their helper processes."""
+        with self._lock:
+            evaluators = [ev for _, ev in self._sessions.values()]
+            self._sessions.clear()
+        for ev in evaluators:
+            self._retire(ev)
 
     def _session(self, sid: str, owner: str) -> Evaluator | None:
         with self._lock:
@@ -142,8 +167,11 @@ class ScoringService:
 
     def close_session(self, sid: str, owner: str = "") -> None:
         with self._lock:
-            if self._sessions.get(sid, (None,))[0] == owner:
-                del self._sessions[sid]
+            entry = self._sessions.get(sid)
+            if entry is None or entry[0] != owner:
+                return
+            del self._sessions[sid]
+        self._retire(entry[1])
 
     def charge_for(self, batch: Batch) -> int:
         """Records a batch is charged: all it can carry. Every slot of a ciphertext is scored
@@ -183,7 +211,14 @@ class ScoringService:
                               f"{self.params.records_per_ciphertext} fit one batch")
         if charge is not None:
             charge(self.charge_for(batch))
-        result = evaluate(evaluator, self.model_file.model, list(batch.blobs), batch.records)
+        with self._lock:
+            busy = self._busy.get(id(evaluator))
+        if busy is None:  # dropped since it was looked up
+            raise ConfigError(f"unknown or expired session {sid!r}; open a new one with "
+                              "POST /v1/sessions")
+        with busy:
+            result = evaluate(evaluator, self.model_file.model, list(batch.blobs),
+                              batch.records)
         return Batch(batch.key_id, batch.records, (result,)).dumps()
 
 
@@ -351,12 +386,15 @@ def score_csv(
     keyring: Keyring | None = None,
     progress: Callable[[int, int], None] | None = None,
     preprocessing: Preprocessor | str | Path | None = None,
+    workers: int = 1,
 ) -> ScoreSummary:
     """Data owner: preprocess ``data``, encrypt, score, decrypt and append
     ``row,logit,probability`` to ``out`` after every batch (flushed), so an interruption loses
     nothing already scored; ``resume=True`` continues after the rows already in ``out``.
 
     Args:
+        workers: processes that share the encryption (this one included; ``workers - 1``
+            helpers are started once, for this call), when no ``keyring`` is given.
         sep: the CSV separator; default: the model's training file's (in the preprocessing),
             else sniffed.
         preprocessing: the model's preprocessing (a ``Preprocessor`` or the file from
@@ -382,10 +420,16 @@ def score_csv(
         if done > len(x):
             raise DataError(f"{out} already holds {done} scores but {data} has {len(x)} rows; "
                             "it belongs to another data file")
+    own_keyring = keyring is None
     if keyring is None:  # the parameters are re-checked for 128-bit security here
         keyring = Keyring.generate(CkksParams.from_dict(info["ckks"]),
-                                   relin=bool(info["needs_relin_keys"]))
-    session = client.open_session(keyring.evaluation_keys())
+                                   relin=bool(info["needs_relin_keys"]), workers=workers)
+    try:
+        session = client.open_session(keyring.evaluation_keys())
+    except BaseException:
+        if own_keyring:
+            keyring.close()
+        raise
     cap = min(batch_size or info["records_per_batch"], keyring.params.records_per_ciphertext)
     batches = 0
     try:
@@ -414,6 +458,8 @@ def score_csv(
     finally:
         with contextlib.suppress(HeflError):
             client.close_session(session)
+        if own_keyring:
+            keyring.close()
     return ScoreSummary(len(x), len(x) - done, done, batches, unknown, time.perf_counter() - t0,
                         _accuracy(out, table, pre))
 
