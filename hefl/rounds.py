@@ -165,10 +165,13 @@ class Contribution:
     num_examples: int
     metrics: Mapping[str, float]
     nbytes: int
+    accept_s: float = 0.0  # server time spent reading and validating it (``accept`` and before)
 
 
-def accept(summer: Summer, client_id: Hashable, answer: Answer, nbytes: int | None = None) -> Contribution:
-    """Server side: validate one answer as it arrives.
+def accept(summer: Summer, client_id: Hashable, answer: Answer, nbytes: int | None = None,
+           read_s: float = 0.0) -> Contribution:
+    """Server side: validate one answer as it arrives (``read_s``: time already spent reading
+    it, added to the contribution's ``accept_s``).
 
     Raises:
         UpdateRejected: the client reported a failure, or its answer is malformed (NaN metrics,
@@ -188,14 +191,23 @@ def accept(summer: Summer, client_id: Hashable, answer: Answer, nbytes: int | No
                 stage="submit",
             )
         return Contribution(None, 0, dict(answer.metrics), 0)
+    t0 = time.perf_counter()
     summer.validate(client_id, answer.payload)
     size = summer.nbytes(answer.payload) if nbytes is None else nbytes
-    return Contribution(answer.payload, answer.num_examples, dict(answer.metrics), size)
+    return Contribution(answer.payload, answer.num_examples, dict(answer.metrics), size,
+                        read_s + time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """What happened in one round (one row of the metrics history)."""
+    """What happened in one round (one row of the metrics history).
+
+    Phase times (seconds; None where this process cannot see the phase): ``encode_s`` the
+    clients' encoding of their updates (quantize, pack, encrypt, serialize; summed over the
+    clients: in simulation, one after the other), ``aggregate_s`` the server's validating and
+    summing of the payloads, ``decode_s`` the decryption of the sum (in deployment, including
+    the wait for the key holder or committee).
+    """
 
     round: int
     selected: int
@@ -209,6 +221,9 @@ class RoundRecord:
     upload_bytes: int = 0
     skip_reason: str = ""
     dp_epsilon: float | None = None
+    encode_s: float | None = None
+    aggregate_s: float | None = None
+    decode_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,13 +250,16 @@ def finish_round(
     opt_state: Any,
     evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
     started: float | None = None,
+    encode_s: float | None = None,
 ) -> tuple[np.ndarray, Any, RoundRecord]:
     """Sum the contributions (in the plan's order, not arrival order), decode, apply the server
     optimizer and record the round.
 
     A round with nothing usable (no contributor, a decoder that refuses) keeps ``params`` and is
     recorded as skipped with ``skip_reason``. ``RetryRound`` from the decoder (no key holder
-    answered) propagates: the caller retries the attempt.
+    answered) propagates: the caller retries the attempt. ``encode_s`` (the clients' encoding
+    time, where the caller saw it), the contributions' ``accept_s`` and the time spent here
+    summing and decoding make the record's phase times.
     """
     order = [cid for cid in plan.chosen if cid in contributions]
     payloads = {cid: contributions[cid].payload for cid in order if contributions[cid].num_examples > 0}
@@ -250,11 +268,17 @@ def finish_round(
         for cid in payloads
         if "loss" in contributions[cid].metrics
     ]
+    t0 = time.perf_counter()
     agg = summer.aggregate(payloads)
+    t1 = time.perf_counter()
     out_rejected = {**rejected, **agg.rejected}
     weight, reason = 0.0, ""
+    decode_s = None
     try:
-        mean, weight = decoder.decode(agg)
+        try:
+            mean, weight = decoder.decode(agg)
+        finally:
+            decode_s = time.perf_counter() - t1
         params, opt_state = algorithm.server.apply(params, mean, opt_state)
     except RetryRound:
         raise
@@ -273,6 +297,9 @@ def finish_round(
         wall_s=time.perf_counter() - started if started is not None else 0.0,
         upload_bytes=sum(contributions[cid].nbytes for cid in payloads),
         skip_reason=reason,
+        encode_s=encode_s,
+        aggregate_s=sum(contributions[c].accept_s for c in order) + (t1 - t0),
+        decode_s=decode_s,
     )
     return params, opt_state, record
 

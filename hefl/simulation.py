@@ -173,8 +173,11 @@ def run(
             rejected: dict[Hashable, str] = {}
             if isinstance(scheme.encoder, DpEncoder):  # distributed DP: noise for this count
                 scheme.encoder.begin_round(len(rp.chosen))
+            encode_s = 0.0
             for cid in rp.chosen:
+                t1 = time.perf_counter()
                 answer = client_answer(scheme.encoder, cid, params, results.get(cid))
+                encode_s += time.perf_counter() - t1
                 try:
                     contributions[cid] = accept(scheme.summer, cid, answer)
                 except UpdateRejected as e:
@@ -182,7 +185,7 @@ def run(
             params, opt_state, record = finish_round(
                 rp, contributions, rejected, summer=scheme.summer, decoder=decoder,
                 algorithm=algorithm, params=params, opt_state=opt_state, evaluate=metrics(r),
-                started=t0,
+                started=t0, encode_s=encode_s,
             )
             if spent is not None:
                 record = replace(record, dp_epsilon=spent)
@@ -319,7 +322,8 @@ def simulate(
         test: a central test set, evaluated every round.
         backend: how client steps run: ``"sequential"`` (default), ``"vectorized"``, ``"ray"``.
         backend_options: passed to ``make_runner`` (e.g. ``{"device": "cuda"}``).
-        Other arguments: as ``run``.
+
+    The other arguments are those of ``run``.
     """
     if len(data) == 0:
         raise ConfigError("the federated data set has no clients")

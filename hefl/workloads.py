@@ -299,4 +299,12 @@ def summary(result: Any) -> dict[str, Any]:
         if len(result.history)
         else 0.0,
         "upload_bytes_per_client": float(np.mean(per_client)) if per_client else 0.0,
+        **{f"median_{k}": _median([getattr(r, k) for r in result.history])
+           for k in ("wall_s", "encode_s", "aggregate_s", "decode_s")},
     }
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median of the measured values (None where none was measured)."""
+    seen = [v for v in values if v is not None]
+    return float(np.median(seen)) if seen else None

@@ -341,6 +341,7 @@ def simulate(
         f"({s['algorithm']}, {s['dataset']}, {s['backend']}, {s['wall_s']:.1f} s)"
     )
     out.print(_upload_line(s))
+    out.print(_phase_line(s))
     if "dp" in s:
         d = s["dp"]
         out.print(f"DP ({d['mode']}): epsilon {d['epsilon']:.3g} at delta {d['delta']:g}, noise "
@@ -360,6 +361,14 @@ def _upload_line(s: dict) -> str:
     how = f"encrypted, {s['he']}, custody {s['custody']}" if s["he"] != "none" else "plaintext"
     return (f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter, "
             f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)")
+
+
+def _phase_line(s: dict) -> str:
+    """Where a median round's time goes (encode: all sampled clients, one after the other)."""
+    parts = [f"{name} {s[f'median_{k}']:.3f} s" for name, k in
+             (("encode", "encode_s"), ("aggregate", "aggregate_s"), ("decode", "decode_s"))
+             if s.get(f"median_{k}") is not None]
+    return f"median round {s['median_wall_s']:.3f} s: " + ", ".join(parts)
 
 
 def _title(o: SimulateOptions, algorithm: str, clients: int, per_round: int) -> str:

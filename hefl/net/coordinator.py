@@ -833,10 +833,12 @@ class Coordinator:
             task = self._check_open(name, h)
         try:
             body = wire.read_body(chunks, h.body_size, h.body_sha256, self.max_body)
+            t_read = time.perf_counter()
             signed = self._signed(name, h, task, body) if self.encrypted and body else None
             payload = self.summer.loads(body) if body else None
             answer = Answer(payload, int(h.num_examples), dict(h.metrics), h.error or None)
-            result = accept(self.summer, name, answer, nbytes=len(body))
+            result = accept(self.summer, name, answer, nbytes=len(body),
+                            read_s=time.perf_counter() - t_read)
         except wire.BodyError as e:
             raise Refused(e.code, str(e)) from e
         except (ClientError, CryptoError) as e:

@@ -29,7 +29,9 @@ def summarize(state: Path, plot: Path | None = None, metrics: Path | None = None
                 "per_round": [
                     {"round": r.round, "selected": r.selected, "contributors": r.contributors,
                      "train_loss": r.train_loss, "skipped": r.skipped,
-                     "left_out": dict(r.rejected), "dp_epsilon": r.dp_epsilon, **r.metrics}
+                     "left_out": dict(r.rejected), "dp_epsilon": r.dp_epsilon,
+                     "wall_s": r.wall_s, "aggregate_s": r.aggregate_s, "decode_s": r.decode_s,
+                     **r.metrics}
                     for r in records
                 ],
             })
@@ -82,6 +84,8 @@ def render(info: dict[str, Any]) -> str:
             skipped = " (skipped: model kept)" if r["skipped"] else ""
             if r["dp_epsilon"] is not None:
                 extra += f" epsilon={r['dp_epsilon']:.4g}"
+            phases = "".join(f" {k}={r[k]:.3f}s" for k in ("wall_s", "aggregate_s", "decode_s")
+                             if r.get(k) is not None)
             lines.append(f"  round {r['round']}: {r['contributors']}/{r['selected']} clients"
-                         f"{loss}{extra}{skipped}{left}")
+                         f"{loss}{extra}{phases}{skipped}{left}")
     return "\n".join(lines)
