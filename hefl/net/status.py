@@ -85,7 +85,7 @@ def render(info: dict[str, Any]) -> str:
             if r["dp_epsilon"] is not None:
                 extra += f" epsilon={r['dp_epsilon']:.4g}"
             phases = "".join(f" {k}={r[k]:.3f}s" for k in ("wall_s", "aggregate_s", "decode_s")
-                             if r.get(k) is not None)
+                             if r.get(k))  # not measured (None) or not recorded (0): left out
             lines.append(f"  round {r['round']}: {r['contributors']}/{r['selected']} clients"
                          f"{loss}{extra}{phases}{skipped}{left}")
     return "\n".join(lines)
