@@ -26,3 +26,15 @@ def _torch_single_thread():
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, whatever an earlier test set (float64 equivalences and
+    timings of the backends assume it); the previous count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

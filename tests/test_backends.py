@@ -31,11 +31,8 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (``one_torch_thread`` in conftest.py)."""
 
 
 def _both(model, data, algo, rounds, per_round, **options):

@@ -31,7 +31,8 @@ the SGD update over them ~4x slower). Same losses, same gradients up to float ro
 other module goes through vmap.
 
 What cannot be vectorized falls back to ``SequentialRunner`` with a ``RuntimeWarning`` saying why:
-models that are not ``TorchModel`` (e.g. ``LogisticRegressionModel``), modules with buffers
+models that are not ``TorchModel`` (e.g. ``LogisticRegressionModel``), what a model's own
+``cannot_vectorize()`` reports (``KerasModel`` names the Keras layer), modules with buffers
 (BatchNorm running statistics) or active dropout (their sequential result depends on hidden
 state or the global RNG), recurrent modules (``nn.LSTM``/``GRU``/``RNN``: torch has no vmap
 batching rule for their fused kernels; with ``torch.func.grad`` vmap loops over clients inside
@@ -113,6 +114,10 @@ def cannot_vectorize(model: Any) -> str | None:
     module = getattr(model, "module", None)
     if not isinstance(module, nn.Module) or not hasattr(model, "spec"):
         return f"{type(model).__name__} is not a TorchModel (only torch modules are vectorized)"
+    own = getattr(model, "cannot_vectorize", None)  # an adapter that knows its layers (Keras)
+    reason = own() if callable(own) else None
+    if reason:
+        return str(reason)
     if any(True for _ in module.buffers()):
         return "the module has buffers (e.g. BatchNorm statistics), which vmap cannot update"
     dropout = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)

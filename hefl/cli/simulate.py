@@ -67,7 +67,7 @@ class SimulateOptions:
     sep: str | None = None
     drop: tuple[str, ...] = ()
     partition_by: str | None = None
-    model: str = "logreg"
+    model: str | None = None
     positive: str | None = None
     test_size: float = 0.2
 
@@ -86,14 +86,27 @@ class SimulateOptions:
 
 
 def _workload(o: SimulateOptions):
-    """The data set, model and defaults behind ``--dataset``."""
-    from hefl import workloads
-    from hefl.errors import ConfigError
-
+    """The data set, model and defaults behind ``--dataset`` or ``--csv`` (and ``--model``)."""
     if o.csv is not None:
         return _csv_workload(o)
     if o.target is not None or o.partition_by is not None:
         raise ConfigError("--target and --partition-by go with --csv PATH (your own data)")
+    wl = _named_workload(o)
+    if o.model is None:
+        return wl
+    if not o.model.endswith(".keras"):
+        raise ConfigError(f"--model {o.model!r}: with --dataset give a Keras 3 model file "
+                          "(PATH.keras); logreg and mlp go with --csv")
+    from dataclasses import replace
+
+    from hefl.models.keras import load_keras
+
+    return replace(wl, model=load_keras(o.model))
+
+
+def _named_workload(o: SimulateOptions):
+    from hefl import workloads
+
     if o.dataset == "digits":
         return workloads.digits(
             num_clients=o.clients or 100, partition=o.partition, alpha=o.alpha, seed=o.seed
@@ -120,14 +133,16 @@ def _csv_workload(o: SimulateOptions):
     if o.partition_by is not None and o.clients is not None:
         raise ConfigError("give --partition-by COL (one client per value) or --clients N, not "
                           "both")
-    if o.model not in workloads.TABULAR_MODELS:
-        raise ConfigError(f"--model {o.model!r}: a CSV federation trains "
-                          f"{' or '.join(workloads.TABULAR_MODELS)} (both score encrypted)")
+    model = o.model or "logreg"
+    if model not in workloads.TABULAR_MODELS:
+        raise ConfigError(f"--model {model!r}: a CSV federation trains "
+                          f"{' or '.join(workloads.TABULAR_MODELS)} (both score encrypted); a "
+                          "Keras model file trains on --dataset")
     return workloads.tabular(
         o.csv, o.target, sep=o.sep, drop=o.drop, by=o.partition_by,
         clients=None if o.partition_by else (o.clients or 10),
         partition=o.partition if o.partition_by is None else "iid", alpha=o.alpha,
-        model=o.model, positive=o.positive, test_size=o.test_size, seed=o.seed,
+        model=model, positive=o.positive, test_size=o.test_size, seed=o.seed,
     )
 
 
@@ -223,7 +238,7 @@ def run_simulation(
             summary["stopped"] = result.stopped
     if wl.export is not None:
         summary["features"] = wl.split.preprocessing.n_features
-        summary["model"] = o.model
+        summary["model"] = o.model or "logreg"
         summary["parties"] = {name: len(t) for name, t in wl.split.parties.items()}
         summary["test_rows"] = len(wl.split.test)
     if out_dir is not None:
@@ -302,9 +317,10 @@ def simulate(
         None, help="--csv: a column to leave out, e.g. one that leaks the label (repeat)"),
     partition_by: str | None = typer.Option(
         None, help="--csv: one client per value of this column (e.g. a bank's branch)"),
-    model: str = typer.Option(
-        "logreg", help="--csv: logreg or mlp (one hidden layer, quadratic activation); both "
-        "score encrypted with `hefl infer serve`"),
+    model: str | None = typer.Option(
+        None, help="--csv: logreg (default) or mlp (one hidden layer, quadratic activation), "
+        "both score encrypted with `hefl infer serve`; --dataset: a Keras 3 model file "
+        "(PATH.keras, its input shaped like the data) instead of the data set's torch model"),
     positive: str | None = typer.Option(
         None, help="--csv: the target value that is class 1 (default: yes/1/true/bad, ...)"),
     test_size: float = typer.Option(

@@ -82,9 +82,13 @@ class TorchModel:
         """The initial global parameters as a flat float64 vector."""
         return self._init.copy()
 
+    def _vector_tensors(self) -> list[torch.Tensor]:
+        """The tensors the flat vector holds, in its order (here: the module's parameters)."""
+        return self._params
+
     def get_vector(self) -> np.ndarray:
         with torch.no_grad():
-            flat = torch.nn.utils.parameters_to_vector(self._params)
+            flat = torch.nn.utils.parameters_to_vector(self._vector_tensors())
         return flat.detach().cpu().numpy().astype(np.float64)
 
     def set_vector(self, vector: np.ndarray) -> None:
@@ -93,7 +97,7 @@ class TorchModel:
         # float64 array in float64 would share the caller's memory (training would write into it)
         t = torch.tensor(v, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(t, self._params)
+            torch.nn.utils.vector_to_parameters(t, self._vector_tensors())
 
     def as_input(self, x: np.ndarray) -> torch.Tensor:
         """Features as a tensor on the model's device; floating features in the model's dtype."""

@@ -353,7 +353,7 @@ class FederationClient:
         key = join.model_json + "|" + join.aggregation_json
         if key == self._model_key:
             return
-        if join.model_json and json.loads(join.model_json).get("kind", "mlp") == "mlp":
+        if join.model_json and json.loads(join.model_json).get("kind", "mlp") in ("mlp", "keras"):
             import torch
 
             torch.set_num_threads(self.s.torch_threads)

@@ -1,6 +1,6 @@
 """Server configuration from TOML (``run.toml``), as frozen dataclasses.
 
-Example ``run.toml`` (paths are relative to the file)::
+Example ``run.toml`` (paths are relative to the file):
 
     [run]
     name = "demo"
@@ -13,9 +13,9 @@ Example ``run.toml`` (paths are relative to the file)::
     name = "fedavg"
     client_lr = 0.05
 
-    [model]                # "mlp" (torch, W1 by default) or "logreg" (numpy)
-    kind = "mlp"
-    hidden = 128
+    [model]                # "mlp" (torch, W1 by default), "logreg" (numpy) or "keras"
+    kind = "mlp"           # (kind = "keras" with path = "model.keras": a Keras 3 model file,
+    hidden = 128           #  hefl.models.keras.load_keras; optional dtype = "float64")
 
     [server]
     address = "0.0.0.0:50051"
@@ -361,11 +361,25 @@ def _is(n: int) -> str:
 # ---------------------------------------------------------------- models named in the config
 
 
-def build_model(spec: Mapping[str, Any]) -> Any:
+def build_model(spec: Mapping[str, Any], base: Path | None = None) -> Any:
     """The model adapter a config names: ``{"kind": "mlp", n_in, hidden, n_out, seed}`` (torch,
-    defaults = W1's 64-128-10 MLP) or ``{"kind": "logreg", n_features, n_classes, l2}``."""
+    defaults = W1's 64-128-10 MLP), ``{"kind": "logreg", n_features, n_classes, l2}`` or
+    ``{"kind": "keras", "path": "model.keras", dtype}`` (a Keras 3 model file read by
+    ``hefl.models.keras.load_keras``; its weights are the initial global model).
+
+    Args:
+        spec: the ``[model]`` table.
+        base: the folder a relative ``path`` is relative to (the run.toml's); default: the
+            current directory.
+
+    Raises:
+        ConfigError: unknown kind or options; for ``"keras"``: no ``path``, a missing or
+            unreadable file, or Keras 3 not installed.
+    """
     opts = dict(spec)
     kind = opts.pop("kind", "mlp")
+    if kind == "keras":
+        return _keras_model(opts, base)
     try:
         if kind == "mlp":
             from hefl.models.torch import TorchModel
@@ -381,7 +395,24 @@ def build_model(spec: Mapping[str, Any]) -> Any:
             return LogisticRegressionModel(**opts)
     except TypeError as e:
         raise ConfigError(f"bad [model] options for kind {kind!r}: {e}") from e
-    raise ConfigError(f"unknown model kind {kind!r}; choose 'mlp' or 'logreg'")
+    raise ConfigError(f"unknown model kind {kind!r}; choose 'mlp', 'logreg' or 'keras'")
+
+
+def _keras_model(opts: dict[str, Any], base: Path | None) -> Any:
+    """``[model] kind = "keras"``: ``path`` (relative to ``base``) and optional ``dtype``."""
+    path = opts.pop("path", None)
+    dtype = opts.pop("dtype", None)
+    _no_extra(opts, "keras")
+    if not path:
+        raise ConfigError('[model] kind = "keras" needs path = "model.keras" (a Keras 3 model '
+                          "file, written by model.save)")
+    p = _path(base if base is not None else Path.cwd(), path)
+    if p is None or not p.is_file():
+        raise ConfigError(f"[model] path {str(p)!r} not found; write the Keras model there with "
+                          "model.save('model.keras'), or fix the path (relative to run.toml)")
+    from hefl.models.keras import load_keras
+
+    return load_keras(p, dtype=dtype)
 
 
 def _no_extra(opts: Mapping[str, Any], kind: str) -> None:
