@@ -90,6 +90,8 @@ class FitRes:
 
 @dataclass(frozen=True)
 class EvaluateRes:
+    """A client's answer to evaluate: its loss, sample count and metrics."""
+
     loss: float
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -97,6 +99,10 @@ class EvaluateRes:
 
 @runtime_checkable
 class Client(Protocol):
+    """A Flower-style client: ``fit`` returns a ``FitRes`` or ``(params, num_examples,
+    metrics)``, ``evaluate`` an ``EvaluateRes`` or ``(loss, num_examples, metrics)``; ``params``
+    is the flat global parameter vector."""
+
     def fit(self, params: np.ndarray, config: FitConfig) -> Any: ...
 
     def evaluate(self, params: np.ndarray, config: Mapping[str, Any]) -> Any: ...
