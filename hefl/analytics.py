@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -471,5 +471,67 @@ def fit_preprocessing(
     stats = federated_stats(parties, spec, make_aggregator)
     seps = {t.sep for t in parties.values()}
     columns = [n for n in next(iter(parties.values())).names if n != target]
-    return preprocessor_from_stats(stats, columns, target, spec.positive,
-                                   seps.pop() if len(seps) == 1 else None)
+    pre = preprocessor_from_stats(stats, columns, target, spec.positive,
+                                  seps.pop() if len(seps) == 1 else None)
+    means = {c.name: c.mean for c in pre.columns if c.kind == "numeric"}
+    stds = centred_stds(parties, means, make_aggregator) if means else {}
+    return replace(pre, columns=tuple(replace(c, std=stds[c.name]) if c.name in stds else c
+                                      for c in pre.columns))
+
+
+def centred_stds(parties: Mapping[Hashable, Table], means: Mapping[str, float],
+                 make_aggregator: Callable[[int], Aggregator] = PlainAggregator
+                 ) -> dict[str, float]:
+    """Standard deviations around the pooled ``means`` from two more secure means, so that a
+    column whose spread is small next to its magnitude (timestamps, a constant) loses nothing
+    to cancellation (``E[x^2] - E[x]^2`` would):
+
+    1. per column, the fraction of rows with ``|x - mean| <= 10^k`` (k = 0..18), above the mean
+       and below it: a bound ``d`` on the deviations, and whether the column is constant (all
+       rows on one side of the mean, as computed: robust to the mean's rounding or CKKS error;
+       the counts are exact after rounding, under CKKS too);
+    2. per column, ``mean(((x - mean) / d)^2)``: every term in [0, 1].
+
+    A constant column gets std 1 (its standardised value is 0 for every training row).
+    """
+    names = list(means)
+    tables = {cid: t for cid, t in parties.items() if len(t)}
+    thresholds = 10.0 ** np.arange(DECADES)
+
+    def deviations(t: Table, name: str) -> np.ndarray:
+        return np.abs(_numeric(t, name) - means[name])
+
+    def round1(t: Table) -> np.ndarray:
+        out = []
+        for name in names:
+            x = _numeric(t, name)
+            a = np.abs(x - means[name])
+            out.append(np.concatenate([(a[:, None] <= thresholds[None, :]).mean(axis=0),
+                                       [(x > means[name]).mean(), (x < means[name]).mean()]]))
+        return np.concatenate(out)
+
+    sizes = {cid: float(len(t)) for cid, t in tables.items()}
+    width = DECADES + 2
+    frac, n, _, _ = _secure_mean({cid: (round1(t), sizes[cid]) for cid, t in tables.items()},
+                                 make_aggregator, width * len(names))
+    bounds, constant = {}, set()
+    for i, name in enumerate(names):
+        f = frac[i * width : (i + 1) * width]
+        if min(round(f[DECADES] * n), round(f[DECADES + 1] * n)) == 0:
+            constant.add(name)
+            continue
+        ok = np.flatnonzero(f[:DECADES] * n >= n - 0.5)
+        if len(ok) == 0:
+            raise DataError(f"column {name!r} has values beyond 1e18; rescale it first")
+        bounds[name] = float(10.0 ** ok[0])
+    out = dict.fromkeys(constant, 1.0)
+    spread = [n_ for n_ in names if n_ in bounds]
+    if spread:
+        def round2(t: Table) -> np.ndarray:
+            return np.array([((deviations(t, c) / bounds[c]) ** 2).mean() for c in spread])
+
+        m2, _, _, _ = _secure_mean({cid: (round2(t), sizes[cid]) for cid, t in tables.items()},
+                                   make_aggregator, len(spread))
+        for c, v in zip(spread, m2, strict=True):
+            out[c] = bounds[c] * math.sqrt(max(float(v), 0.0)) or 1.0
+    return out

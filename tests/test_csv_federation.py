@@ -69,7 +69,7 @@ def test_space_separated_and_one_column_files(tmp_path):
     assert sniff_sep(one) == ","
 
 
-@pytest.mark.parametrize("blank", ["", "NA", "null"])
+@pytest.mark.parametrize("blank", ["", "NA", "n/a", "?"])
 def test_blank_in_a_text_column_is_reported_not_one_hot_encoded(tmp_path, blank):
     p = churn_csv(tmp_path / "c.csv", n=50, blank_plan_row=7)
     if blank:
@@ -304,3 +304,65 @@ def test_client_csv_without_preprocessing_fails_at_once(tmp_path):
     other.write_text(other.read_text().replace("north", "arctic"))
     with pytest.raises(DataError, match="categories the federation's preprocessing does not"):
         load_client_data(other, pre)
+
+
+def test_constant_and_low_spread_columns_keep_their_spread():
+    """E[x^2] - E[x]^2 cancels for timestamps and constants; the centred round does not. A
+    constant column gets std 1 (under CKKS too), never a rounding residue that would blow up a
+    scored record's logit."""
+    from hefl.inference.pipeline import encrypted_aggregator
+
+    rng = np.random.default_rng(0)
+    n = 400
+    cols = {"const": ["2"] * n, "c07": ["0.7"] * n,
+            "ts": [f"{1.7e9 + rng.normal(0, 100):.3f}" for _ in range(n)],
+            "inc": [f"{50000 + rng.normal(0, 2):.4f}" for _ in range(n)],
+            "y": [("yes", "no")[i % 2] for i in range(n)]}
+    t = Table({k: np.array(v) for k, v in cols.items()})
+    parties = split_parties(t, clients=3, partition="iid")
+    pooled = Preprocessor.fit(t, "y")
+    plain = fit_preprocessing(parties, "y")
+    enc = fit_preprocessing(parties, "y", make_aggregator=encrypted_aggregator())
+    for a, b, e in zip(plain.columns, pooled.columns, enc.columns, strict=True):
+        np.testing.assert_allclose([a.mean, a.std], [b.mean, b.std], rtol=1e-9)
+        if b.name in ("const", "c07"):
+            assert a.std == e.std == 1.0
+    # CKKS: the spread is right to the mean's error (~1e-7 of the column's 1e10 bound for ts)
+    np.testing.assert_allclose(enc.columns[3].std, pooled.columns[3].std, rtol=1e-3)
+
+
+def test_review_findings_inputs_are_handled(tmp_path):
+    """Real levels named 'none', a tab given as '\\t', a too-small split, pandas' nullable
+    missing values, a party file with another separator, labels blank in new records."""
+    from hefl.inference.service import _accuracy
+    from hefl.net.data import load_client_data
+
+    p = churn_csv(tmp_path / "c.csv", n=60)
+    p.write_text(p.read_text().replace("basic", "none"))
+    assert "plan=none" in Preprocessor.fit(read_csv(p), "churned").feature_names
+    tsv = churn_csv(tmp_path / "c.tsv", n=20, sep="\t")
+    assert read_csv(tsv, sep="\\t").sep == "\t" and read_csv(tsv, sep="tab").sep == "\t"
+    with pytest.raises(DataError, match="one character"):
+        read_csv(tsv, sep="::")
+    tiny = Table.from_rows(["x", "y"], [["1", "yes"], ["2", "no"], ["3", "no"]])
+    with pytest.raises(DataError, match="--test-size 0"):
+        split_table(tiny, "y", clients=1)
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"age": pd.array([20, None, 40], dtype="Int64"),
+                       "job": pd.array(["a", None, "b"], dtype="string"), "y": ["no", "yes", "no"]})
+    with pytest.raises(DataError, match="text column 'job' has 1 missing"):
+        FederatedData.from_frame(df, "y", clients=1)
+    with pytest.raises(DataError, match="column 'age' has 1 missing"):
+        FederatedData.from_frame(df.drop(columns="job"), "y", clients=1)
+    # the party's file uses ',' where the federation's training file used ';'
+    pre = Preprocessor.fit(read_csv(p), "churned")
+    comma = tmp_path / "party.csv"
+    read_csv(p).write_csv(comma, sep=",")
+    np.testing.assert_array_equal(load_client_data(comma, pre).x, pre.transform(read_csv(p)))
+    # accuracy only over labelled rows
+    out = tmp_path / "scores.csv"
+    out.write_text("row,logit,probability\n0,1.0,0.7\n1,-1.0,0.3\n2,2.0,0.9\n")
+    rows = lambda labels: Table.from_rows(["churned"], [[v] for v in labels])  # noqa: E731
+    assert _accuracy(out, rows(["", "", ""]), pre) is None
+    assert _accuracy(out, rows(["yes", "", "no"]), pre) == 0.5
+    assert _accuracy(out, rows(["yes", "no", "yes"]), pre) == 1.0

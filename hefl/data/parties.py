@@ -74,7 +74,7 @@ def split_parties(
     """
     if (by is None) == (clients is None):
         raise ConfigError("split by a column (--partition-by COL) or into a number of clients "
-                          "(--clients N), not both")
+                          f"(--clients N): {'not both' if by is not None else 'give one'}")
     taken: set[str] = set()
     if by is not None:
         groups = by_key(table[by])

@@ -37,6 +37,9 @@ import numpy as np
 from hefl.errors import ConfigError, DataError
 
 _MISSING = {"", "na", "nan", "null", "none", "?"}
+#: Missing in a text column: fewer words, since ``none`` or ``null`` can be real levels (credit-g's
+#: ``other_parties = none``); ``?`` is the UCI files' mark.
+_MISSING_TEXT = {"", "na", "n/a", "nan", "?"}
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,16 @@ class Table:
             raise DataError(f"expected a DataFrame (pandas) or a hefl Table, got "
                             f"{type(frame).__name__}")
 
-        def text(v: Any) -> str:
-            return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
         cols = {}
         for name in frame.columns:
-            values = np.asarray(frame[name], dtype=object)
-            cols[str(name)] = np.array([text(v) for v in values], dtype=str)
+            column = frame[name]
+            values = np.asarray(column, dtype=object)
+            # pandas' own missing values (None, NaN, pd.NA, NaT) by pandas' own test
+            missing = (np.asarray(column.isna(), dtype=bool) if hasattr(column, "isna") else
+                       np.array([v is None or (isinstance(v, float) and math.isnan(v))
+                                 for v in values], dtype=bool))
+            cols[str(name)] = np.array(["" if m else str(v) for v, m in
+                                        zip(values, missing, strict=True)], dtype=str)
         if not cols:
             raise DataError("the DataFrame has no columns")
         return cls(cols)
@@ -181,8 +187,10 @@ def read_csv(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file not found at {str(p)!r}; pass the path to an existing file")
-    if sep is None:
-        sep = sniff_sep(p)
+    sep = sniff_sep(p) if sep is None else {"\\t": "\t", "tab": "\t"}.get(sep, sep)
+    if len(sep) != 1:
+        raise DataError(f"separator {sep!r} must be one character (write a tab as '\\t' or "
+                        "'tab'); leave --sep out to have it found")
     with _open_text(p) as f:
         if sep == " ":
             lines = (ln.split() for ln in f if ln.strip())
@@ -449,7 +457,7 @@ class Preprocessor:
 def check_text_complete(name: str, raw: np.ndarray) -> None:
     """A text column must have no missing values: one-hot encoding would silently make
     ``""``/``NA`` a category of its own (a bank's blank ``job`` is not a job)."""
-    bad = np.flatnonzero([v.strip().lower() in _MISSING for v in raw])
+    bad = np.flatnonzero([v.strip().lower() in _MISSING_TEXT for v in raw])
     if len(bad):
         shown = sorted({str(raw[i]) for i in bad[:50]})
         raise DataError(
@@ -497,7 +505,11 @@ def stratified_split(y: np.ndarray, test_size: float = 0.2, seed: int = 0
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=y)
+    try:
+        tr, te = train_test_split(idx, test_size=test_size, random_state=seed, stratify=y)
+    except ValueError as e:  # a class of one row, or a test split smaller than the classes
+        raise DataError(f"cannot hold out a stratified {test_size:g} of {len(y)} rows ({e}); "
+                        "use more rows, or --test-size 0 to train on every row") from e
     return np.sort(tr), np.sort(te)
 
 

@@ -125,7 +125,9 @@ class ScoringService:
             )
         if isinstance(self.model_file.model, PolyMLP) and not keys.relin_keys:
             raise errors.CryptoError("this MLP needs relinearization keys in the bundle")
-        evaluator = Evaluator(keys, workers=self.workers)
+        # helpers share logistic-regression batches only; the MLP is evaluated in this process
+        evaluator = Evaluator(keys, workers=1 if isinstance(self.model_file.model, PolyMLP)
+                              else self.workers)
         sid = uuid.uuid4().hex
         gone = []
         with self._lock:
@@ -469,9 +471,17 @@ def _accuracy(out: Path, table: Table, pre: Preprocessor) -> float | None:
     also holds the target column (a held-out split), else None."""
     if pre.target not in table.columns:
         return None
-    y = pre.labels(table)
+    labels = table[pre.target]
     with open(out, newline="") as f:
         logits = np.array([float(r["logit"]) for r in csv.DictReader(f)])
-    if len(logits) != len(y):
+    if len(logits) != len(labels):
         return None
-    return float(((logits > 0) == y).mean())
+    # only rows labelled with one of the model's two classes count (new records leave it blank)
+    other = {c for c in np.unique(labels) if c != pre.positive and c.strip()}
+    if len(other) > 1:  # a third label: not this model's target
+        return None
+    known = (labels == pre.positive) | np.isin(labels, sorted(other))
+    if not known.any():
+        return None
+    y = labels[known] == pre.positive
+    return float(((logits[known] > 0) == y).mean())

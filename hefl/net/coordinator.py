@@ -262,7 +262,7 @@ class Coordinator:
             self.log = log or get_logger("hefl.server", file=cfg.state_dir / "server.log")
             self.store = Store(cfg.state_dir)
             self.test: ClientData | None = (
-                load_client_data(cfg.server.test_data, cfg.server.preprocessing)
+                load_client_data(cfg.server.test_data, cfg.server.preprocessing, strict=False)
                 if cfg.server.test_data else None
             )
         except BaseException:

@@ -34,9 +34,12 @@ def save_client_data(path: str | Path, data: ClientData) -> Path:
 
 
 def load_client_data(path: str | Path,
-                     preprocessing: Preprocessor | str | Path | None = None) -> ClientData:
+                     preprocessing: Preprocessor | str | Path | None = None,
+                     strict: bool = True) -> ClientData:
     """Read ``x`` and ``y`` from an ``.npz`` (no pickle), or a CSV's rows through
-    ``preprocessing`` (its separator unless sniffed otherwise, its target as ``y``).
+    ``preprocessing`` (the separator sniffed, its target as ``y``). ``strict``: a category
+    the preprocessing does not know is an error (a training party must encode like the
+    others); off for the server's test rows, which score it as the all-zeros one-hot.
 
     Raises:
         ConfigError: a CSV without preprocessing, or preprocessing for an npz.
@@ -52,9 +55,9 @@ def load_client_data(path: str | Path,
 
         pre = (preprocessing if isinstance(preprocessing, Preprocessor)
                else Preprocessor.load(preprocessing))
-        table = read_csv(p, sep=pre.sep)
+        table = read_csv(p)
         x, unknown = pre.transform_report(table)
-        if unknown:
+        if unknown and strict:
             raise DataError(f"{p.name} holds categories the federation's preprocessing does not "
                             f"know ({unknown}); add them to the schema so every party encodes "
                             "them alike")
