@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -427,9 +427,7 @@ def schema_of(parties: Mapping[Hashable, Table], target: str, positive: str | No
         if len(t) and set(t.names) != set(names):
             raise DataError(f"party {cid!r} has columns {sorted(t.names)}, the others "
                             f"{sorted(names)}; every party needs the same columns")
-    if target not in names:
-        raise DataError(f"target column {target!r} is not in the data (columns: "
-                        f"{', '.join(names)}); pass --target with one of them")
+    tables[0].target(target)  # every party has the same columns: one check is every party's
     labels = np.concatenate([np.unique(t[target]) for t in tables])
     positive = positive if positive is not None else default_positive(np.unique(labels))
     if positive not in set(labels):
@@ -454,10 +452,24 @@ def fit_preprocessing(
     make_aggregator: Callable[[int], Aggregator] = PlainAggregator,
 ) -> Preprocessor:
     """The preprocessing a federation trains with, fitted without pooling rows: column kinds
-    and levels from ``schema_of``, numeric means and standard deviations from
-    ``federated_stats`` (sums only, through ``make_aggregator``: plaintext, or CKKS so that no
-    party's statistics are seen). Equal to ``Preprocessor.fit`` on the pooled rows, up to
-    float rounding (and CKKS's error when encrypted).
+    and levels from ``schema_of``; numeric means and standard deviations from four secure
+    means of per-row values (through ``make_aggregator``: plaintext, or CKKS so that no party's
+    statistics are seen), every entry in [-1, 1]:
+
+    1. per column, the fraction of rows with ``|x| <= 10^k`` (k = 0..18): a power-of-ten bound
+       ``s`` on ``|x|`` (as in ``federated_stats``);
+    2. per column, ``mean(x / s)``: the pooled mean;
+    3. per column, the fraction of rows with ``|x - mean| <= 10^k``, above the mean and below
+       it: a bound ``d`` on the deviations, and whether the column is constant (every row on one
+       side of the mean as computed: robust to the mean's rounding or CKKS error; the counts are
+       exact after rounding, under CKKS too);
+    4. per column, ``mean(((x - mean) / d)^2)``: a centred second moment, so a column whose
+       spread is small next to its magnitude (timestamps) loses nothing to the cancellation of
+       ``E[x^2] - E[x]^2``.
+
+    A constant column gets std 1 (its standardised value is 0 for every training row). Equal to
+    ``Preprocessor.fit`` on the pooled rows, up to float rounding (and CKKS's error when
+    encrypted).
 
     Example:
         >>> rows = {"a": [["20", "red", "no"], ["30", "blue", "yes"]],
@@ -468,70 +480,54 @@ def fit_preprocessing(
         (('age', 'color=blue', 'color=red'), 40.0, 'yes')
     """
     spec = schema_of(parties, target, positive)
-    stats = federated_stats(parties, spec, make_aggregator)
-    seps = {t.sep for t in parties.values()}
-    columns = [n for n in next(iter(parties.values())).names if n != target]
-    pre = preprocessor_from_stats(stats, columns, target, spec.positive,
-                                  seps.pop() if len(seps) == 1 else None)
-    means = {c.name: c.mean for c in pre.columns if c.kind == "numeric"}
-    stds = centred_stds(parties, means, make_aggregator) if means else {}
-    return replace(pre, columns=tuple(replace(c, std=stds[c.name]) if c.name in stds else c
-                                      for c in pre.columns))
-
-
-def centred_stds(parties: Mapping[Hashable, Table], means: Mapping[str, float],
-                 make_aggregator: Callable[[int], Aggregator] = PlainAggregator
-                 ) -> dict[str, float]:
-    """Standard deviations around the pooled ``means`` from two more secure means, so that a
-    column whose spread is small next to its magnitude (timestamps, a constant) loses nothing
-    to cancellation (``E[x^2] - E[x]^2`` would):
-
-    1. per column, the fraction of rows with ``|x - mean| <= 10^k`` (k = 0..18), above the mean
-       and below it: a bound ``d`` on the deviations, and whether the column is constant (all
-       rows on one side of the mean, as computed: robust to the mean's rounding or CKKS error;
-       the counts are exact after rounding, under CKKS too);
-    2. per column, ``mean(((x - mean) / d)^2)``: every term in [0, 1].
-
-    A constant column gets std 1 (its standardised value is 0 for every training row).
-    """
-    names = list(means)
     tables = {cid: t for cid, t in parties.items() if len(t)}
+    names = spec.numeric
+    values = {cid: {n: _numeric(t, n) for n in names} for cid, t in tables.items()}  # parsed once
+    sizes = {cid: float(len(t)) for cid, t in tables.items()}
     thresholds = 10.0 ** np.arange(DECADES)
 
-    def deviations(t: Table, name: str) -> np.ndarray:
-        return np.abs(_numeric(t, name) - means[name])
+    def pooled(per_party: Callable[[Mapping[str, np.ndarray]], list[np.ndarray]], size: int
+               ) -> tuple[np.ndarray, float]:
+        vectors = {cid: (np.concatenate(per_party(v)) if names else np.zeros(0), sizes[cid])
+                   for cid, v in values.items()}
+        mean, n, _, _ = _secure_mean(vectors, make_aggregator, size)
+        return mean, n
 
-    def round1(t: Table) -> np.ndarray:
-        out = []
-        for name in names:
-            x = _numeric(t, name)
-            a = np.abs(x - means[name])
-            out.append(np.concatenate([(a[:, None] <= thresholds[None, :]).mean(axis=0),
-                                       [(x > means[name]).mean(), (x < means[name]).mean()]]))
-        return np.concatenate(out)
+    def bounded(a: np.ndarray) -> np.ndarray:
+        return (np.abs(a)[:, None] <= thresholds[None, :]).mean(axis=0)
 
-    sizes = {cid: float(len(t)) for cid, t in tables.items()}
-    width = DECADES + 2
-    frac, n, _, _ = _secure_mean({cid: (round1(t), sizes[cid]) for cid, t in tables.items()},
-                                 make_aggregator, width * len(names))
-    bounds, constant = {}, set()
-    for i, name in enumerate(names):
-        f = frac[i * width : (i + 1) * width]
-        if min(round(f[DECADES] * n), round(f[DECADES + 1] * n)) == 0:
-            constant.add(name)
-            continue
-        ok = np.flatnonzero(f[:DECADES] * n >= n - 0.5)
-        if len(ok) == 0:
-            raise DataError(f"column {name!r} has values beyond 1e18; rescale it first")
-        bounds[name] = float(10.0 ** ok[0])
-    out = dict.fromkeys(constant, 1.0)
-    spread = [n_ for n_ in names if n_ in bounds]
-    if spread:
-        def round2(t: Table) -> np.ndarray:
-            return np.array([((deviations(t, c) / bounds[c]) ** 2).mean() for c in spread])
-
-        m2, _, _, _ = _secure_mean({cid: (round2(t), sizes[cid]) for cid, t in tables.items()},
-                                   make_aggregator, len(spread))
-        for c, v in zip(spread, m2, strict=True):
-            out[c] = bounds[c] * math.sqrt(max(float(v), 0.0)) or 1.0
-    return out
+    means: dict[str, float] = {}
+    stds: dict[str, float] = {}
+    if names:
+        frac, n = pooled(lambda v: [bounded(v[c]) for c in names], DECADES * len(names))
+        scales = scales_from(spec, frac, n)
+        mu, _ = pooled(lambda v: [np.array([(v[c] / scales[c]).mean()]) for c in names],
+                       len(names))
+        means = {c: float(m * scales[c]) for c, m in zip(names, mu, strict=True)}
+        width = DECADES + 2
+        frac, n = pooled(lambda v: [np.concatenate([bounded(v[c] - means[c]),
+                                                    [(v[c] > means[c]).mean(),
+                                                     (v[c] < means[c]).mean()]])
+                                    for c in names], width * len(names))
+        bounds = {}
+        for i, c in enumerate(names):
+            f = frac[i * width : (i + 1) * width]
+            if min(round(f[DECADES] * n), round(f[DECADES + 1] * n)) == 0:
+                stds[c] = 1.0  # constant
+                continue
+            ok = np.flatnonzero(f[:DECADES] * n >= n - 0.5)
+            if len(ok) == 0:
+                raise DataError(f"column {c!r} has values beyond 1e18; rescale it first")
+            bounds[c] = float(10.0 ** ok[0])
+        spread = [c for c in names if c in bounds]
+        if spread:
+            m2, _ = pooled(lambda v: [np.array([(((v[c] - means[c]) / bounds[c]) ** 2).mean()
+                                                for c in spread])], len(spread))
+            for c, v2 in zip(spread, m2, strict=True):
+                stds[c] = bounds[c] * math.sqrt(max(float(v2), 0.0)) or 1.0
+    seps = {t.sep for t in parties.values()}
+    columns = [c for c in next(iter(parties.values())).names if c != target]
+    return Preprocessor(target, spec.positive, tuple(
+        Column(c, "numeric", mean=means[c], std=stds[c]) if c in means
+        else Column(c, "categorical", categories=spec.categorical[c]) for c in columns),
+        seps.pop() if len(seps) == 1 else None)

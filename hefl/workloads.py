@@ -235,8 +235,9 @@ def tabular(
     from hefl.inference.model import LinearModel, ModelFile
 
     if model not in TABULAR_MODELS:
-        raise ConfigError(f"unknown tabular model {model!r}; choose one of: "
-                          f"{', '.join(TABULAR_MODELS)}")
+        raise ConfigError(f"--model {model!r}: a CSV federation trains "
+                          f"{' or '.join(TABULAR_MODELS)} (both score encrypted); a Keras model "
+                          "file trains on --dataset")
     if isinstance(source, (str, Path)):
         table = read_csv(source, sep=sep, drop=drop)
     else:

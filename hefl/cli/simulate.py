@@ -133,16 +133,10 @@ def _csv_workload(o: SimulateOptions):
     if o.partition_by is not None and o.clients is not None:
         raise ConfigError("give --partition-by COL (one client per value) or --clients N, not "
                           "both")
-    model = o.model or "logreg"
-    if model not in workloads.TABULAR_MODELS:
-        raise ConfigError(f"--model {model!r}: a CSV federation trains "
-                          f"{' or '.join(workloads.TABULAR_MODELS)} (both score encrypted); a "
-                          "Keras model file trains on --dataset")
     return workloads.tabular(
-        o.csv, o.target, sep=o.sep, drop=o.drop, by=o.partition_by,
-        clients=None if o.partition_by else (o.clients or 10),
-        partition=o.partition if o.partition_by is None else "iid", alpha=o.alpha,
-        model=model, positive=o.positive, test_size=o.test_size, seed=o.seed,
+        o.csv, o.target, sep=o.sep, drop=o.drop, by=o.partition_by, clients=o.clients,
+        partition=o.partition, alpha=o.alpha, model=o.model or "logreg", positive=o.positive,
+        test_size=o.test_size, seed=o.seed,
     )
 
 

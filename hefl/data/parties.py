@@ -154,10 +154,7 @@ def split_table(
 
     if not 0.0 <= test_size < 1.0:
         raise ConfigError(f"test size must be in [0, 1), got {test_size}")
-    if target not in table.columns:
-        raise DataError(f"target column {target!r} is not in the data (columns: "
-                        f"{', '.join(table.names)}); pass --target with one of them")
-    labels = table[target]
+    labels = table.target(target)
     check_complete(table, target)  # row numbers of the whole table, before it is split
     positive = positive if positive is not None else default_positive(labels)
     if test_size > 0:

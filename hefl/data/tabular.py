@@ -101,6 +101,13 @@ class Table:
                 f"column {name!r} is not in the data (columns: {', '.join(self.names)})"
             ) from None
 
+    def target(self, name: str) -> np.ndarray:
+        """The label column ``name``; its absence is reported as a wrong ``--target``."""
+        if name not in self.columns:
+            raise DataError(f"target column {name!r} is not in the data (columns: "
+                            f"{', '.join(self.names)}); pass --target with one of them")
+        return self.columns[name]
+
     def take(self, rows: np.ndarray) -> Table:
         return Table({k: v[rows] for k, v in self.columns.items()}, self.sep)
 
@@ -315,12 +322,7 @@ class Preprocessor:
                 ``NA``, ...): a text column's blanks would otherwise become a category of
                 their own.
         """
-        labels = table[target] if target in table.columns else None
-        if labels is None:
-            raise DataError(
-                f"target column {target!r} is not in the data (columns: "
-                f"{', '.join(table.names)}); pass --target with one of them"
-            )
+        labels = table.target(target)
         positive = positive if positive is not None else default_positive(labels)
         if positive not in set(labels):
             raise DataError(f"positive label {positive!r} does not occur in column {target!r}")

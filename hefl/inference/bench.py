@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from hefl.data.tabular import Preprocessor, Table, default_positive, stratified_split
-from hefl.errors import DataError
 from hefl.inference.engine import score_encrypted
 from hefl.inference.model import LinearModel, ModelFile
 
@@ -43,10 +42,7 @@ def bench_table(table: Table, target: str, positive: str | None = None, seed: in
                 workers: int = 1) -> dict:
     """Train on 80 %, score the 20 % test split in plaintext and encrypted (``workers``
     processes per side, see ``score_encrypted``); the JSON figures."""
-    if target not in table.columns:
-        raise DataError(f"target column {target!r} is not in the data (columns: "
-                        f"{', '.join(table.names)})")
-    positive = positive or default_positive(table[target])
+    positive = positive or default_positive(table.target(target))
     tr, te = stratified_split((table[target] == positive).astype(int), 0.2, seed)
     mf = fit_logistic(table.take(tr), target, positive)
     if save_model:
