@@ -27,7 +27,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 from hefl.aggregation import Aggregator, PlainAggregator
 from hefl.algorithms import Algorithm
 from hefl.backends import ClientRunner, SequentialRunner, make_runner
+from hefl.backends.sequential import fit_each
 from hefl.client import Client, EvaluateRes
 from hefl.data.federated import ClientData, FederatedData
 from hefl.errors import ConfigError, NothingTrained, UpdateRejected
@@ -45,6 +46,7 @@ from hefl.privacy.plan import quant_step
 from hefl.privacy.roles import DpEncoder
 from hefl.roles import Scheme, as_scheme
 from hefl.rounds import (
+    Answer,
     Contribution,
     RoundRecord,
     accept,
@@ -168,18 +170,14 @@ def run(
                 stopped = why
                 break
             rp = plan_round(ids, clients_per_round, seed, algorithm, r, rate)
-            results = runner.fit(list(rp.chosen), params, rp.configs)
-            contributions: dict[Hashable, Contribution] = {}
-            rejected: dict[Hashable, str] = {}
             if isinstance(scheme.encoder, DpEncoder):  # distributed DP: noise for this count
                 scheme.encoder.begin_round(len(rp.chosen))
-            encode_s = 0.0
+            answers, encode_s = _answers(runner, scheme, rp.chosen, rp.configs, params)
+            contributions: dict[Hashable, Contribution] = {}
+            rejected: dict[Hashable, str] = {}
             for cid in rp.chosen:
-                t1 = time.perf_counter()
-                answer = client_answer(scheme.encoder, cid, params, results.get(cid))
-                encode_s += time.perf_counter() - t1
                 try:
-                    contributions[cid] = accept(scheme.summer, cid, answer)
+                    contributions[cid] = accept(scheme.summer, cid, answers[cid])
                 except UpdateRejected as e:
                     rejected[cid] = e.reason
             params, opt_state, record = finish_round(
@@ -205,6 +203,28 @@ def run(
     if reason is not None:
         raise NothingTrained(reason, result)
     return result
+
+
+def _answers(runner: ClientRunner, scheme: Scheme, chosen: Sequence[Hashable],
+             configs: Mapping[Hashable, Any], params: np.ndarray
+             ) -> tuple[dict[Hashable, Answer], float]:
+    """The chosen clients' answers, each encoded as soon as its fit is done (so a pooled
+    encoder encrypts one client's update while the next trains), and the encoding time: the
+    encoders' calls plus the wait for what the pool had not encrypted when the last fit ended."""
+    answers: dict[Hashable, Answer] = {}
+    spent = [0.0]
+
+    def answer(cid: Hashable, outcome: object) -> None:
+        t0 = time.perf_counter()
+        answers[cid] = client_answer(scheme.encoder, cid, params, outcome)
+        spent[0] += time.perf_counter() - t0
+
+    fit_each(runner, list(chosen), params, configs, answer)
+    t0 = time.perf_counter()
+    flush = getattr(scheme.encoder, "flush", None)
+    if flush is not None:
+        flush()
+    return answers, spent[0] + time.perf_counter() - t0
 
 
 def _dp_plan(privacy: DpConfig | DpPlan | None, aggregator: Any, scheme: Scheme,

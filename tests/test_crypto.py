@@ -437,15 +437,40 @@ def test_flooding_options_belong_to_ckks_and_leave_bfv_specs_unchanged():
         make_spec("ckks", 10, coeff_bits=54)  # one prime cannot carry the flooding noise
 
 
-def test_seal_scratch_is_owner_only_and_never_shared_memory():
+def test_seal_bytes_pass_through_a_private_memfd_never_a_path_on_disk(monkeypatch):
+    import os
+    import sys
+
+    from hefl.crypto import seal as seal_io
+
+    if sys.platform.startswith("linux"):
+        assert seal_io._MEMFD  # anonymous in-memory files: never on disk, never on a shared path
+    opened: list[str] = []
+    real_open = os.memfd_create if seal_io._MEMFD else None
+    if real_open is not None:
+        monkeypatch.setattr(os, "memfd_create",
+                            lambda *a: (fd := real_open(*a), opened.append(fd))[0])
+    share = make_aggregator("bfv", 10, custody="keyholder").key_holder.share
+    share.seal_key()  # a secret key passed through SEAL's file-based loader ...
+    if real_open is not None:
+        assert opened  # ... through memfds, each closed again
+        live = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert not any("hefl-seal" in link for link in live)
+
+
+def test_seal_scratch_fallback_is_owner_only_and_never_shared_memory(monkeypatch):
     import os
     import stat
 
-    from hefl.crypto.seal import _scratch_dir
+    from hefl.crypto import seal as seal_io
 
-    d = _scratch_dir()
+    monkeypatch.setattr(seal_io, "_MEMFD", False)  # as where memfds or /proc are missing
+    d = seal_io._scratch_dir()
     assert not os.path.realpath(d).startswith("/dev/shm")
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
-    share = make_aggregator("bfv", 10, custody="keyholder").key_holder.share
-    share.seal_key()  # a secret key passed through the scratch directory ...
+    agg = make_aggregator("bfv", 10, custody="keyholder", min_clients=1, seed=0)
+    agg.key_holder.share.seal_key()  # a secret key passed through the scratch directory ...
+    mean, _ = agg.decode(agg.aggregate({1: agg.encode(1, np.full(10, 0.5), 1.0)}))
+    assert np.allclose(mean, 0.5, atol=agg.spec.error_bound)  # ciphertexts too,
     assert os.listdir(d) == []  # ... and left nothing behind

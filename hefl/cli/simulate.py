@@ -51,6 +51,7 @@ class SimulateOptions:
     seed: int = 0
     threads: int = 1
     he: str | None = None
+    he_workers: int | None = None
     backend: str = "sequential"
     device: str = "auto"
     custody: str = "clients"
@@ -193,22 +194,20 @@ def run_simulation(
         committee: dict[str, Any] = ({"key_holders": o.key_holders, "threshold": o.threshold}
                                      if o.custody == "threshold" else {})
         aggregator = make_aggregator(o.he, size, seed=o.seed, custody=o.custody, **committee,
+                                     workers=o.he_workers or None,
                                      **(plan.aggregator_options() if plan else {}))
-    result = simulate(
-        wl.model,
-        wl.data,
-        algo,
-        rounds=o.rounds,
-        clients_per_round=k,
-        seed=o.seed,
-        test=wl.test,
-        aggregator=aggregator,
-        progress=progress,
-        on_round=on_round,
-        backend=o.backend,
-        backend_options={"device": _device(o)} if o.backend == "vectorized" else None,
-        privacy=plan,
-    )
+    try:
+        result = simulate(
+            wl.model, wl.data, algo, rounds=o.rounds, clients_per_round=k, seed=o.seed,
+            test=wl.test, aggregator=aggregator, progress=progress, on_round=on_round,
+            backend=o.backend,
+            backend_options={"device": _device(o)} if o.backend == "vectorized" else None,
+            privacy=plan,
+        )
+    finally:
+        if aggregator is not None:
+            aggregator.close()
+    pooled = getattr(aggregator, "workers", 1) > 1
     stats = workloads.summary(result)
     summary = {
         "dataset": str(o.csv) if o.csv is not None else o.dataset,
@@ -216,7 +215,8 @@ def run_simulation(
         "clients": len(wl.data),
         "clients_per_round": k,
         "he": o.he or "none",
-        **({"custody": o.custody} if o.he else {}),
+        **({"custody": o.custody, "he_workers": getattr(aggregator, "workers", 1),
+            "upload_bytes_estimated": pooled} if o.he else {}),
         **({"key_holders": aggregator.spec.parties, "threshold": aggregator.spec.threshold}
            if aggregator is not None and o.custody == "threshold" else {}),
         "backend": o.backend,
@@ -278,6 +278,9 @@ def simulate(
     batch_size: int | None = typer.Option(None, help="local batch size (default: the data set's)"),
     seed: int = typer.Option(0, help="seed of the split, the sampling and the model"),
     threads: int = typer.Option(1, help="torch intra-op threads"),
+    he_workers: int = typer.Option(
+        0, help="with --he: processes that encrypt and sum the updates while clients train "
+        "(0: one per core for models of at least 512 ciphertexts, else 1: serial)"),
     he: str | None = typer.Option(
         None, help="encrypt client updates: bfv (recommended), bfv-packed or ckks; default: no "
         "encryption"
@@ -332,7 +335,7 @@ def simulate(
         dataset=dataset, data=data, partition=partition, alpha=alpha, clients=clients,
         clients_per_round=clients_per_round, rounds=rounds, algorithm=algorithm,
         client_lr=client_lr, server_lr=server_lr, mu=mu, epochs=epochs, batch_size=batch_size,
-        seed=seed, threads=threads, he=he, backend=backend, device=device, custody=custody,
+        seed=seed, threads=threads, he=he, he_workers=he_workers, backend=backend, device=device, custody=custody,
         key_holders=key_holders, threshold=threshold, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
         dp_clip=dp_clip, dp_mode=dp_mode, dp_noise_multiplier=dp_noise_multiplier,
         dp_min_clients=dp_min_clients, csv=csv, target=target, sep=sep, drop=tuple(drop or ()),
@@ -369,6 +372,9 @@ def simulate(
 
 def _upload_line(s: dict) -> str:
     how = f"encrypted, {s['he']}, custody {s['custody']}" if s["he"] != "none" else "plaintext"
+    if s.get("upload_bytes_estimated"):
+        how += (f"; {s['he_workers']} processes handed ciphertexts over in memory, so the bytes "
+                "are those a real upload would carry, from sample ciphertexts' sizes")
     return (f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter, "
             f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)")
 

@@ -25,6 +25,7 @@ the mean *within* them (no range proofs; see RoFL, Burkhalter et al. 2021, and A
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,13 @@ class ClipStats:
 
 def l2_norm(x: np.ndarray) -> float:
     """Euclidean norm of finite ``x`` without overflow (rescaled by its largest magnitude)."""
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if not x.size:
+        return 0.0
+    flat = x.ravel()
+    sq = float(np.dot(flat, flat))
+    if 1e-290 < sq < 1e290:  # no overflow or underflow in the sum of squares
+        return math.sqrt(sq)
+    peak = float(np.max(np.abs(x)))
     if peak == 0.0:
         return 0.0
     return peak * float(np.linalg.norm(x / peak))
@@ -88,16 +95,24 @@ def clip_update(delta: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, ClipStats]
     if spec.clip_norm is not None and norm > spec.clip_norm * (1 + 1e-12):
         scale = spec.clip_norm / norm
         d = d * scale
-    clipped = int(np.count_nonzero(np.abs(d) > spec.clip))
     out = np.clip(d, -spec.clip, spec.clip)
+    clipped = int(np.count_nonzero(out != d))
     return out, ClipStats(clipped=clipped, of=int(d.size), norm=norm, scaled=scale)
 
 
 def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
     """Unbiased stochastic rounding of clipped ``x`` to integers in [-Q, Q]."""
+    return _rounded(x, spec, rng).astype(np.int64)
+
+
+def _rounded(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
+    """``quantize`` as float64 integers, computed in place in one fresh array."""
     q = spec.quant_max
-    y = np.clip(x, -spec.clip, spec.clip) * (q / spec.clip)
-    return np.clip(np.floor(y + rng.random(y.shape)), -q, q).astype(np.int64)
+    y = np.clip(x, -spec.clip, spec.clip)
+    y *= q / spec.clip
+    y += rng.random(y.shape)
+    np.floor(y, out=y)
+    return np.clip(y, -q, q, out=y)
 
 
 def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
@@ -125,6 +140,13 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
         mu = spec.dp_mu * dp_units / DP_SHARE_UNITS
         slots = _noisy_slots(quantize(delta, spec, rng), spec, noise_rng, mu)
         out[2 : spec.n_values] = np.mod(slots, np.int64(plain_modulus)).astype(np.uint64)
+    elif spec.scheme == "bfv" and spec.lanes == 1 and spec.lane_bits <= 53:
+        # one value per slot, and float64 holds every lane exactly: no lanes to shift
+        y = _rounded(delta, spec, rng)
+        y += spec.quant_max
+        y *= int(weight)
+        out[0] = int(weight)
+        out[1 : 1 + y.size] = y
     elif spec.scheme == "bfv":
         w = np.uint64(int(weight))
         lanes = (quantize(delta, spec, rng) + spec.quant_max).astype(np.uint64) * w

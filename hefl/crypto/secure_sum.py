@@ -158,9 +158,10 @@ class EncryptingClient:
             reproducible simulations only; None (the default, and always in deployment) draws it
             from OS entropy, and ``reseed`` never touches it (a seed another party knows would
             let it subtract the noise).
-        workers: encrypt ciphertexts in this many processes (1: in this process). The worker
-            processes are this client's own children and receive its key once, at start, over a
-            local pipe; call ``close()`` (or let the client be collected) to stop them.
+        workers: encrypt ciphertexts in this many processes, this one included (1: only this
+            one; ``hefl.crypto.workers.HelperPool``). The helper processes are this client's own
+            children and receive its key once, at start, over a private pipe; call ``close()``
+            (or let the client be collected) to stop them.
 
     Attributes:
         last_clip: what clipping did to the last update ``encode`` accepted (``ClipStats``:
@@ -209,17 +210,15 @@ class EncryptingClient:
         if self.workers == 1 or len(chunks) < 2 * self.workers:
             return tuple(self.seal.encrypt(self._encryptor, c) for c in chunks)
         if self._pool is None:
-            import multiprocessing
-            import weakref
-            from concurrent.futures import ProcessPoolExecutor
+            from hefl.crypto.workers import HelperPool
 
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self._key_bytes,),
-            )
-            weakref.finalize(self, self._pool.shutdown, False)
-        parts = np.array_split(chunks, self.workers)
-        return tuple(b for part in self._pool.map(_encrypt_part, parts) for b in part)
+            self._pool = HelperPool(self.workers, _init_worker, (self._key_bytes,))
+        parts = [(p,) for p in np.array_split(chunks, 4 * self.workers) if len(p)]
+        return tuple(b for part in self._pool.map(_encrypt_part, self._encrypt_rows, parts)
+                     for b in part)
+
+    def _encrypt_rows(self, chunks: np.ndarray) -> list[bytes]:
+        return [self.seal.encrypt(self._encryptor, c) for c in chunks]
 
     def reseed(self, seed: int) -> None:
         """Draw stochastic rounding from ``default_rng(seed)`` from now on."""
@@ -228,7 +227,7 @@ class EncryptingClient:
     def close(self) -> None:
         """Stop the worker processes, if any."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.close()
             self._pool = None
 
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
@@ -240,6 +239,12 @@ class EncryptingClient:
         Raises:
             UpdateRejected: wrong length, NaN/Inf, or a weight outside [0, max_weight].
         """
+        chunks = self.packed(client_id, delta, weight)
+        return EncryptedUpdate(self.spec.fingerprint, self.key_id, self._encrypt_all(chunks))
+
+    def packed(self, client_id: Hashable, delta: np.ndarray, weight: float) -> np.ndarray:
+        """What ``encode`` encrypts: the checked, clipped, quantized and packed update, one row
+        of slot values per ciphertext (raises as ``encode``)."""
         spec = self.spec
         self.last_clip = None  # never left describing an earlier update if this one is refused
         d = check_update(client_id, delta, spec.size, weight)
@@ -264,9 +269,8 @@ class EncryptingClient:
             )
         d, self.last_clip = clip_update(d, spec)
         self._report_clip(client_id, self.last_clip)
-        chunks = pack(d, w, spec, self._rng, self._noise_rng,
-                      self.seal.plain_modulus if spec.dp_mu else 0, self.dp_units)
-        return EncryptedUpdate(spec.fingerprint, self.key_id, self._encrypt_all(chunks))
+        return pack(d, w, spec, self._rng, self._noise_rng,
+                    self.seal.plain_modulus if spec.dp_mu else 0, self.dp_units)
 
     def expect(self, count: int) -> None:
         """Distributed DP: the round's announced number of contributions (fewer than
@@ -313,7 +317,7 @@ def _init_worker(key_bytes: bytes) -> None:
 
 def _encrypt_part(chunks: np.ndarray) -> list[bytes]:
     assert _worker is not None
-    return [_worker.seal.encrypt(_worker._encryptor, c) for c in chunks]
+    return _worker._encrypt_rows(chunks)
 
 
 class SummingServer:
@@ -416,18 +420,48 @@ class KeyHolder:
     """Key-holder half: decrypts an aggregate of at least ``min_clients`` contributions.
 
     In custody "clients" each client can play this role with its own ``KeyShare``.
+
+    ``workers`` > 1 loads and decrypts the sum's ciphertexts in that many processes, this one
+    included (``hefl.crypto.workers.HelperPool``, started at the first ``decode``): the helpers
+    are this key holder's own children and receive its key once over a private pipe. Every
+    check, the flooding budget and any DP noise stay here; CKKS ciphertexts are flooded where
+    they are decrypted, with fresh OS entropy in each process. ``close()`` stops them.
     """
 
-    def __init__(self, share: KeyShare, *, min_clients: int = 2) -> None:
+    def __init__(self, share: KeyShare, *, min_clients: int = 2, workers: int = 1) -> None:
         if not isinstance(share, KeyShare):
             raise KeyCustodyError(f"the key holder needs a KeyShare, got {type(share).__name__}")
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.share = share
         self.spec = share.spec
         self.min_clients = min_clients
+        self.workers = workers
+        self._pool: Any = None
         self.budget = FloodBudget(self.spec)  # CKKS: decryptions answered under this key
         self._noise_rng = np.random.default_rng()  # central DP: OS entropy, never a seed
+
+    def _decrypt(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """The slots of ``blobs`` (loaded, flooded if CKKS, decrypted), in ``workers``
+        processes when there are enough to share."""
+        if self.workers == 1 or len(blobs) < 4 * self.workers:
+            return _decrypt_blobs(self.share, blobs)
+        if self._pool is None:
+            from hefl.crypto.workers import HelperPool
+
+            self._pool = HelperPool(self.workers, _init_decryptor, (self.share.to_bytes(),))
+        n = -(-len(blobs) // (4 * self.workers))
+        parts = [(list(blobs[i : i + n]),) for i in range(0, len(blobs), n)]
+        return np.concatenate(self._pool.map(
+            _decrypt_part, lambda b: _decrypt_blobs(self.share, b), parts))
+
+    def close(self) -> None:
+        """Stop the decryption helpers, if any."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     @classmethod
     def from_bytes(cls, share: bytes, *, min_clients: int = 2) -> KeyHolder:
@@ -448,9 +482,8 @@ class KeyHolder:
                 its weight or a lane wrapped); the aggregate is discarded.
         """
         total = open_sum(self.spec, self.share.key_id, total, self.min_clients)
-        cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
-        self.budget.spend(len(cts))
-        slots = fuse(self.spec, [partial_decrypt(self.share, cts)])
+        self.budget.spend(len(total.ciphertexts))
+        slots = self._decrypt(total.ciphertexts)
         check_range(self.spec, slots)
         mean, weight = weighted_mean(self.spec, slots, total.count)
         if not self.spec.dp_std:
@@ -459,6 +492,25 @@ class KeyHolder:
         check_unit_weights(self.spec, weight, total.count)
         noisy = mean * weight + gaussian_noise(self._noise_rng, mean.size, self.spec.dp_std)
         return noisy / weight, weight
+
+
+def _decrypt_blobs(share: KeyShare, blobs: Sequence[bytes]) -> np.ndarray:
+    cts = [share.seal.ciphertext(b) for b in blobs]
+    return fuse(share.spec, [partial_decrypt(share, cts)])
+
+
+_decryptor: KeyShare | None = None
+
+
+def _init_decryptor(share_bytes: bytes) -> None:
+    """Runs once in each decryption helper process: load the key holder's share."""
+    global _decryptor
+    _decryptor = KeyShare.from_bytes(share_bytes)
+
+
+def _decrypt_part(blobs: Sequence[bytes]) -> np.ndarray:
+    assert _decryptor is not None
+    return _decrypt_blobs(_decryptor, blobs)
 
 
 def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | bytes,
@@ -654,6 +706,8 @@ class EncryptedAggregator:
         self.key_holder = key_holder
         self.custody = custody
         self.spec = server.spec
+        pool = getattr(client, "pool", None)
+        self.workers = pool.workers if pool is not None else client.workers
         self.size = self.spec.size
 
     @property
@@ -661,11 +715,24 @@ class EncryptedAggregator:
         """Client, server and key holder as separate parties (``hefl.roles``)."""
         return Scheme(self.spec.scheme, self.client, self.server, self.key_holder)
 
-    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> EncryptedUpdate:
+    def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> Any:
         return self.client.encode(client_id, delta, weight)
+
+    def flush(self) -> None:
+        """Finish the encryption of the updates encoded so far (a no-op unless pooled)."""
+        flush = getattr(self.client, "flush", None)
+        if flush is not None:
+            flush()
 
     def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
         return self.server.aggregate(payloads)
+
+    def close(self) -> None:
+        """Stop the client's and the key holder's helper processes, if any."""
+        self.client.close()
+        close = getattr(self.key_holder, "close", None)
+        if close is not None:
+            close()
 
     def decode(self, aggregate: Aggregate) -> tuple[np.ndarray, float]:
         try:
@@ -676,10 +743,12 @@ class EncryptedAggregator:
             raise RoundError(str(e)) from e
 
     def nbytes(self, payload: Any) -> int:
-        return len(self.dumps(payload))
+        return self.server.nbytes(payload)
 
-    def dumps(self, payload: EncryptedUpdate | EncryptedSum) -> bytes:
-        return payload.to_bytes()
+    def dumps(self, payload: Any) -> bytes:
+        if isinstance(payload, EncryptedSum):
+            return payload.to_bytes()
+        return self.client.dumps(payload)
 
     def loads(self, data: bytes) -> EncryptedUpdate:
         return self.server.loads(data)
@@ -746,6 +815,7 @@ def make_aggregator(
     seed: int | None = None,
     key_holders: int | None = None,
     threshold: int | None = None,
+    workers: int | None = 1,
     **options: Any,
 ) -> EncryptedAggregator:
     """An encrypted aggregator for simulation (runs the key ceremony in-process).
@@ -760,26 +830,34 @@ def make_aggregator(
             ``threshold`` of them decrypt; no party holds the key; ``hefl.crypto.threshold``).
         min_clients: the key holder refuses aggregates of fewer contributions.
         seed: seeds the clients' stochastic rounding (None: OS entropy).
+        workers: processes (this one included) that encrypt and sum the clients' updates as
+            they arrive (``hefl.crypto.pooled``: in-memory handoff, streaming summation; the
+            results are the serial path's); 1: serially, through the wire format; None: one per
+            core when an update spans at least one task (``pooled.auto_workers``).
         options: ``bits``, ``clip``, ``clip_norm``, ``max_weight``, ``max_clients`` (and
             ``lanes`` for BFV, ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
     """
     spec = make_spec(scheme, size, custody=custody, key_holders=key_holders,
                      threshold=threshold, **options)
+    if workers is None:
+        from hefl.crypto.pooled import auto_workers
+
+        workers = auto_workers(spec.n_ciphertexts)
+    key_holder: KeyHolder | Committee
     if custody == "threshold":
         ceremony = multiparty.threshold_ceremony(spec)
-        return EncryptedAggregator(
-            EncryptingClient(ceremony.public, seed=seed),
-            SummingServer(ceremony.public),
-            Committee(ceremony.public, [ThresholdKeyHolder(sh, min_clients=min_clients)
-                                        for sh in ceremony.shares]),
-            custody,
-        )
-    ceremony = key_ceremony(spec)
-    share = ceremony.shares[0]
-    client_key: PublicContext | KeyShare = share if spec.symmetric else ceremony.public
-    return EncryptedAggregator(
-        EncryptingClient(client_key, seed=seed),
-        SummingServer(ceremony.public),
-        KeyHolder(share, min_clients=min_clients),
-        custody,
-    )
+        key_holder = Committee(ceremony.public, [ThresholdKeyHolder(sh, min_clients=min_clients)
+                                                 for sh in ceremony.shares])
+        client_key: PublicContext | KeyShare = ceremony.public
+    else:
+        ceremony = key_ceremony(spec)
+        key_holder = KeyHolder(ceremony.shares[0], min_clients=min_clients,
+                               workers=workers)
+        client_key = ceremony.shares[0] if spec.symmetric else ceremony.public
+    if workers != 1:
+        from hefl.crypto.pooled import pooled_parts
+
+        client, server = pooled_parts(client_key, ceremony.public, workers, seed=seed)
+        return EncryptedAggregator(client, server, key_holder, custody)
+    return EncryptedAggregator(EncryptingClient(client_key, seed=seed),
+                               SummingServer(ceremony.public), key_holder, custody)

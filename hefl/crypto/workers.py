@@ -201,6 +201,7 @@ class HelperPool:
 
     def each(self, remote: Callable[..., Any], *args: Any) -> list[Any]:
         """``remote(*args)`` once in every helper; their results ([] when serial)."""
+        self.ready()
         for to_helper, _ in self._conns:
             to_helper.send((remote, args))
         replies = [self._reply(from_helper) for _, from_helper in self._conns]
@@ -216,6 +217,100 @@ class HelperPool:
             self._conns = []
             self._waiting = False
             self.workers = 1
+
+
+class TaskStream:
+    """Tasks run as they are put, in a pool's helpers, while the caller does other work.
+
+    A background thread hands each queued task to whichever helper is idle (one task per helper
+    at a time, so the queue stays with this process); ``drain`` then has the caller run what is
+    still queued itself and waits for the helpers' last tasks. Results are not returned: a task
+    leaves its effect in the process that ran it (``remote`` in a helper, ``local`` here), to be
+    collected with ``HelperPool.each``. The first error, a helper's or ours, is raised by
+    ``drain``. The thread waits in ``multiprocessing.connection.wait`` and holds the GIL only to
+    send a task or read a reply, so it costs the caller's work (training, packing) little.
+    """
+
+    def __init__(self, pool: HelperPool, remote: Callable[..., Any],
+                 local: Callable[..., Any]) -> None:
+        import collections
+        import threading
+
+        self.pool, self.remote, self.local = pool, remote, local
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._cv = threading.Condition()
+        self._busy: set[int] = set()
+        self._errors: list[BaseException] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if pool.parallel:
+            pool.ready()  # here: the helpers' start-up replies must not race the thread's reads
+            self._thread = threading.Thread(target=self._dispatch, name="hefl-helpers",
+                                            daemon=True)
+            self._thread.start()
+
+    def put(self, *task: Any) -> None:
+        """Queue ``task`` (the arguments of one ``remote``/``local`` call)."""
+        with self._cv:
+            self._queue.append(task)
+            self._cv.notify_all()
+
+    def _dispatch(self) -> None:
+        from multiprocessing.connection import wait
+
+        conns = self.pool._conns
+        while True:
+            with self._cv:
+                while not self._closed and not (self._queue and len(self._busy) < len(conns)) \
+                        and not self._busy:
+                    self._cv.wait()
+                if self._closed and not self._busy:
+                    return
+                for h, (to_helper, _) in enumerate(conns):
+                    if h not in self._busy and self._queue:
+                        to_helper.send((self.remote, self._queue.popleft()))
+                        self._busy.add(h)
+                busy = list(self._busy)
+            ready = wait([conns[h][1] for h in busy], timeout=0.05)
+            for h in busy:
+                if conns[h][1] in ready:
+                    ok, value = self.pool._reply(conns[h][1])
+                    with self._cv:
+                        if not ok:
+                            self._errors.append(value)
+                        self._busy.discard(h)
+                        self._cv.notify_all()
+
+    def drain(self) -> None:
+        """Run the queued tasks here until none is left, wait for the helpers' last ones, and
+        raise the first error."""
+        while True:
+            with self._cv:
+                if not self._queue or self._errors:
+                    break
+                task = self._queue.popleft()
+            try:
+                self.local(*task)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the helpers
+                with self._cv:
+                    self._errors.append(e)
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
+            self._queue.clear()
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Stop the dispatching thread (after the helpers' running tasks)."""
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 class UsesHelpers:

@@ -48,6 +48,12 @@ class DpEncoder:
     def dumps(self, payload: Any) -> bytes:
         return self.inner.dumps(payload)
 
+    def flush(self) -> None:
+        """Finish the inner encoder's pending encryption (``hefl.crypto.pooled``), if any."""
+        flush = getattr(self.inner, "flush", None)
+        if flush is not None:
+            flush()
+
     def reseed(self, seed: int) -> None:
         self.inner.reseed(seed)
 

@@ -1,0 +1,176 @@
+"""Pooled encrypted aggregation in simulation (``hefl.crypto.pooled``): the clients' encryption
+and the server's summation spread over helper processes, with results equal to the serial path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hefl.crypto import make_aggregator
+from hefl.crypto import pooled as pooled_mod
+from hefl.crypto.pooled import PendingUpdate, auto_workers
+from hefl.crypto.secure_sum import EncryptingClient
+from hefl.crypto.workers import HelperPool, TaskStream, _ping
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Tasks of 3 ciphertexts, so that a small model's update spans several helpers' tasks."""
+    monkeypatch.setattr(pooled_mod, "TASK_ROWS", 3)
+
+
+def _round(agg, xs, weights):
+    ups = {i: agg.encode(i, x, w) for i, (x, w) in enumerate(zip(xs, weights, strict=True))}
+    agg.flush()
+    for cid, up in ups.items():
+        agg.server.validate(cid, up)
+    total = agg.aggregate(ups)
+    return ups, total, agg.decode(total)
+
+
+@pytest.mark.parametrize("custody", ["clients", "keyholder"])
+def test_pooled_bfv_equals_the_serial_path_exactly(small_tasks, custody):
+    size = 2048 * 7 + 5  # 8 ciphertexts: 3 tasks per client
+    rng = np.random.default_rng(0)
+    xs = [rng.uniform(-1, 1, size) for _ in range(5)]
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0]
+    serial = make_aggregator("bfv", size, custody=custody, seed=4, min_clients=1)
+    pooled = make_aggregator("bfv", size, custody=custody, seed=4, min_clients=1, workers=2)
+    try:
+        assert pooled.workers == 2 and serial.workers == 1
+        _, _, (m1, w1) = _round(serial, xs, weights)
+        ups, total, (m2, w2) = _round(pooled, xs, weights)
+        assert all(isinstance(u, PendingUpdate) for u in ups.values())
+        assert total.count == 5 and w1 == w2 == sum(weights)
+        # the packing (stochastic rounding) is the serial path's, and BFV sums are exact
+        assert np.array_equal(m1, m2)
+        # a second round starts from empty sums
+        _, _, (m3, _) = _round(serial, xs[:2], weights[:2])
+        _, _, (m4, _) = _round(pooled, xs[:2], weights[:2])
+        assert np.array_equal(m3, m4)
+    finally:
+        pooled.close()
+
+
+def test_pooled_ckks_and_threshold_decrypt_to_the_mean(small_tasks):
+    size = 4096 * 4 + 1
+    rng = np.random.default_rng(1)
+    xs = [rng.uniform(-1, 1, size) for _ in range(3)]
+    exact = sum(2.0 * x for x in xs) / 6.0
+    for scheme, custody in (("ckks", "keyholder"), ("bfv", "threshold")):
+        agg = make_aggregator(scheme, size, custody=custody, seed=0, min_clients=1, workers=2)
+        try:
+            _, total, (mean, weight) = _round(agg, xs, [2.0, 2.0, 2.0])
+        finally:
+            agg.close()
+        assert weight == pytest.approx(6.0, abs=1e-6)
+        assert np.abs(mean - exact).max() < agg.spec.error_bound, (scheme, custody)
+
+
+def test_pooled_upload_bytes_are_those_of_a_real_upload(small_tasks):
+    size = 2048 * 6
+    x = np.random.default_rng(2).uniform(-1, 1, size)
+    for custody in ("clients", "keyholder"):
+        agg = make_aggregator("bfv", size, custody=custody, seed=0, workers=2)
+        try:
+            estimate = agg.nbytes(agg.encode("a", x, 1.0))
+            agg.flush()
+        finally:
+            agg.close()
+        key = (agg.key_holder.share if custody == "clients" else agg.server.public)
+        real = len(EncryptingClient(key, seed=0).encode("a", x, 1.0).to_bytes())
+        assert abs(estimate - real) <= 0.005 * real  # SEAL's zstd sizes vary by ~0.2 %
+
+
+def test_pooled_sum_adds_other_payloads_and_refuses_bad_ones(small_tasks):
+    size = 2048 * 4
+    rng = np.random.default_rng(3)
+    xs = [rng.uniform(-1, 1, size) for _ in range(3)]
+    agg = make_aggregator("bfv", size, custody="clients", seed=0, min_clients=1, workers=2)
+    try:
+        real = EncryptingClient(agg.key_holder.share, seed=9).encode("real", xs[2], 1.0)
+        ups = {0: agg.encode(0, xs[0], 1.0), 1: agg.encode(1, xs[1], 1.0),
+               "real": real.to_bytes(), "junk": b"HEFLUPD1" + b"\0" * 40}
+        total = agg.aggregate(ups)
+        mean, weight = agg.decode(total)
+        assert set(total.contributors) == {0, 1, "real"} and weight == 3.0
+        assert "junk" in total.rejected
+        assert np.abs(mean - sum(xs) / 3).max() < agg.spec.error_bound
+        # a running sum cannot leave one of its updates out: all of them are refused, with why
+        ups = {0: agg.encode(0, xs[0], 1.0), 1: agg.encode(1, xs[1], 1.0)}
+        partial = agg.aggregate({0: ups[0]})
+        assert partial.count == 0 and "cannot leave one out" in partial.rejected[0]
+        # ... and the next round is unaffected
+        ups = {0: agg.encode(0, xs[0], 2.0), 1: agg.encode(1, xs[1], 2.0)}
+        mean, weight = agg.decode(agg.aggregate(ups))
+        assert weight == 4.0 and np.abs(mean - (xs[0] + xs[1]) / 2).max() < agg.spec.error_bound
+        with pytest.raises(Exception, match="no bytes"):
+            agg.dumps(ups[0])
+    finally:
+        agg.close()
+
+
+def test_task_stream_raises_a_helpers_error_and_stays_usable():
+    pool = HelperPool(2, _ping)
+    stream = TaskStream(pool, _ping, _ping)
+    try:
+        for _ in range(4):
+            stream.put("unexpected")  # _ping takes no argument: TypeError wherever it runs
+        with pytest.raises(TypeError):
+            stream.drain()
+        stream.put()
+        stream.drain()  # the queue and the helpers are in step again
+        assert pool.each(_ping) == [True]
+    finally:
+        stream.close()
+        pool.close()
+
+
+def test_auto_workers_uses_the_cores_only_for_large_updates():
+    assert auto_workers(pooled_mod.TASK_ROWS - 1) == 1
+    assert auto_workers(10 * pooled_mod.TASK_ROWS) >= 1
+
+
+def test_simulation_with_a_pool_equals_the_serial_simulation(small_tasks, one_torch_thread):
+    from hefl import simulate
+    from hefl.algorithms import fedavg
+    from hefl.workloads import w1
+
+    wl = w1("b")
+    results = []
+    for workers in (1, 2):
+        agg = make_aggregator("bfv", wl.model.spec.size, seed=0, workers=workers)
+        try:
+            results.append(simulate(wl.model, wl.data, fedavg(client_lr=0.05), rounds=3,
+                                    clients_per_round=5, seed=0, test=wl.test,
+                                    aggregator=agg))
+        finally:
+            agg.close()
+    serial, pooled = results
+    assert np.array_equal(serial.params, pooled.params)
+    for a, b in zip(serial.history, pooled.history, strict=True):
+        assert a.contributors == b.contributors and a.total_weight == b.total_weight
+        assert abs(a.upload_bytes - b.upload_bytes) <= 0.005 * a.upload_bytes
+
+
+@pytest.mark.parametrize("scheme", ["bfv", "ckks"])
+def test_key_holder_with_helpers_decrypts_as_one_process(scheme):
+    from hefl.crypto import KeyHolder
+
+    size = 4096 * 10
+    xs = [np.random.default_rng(i).uniform(-1, 1, size) for i in range(2)]
+    agg = make_aggregator(scheme, size, custody="keyholder", seed=0)
+    total = agg.aggregate({i: agg.encode(i, x, 3.0) for i, x in enumerate(xs)})
+    share = agg.key_holder.share
+    one, two = KeyHolder(share), KeyHolder(share, workers=2)
+    try:
+        (m1, w1), (m2, w2) = one.decode(total), two.decode(total)
+        assert two._pool is not None and two._pool.parallel  # the helpers did take part
+    finally:
+        two.close()
+    assert w1 == pytest.approx(w2) and two.budget.used == one.budget.used
+    if scheme == "bfv":
+        assert np.array_equal(m1, m2)
+    else:  # fresh flooding noise in each decryption
+        assert np.abs(m1 - m2).max() < 2 * agg.spec.error_bound
+    assert np.abs(m2 - (xs[0] + xs[1]) / 2).max() < agg.spec.error_bound
