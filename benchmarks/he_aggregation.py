@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=None, help="BFV quantization bits (default 16)")
     ap.add_argument("--max-weight", type=int, default=None, help="supported total weight")
     ap.add_argument("--max-clients", type=int, default=None, help="supported clients per sum")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes (this one included) for our clients' encryption and the key "
+                         "holder's decryption (EncryptingClient/KeyHolder workers; real bytes)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -163,6 +166,14 @@ def main() -> None:
                                  ("threshold", args.threshold)) if v}
     ours = make_aggregator(args.scheme, args.params, custody=args.custody,
                            min_clients=min(2, args.clients), seed=args.seed, **options)
+    if args.workers > 1:
+        from hefl.crypto import EncryptingClient, KeyHolder
+
+        key = ours.key_holder.share if ours.custody == "clients" else ours.server.public
+        ours.client = EncryptingClient(key, seed=args.seed, workers=args.workers)
+        if isinstance(ours.key_holder, KeyHolder):
+            ours.key_holder = KeyHolder(ours.key_holder.share, min_clients=min(2, args.clients),
+                                        workers=args.workers)
     # sample counts up to 1000, kept within the configuration's supported total weight
     top = min(1000, ours.spec.max_weight // args.clients)
     ws = [float(w) for w in rng.integers(1, top + 1, args.clients)]

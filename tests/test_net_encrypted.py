@@ -82,9 +82,9 @@ def test_keyholder_custody_and_min_clients_refusal(tmp_path):
     demo = make_demo(tmp_path, data, model=MODEL, rounds=2, clients_per_round=3,
                      aggregation=agg, key_holders=["kh"], server={"min_clients": 3})
     keys = tmp_path / "keys"
-    opts = {n: {"he_key": keys / "public.ctx"} for n in demo.names}
+    opts = {n: {"he_key": keys / "public.ctx", "workers": 2} for n in demo.names}
     records, params, _ = run_in_threads(
-        demo, {**opts, "kh": {"he_key": keys / "share.key", "key_holder": True}})
+        demo, {**opts, "kh": {"he_key": keys / "share.key", "key_holder": True, "workers": 2}})
     assert [r.contributors for r in records] == [3, 3]
     assert np.abs(params - plaintext(data, 2)).max() < 1e-3
 

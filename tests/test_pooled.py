@@ -126,9 +126,10 @@ def test_task_stream_raises_a_helpers_error_and_stays_usable():
         pool.close()
 
 
-def test_auto_workers_uses_the_cores_only_for_large_updates():
-    assert auto_workers(pooled_mod.TASK_ROWS - 1) == 1
-    assert auto_workers(10 * pooled_mod.TASK_ROWS) >= 1
+def test_auto_workers_is_one_per_usable_core():
+    import os
+
+    assert auto_workers() == len(os.sched_getaffinity(0))
 
 
 def test_simulation_with_a_pool_equals_the_serial_simulation(small_tasks, one_torch_thread):
@@ -174,3 +175,21 @@ def test_key_holder_with_helpers_decrypts_as_one_process(scheme):
     else:  # fresh flooding noise in each decryption
         assert np.abs(m1 - m2).max() < 2 * agg.spec.error_bound
     assert np.abs(m2 - (xs[0] + xs[1]) / 2).max() < agg.spec.error_bound
+
+
+def test_deployed_clients_and_key_holders_take_workers():
+    from hefl.net import keys
+
+    agg = make_aggregator("bfv", 4096 * 10, custody="keyholder", seed=0)
+    enc = keys.client_encoder(agg.server.public, agg.spec.size, 2)
+    holder = keys.key_holder(agg.key_holder.share, agg.spec.size, 1, 2)
+    x = np.random.default_rng(0).uniform(-1, 1, agg.spec.size)
+    try:
+        assert enc.workers == 2 and holder.workers == 2
+        up = enc.encode(0, x, 2.0)  # encrypted in two processes: real bytes, as deployed
+        assert enc._pool is not None and enc._pool.parallel
+        mean, weight = holder.decode(agg.server.aggregate({0: up.to_bytes()}))
+    finally:
+        enc.close()
+        holder.close()
+    assert weight == 2.0 and np.abs(mean - x).max() < agg.spec.error_bound

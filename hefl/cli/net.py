@@ -93,6 +93,9 @@ def client(
         "--he-key)")] = None,
     share_metrics: Annotated[bool, typer.Option(
         "--share-metrics", help="encrypted runs: also send the training loss in clear")] = False,
+    workers: Annotated[int, typer.Option(
+        help="encrypted runs: processes that encrypt this client's updates (as key holder: "
+        "decrypt the sums), this one included")] = 1,
     fit_delay: Annotated[float, typer.Option(hidden=True, help="sleep before each fit")] = 0.0,
 ) -> None:
     """Join a federation and train on local data until the server ends the run."""
@@ -112,7 +115,7 @@ def client(
             insecure=insecure, server_name=server_name, give_up_s=give_up_after,
             fit_delay_s=fit_delay, he_key=he_key, key_holder=key_holder, min_clients=min_clients,
             identity=identity, registry=registry, state_dir=state_dir, share_metrics=share_metrics,
-            preprocessing=preprocessing,
+            preprocessing=preprocessing, workers=workers,
         )
         summary = FederationClient(settings).run()
     except (HeflError, OSError) as e:

@@ -280,7 +280,7 @@ def simulate(
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he_workers: int = typer.Option(
         0, help="with --he: processes that encrypt and sum the updates while clients train "
-        "(0: one per core for models of at least 512 ciphertexts, else 1: serial)"),
+        "(0: one per core; 1: serially, through the wire format)"),
     he: str | None = typer.Option(
         None, help="encrypt client updates: bfv (recommended), bfv-packed or ckks; default: no "
         "encryption"
@@ -372,11 +372,12 @@ def simulate(
 
 def _upload_line(s: dict) -> str:
     how = f"encrypted, {s['he']}, custody {s['custody']}" if s["he"] != "none" else "plaintext"
-    if s.get("upload_bytes_estimated"):
-        how += (f"; {s['he_workers']} processes handed ciphertexts over in memory, so the bytes "
-                "are those a real upload would carry, from sample ciphertexts' sizes")
+    note = (f"; {s['he_workers']} processes handed the ciphertexts over in memory, so these are "
+            "the bytes a real upload would carry, from sample ciphertexts' sizes"
+            if s.get("upload_bytes_estimated") else "")
     return (f"upload per client and round: {s['upload_bytes_per_param']:.2f} bytes/parameter, "
-            f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)")
+            f"{s['upload_bytes_per_param'] / 4:.2f}x float32 ({how}; {s['params']} parameters)"
+            + note)
 
 
 def _phase_line(s: dict) -> str:

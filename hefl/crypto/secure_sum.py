@@ -62,6 +62,11 @@ from hefl.roles import Scheme
 
 log = logging.getLogger(__name__)
 
+#: Ciphertexts per chunk shared with helper processes (``EncryptingClient``/``KeyHolder``
+#: workers): a few milliseconds of SEAL work, and two runs of two chunks' results (public-key
+#: ciphertexts at N = 4096, or slot values) within a pipe's 1 MiB buffer.
+ENCRYPT_ROWS = 8
+
 MAGIC_UPDATE = b"HEFLUPD1"
 MAGIC_SUM = b"HEFLSUM1"
 
@@ -213,9 +218,10 @@ class EncryptingClient:
             from hefl.crypto.workers import HelperPool
 
             self._pool = HelperPool(self.workers, _init_worker, (self._key_bytes,))
-        parts = [(p,) for p in np.array_split(chunks, 4 * self.workers) if len(p)]
-        return tuple(b for part in self._pool.map(_encrypt_part, self._encrypt_rows, parts)
-                     for b in part)
+        rows = ENCRYPT_ROWS
+        parts = [(chunks[i : i + rows],) for i in range(0, len(chunks), rows)]
+        return tuple(b for part in self._pool.map(_encrypt_part, self._encrypt_rows, parts,
+                                                  most=2) for b in part)
 
     def _encrypt_rows(self, chunks: np.ndarray) -> list[bytes]:
         return [self.seal.encrypt(self._encryptor, c) for c in chunks]
@@ -452,10 +458,10 @@ class KeyHolder:
             from hefl.crypto.workers import HelperPool
 
             self._pool = HelperPool(self.workers, _init_decryptor, (self.share.to_bytes(),))
-        n = -(-len(blobs) // (4 * self.workers))
+        n = ENCRYPT_ROWS
         parts = [(list(blobs[i : i + n]),) for i in range(0, len(blobs), n)]
         return np.concatenate(self._pool.map(
-            _decrypt_part, lambda b: _decrypt_blobs(self.share, b), parts))
+            _decrypt_part, lambda b: _decrypt_blobs(self.share, b), parts, most=2))
 
     def close(self) -> None:
         """Stop the decryption helpers, if any."""
@@ -833,7 +839,7 @@ def make_aggregator(
         workers: processes (this one included) that encrypt and sum the clients' updates as
             they arrive (``hefl.crypto.pooled``: in-memory handoff, streaming summation; the
             results are the serial path's); 1: serially, through the wire format; None: one per
-            core when an update spans at least one task (``pooled.auto_workers``).
+            core (``pooled.auto_workers``).
         options: ``bits``, ``clip``, ``clip_norm``, ``max_weight``, ``max_clients`` (and
             ``lanes`` for BFV, ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
     """
@@ -842,7 +848,7 @@ def make_aggregator(
     if workers is None:
         from hefl.crypto.pooled import auto_workers
 
-        workers = auto_workers(spec.n_ciphertexts)
+        workers = auto_workers()
     key_holder: KeyHolder | Committee
     if custody == "threshold":
         ceremony = multiparty.threshold_ceremony(spec)

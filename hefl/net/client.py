@@ -62,6 +62,9 @@ class ClientSettings:
         backoff_s: (first, max) reconnect delay.
         fit_delay_s: sleep before each fit (simulates a slow device; for demos and tests).
         torch_threads: torch intra-op threads (W1 uses 1).
+        workers: encrypted runs: processes (this one included) that encrypt this client's
+            updates, or, as key holder, decrypt the sums (helpers started once, at the first
+            update; they receive the key over a private pipe).
         he_key: encrypted aggregation: ``share.key`` (custody "clients", or the key holder) or
             ``public.ctx`` (custody "keyholder" data clients) from ``hefl keys``.
         key_holder: a key-holder process: no data, only decrypts verified sums (needs
@@ -90,6 +93,7 @@ class ClientSettings:
     backoff_s: tuple[float, float] = (0.2, 5.0)
     fit_delay_s: float = 0.0
     torch_threads: int = 1
+    workers: int = 1
     he_key: Path | None = None
     key_holder: bool = False
     min_clients: int = 2
@@ -372,7 +376,7 @@ class FederationClient:
             else:
                 self.identity = self._identity()
         if self.data is not None:
-            self.encoder = build_aggregator(agg, size, key=self.key)
+            self.encoder = build_aggregator(agg, size, key=self.key, workers=self.s.workers)
             # DP: clip and weight 1; under encryption the clip is the key's, not the server's
             clip = client_clip(getattr(self.key, "spec", None) if is_encrypted(agg) else None,
                                announced)
@@ -391,7 +395,8 @@ class FederationClient:
         state = self.s.state_dir or Path(self.s.he_key).parent / "decoded"
         ledger = DecodeLedger(Path(state) / f"{self.name}.sqlite")
         signers = registry_signers(load_registry(Path(self.s.registry)))
-        return VerifiedDecryptor(key_holder(self.key, size, self.s.min_clients), signers, ledger)
+        return VerifiedDecryptor(key_holder(self.key, size, self.s.min_clients, self.s.workers),
+                                 signers, ledger)
 
     def _identity(self) -> Identity:
         path = self.s.identity

@@ -438,10 +438,11 @@ def build_algorithm(spec: Mapping[str, Any]) -> Any:
     return make_algorithm(name, **opts)
 
 
-def build_aggregator(spec: Mapping[str, Any], size: int, *, key: Any = None) -> Any:
+def build_aggregator(spec: Mapping[str, Any], size: int, *, key: Any = None,
+                     workers: int = 1) -> Any:
     """The aggregator a config names: plaintext, or for encrypted kinds the server's half
     (``key`` None: ``SummingServer`` under the public context) or a client's (``EncryptingClient``
-    with its ``key``)."""
+    with its ``key``, encrypting in ``workers`` processes)."""
     from hefl.net import keys
 
     opts = dict(spec)
@@ -454,7 +455,7 @@ def build_aggregator(spec: Mapping[str, Any], size: int, *, key: Any = None) -> 
     if kind in keys.HE_KINDS:
         if key is None:
             return keys.server_aggregator(spec, size)
-        return keys.client_encoder(key, size)
+        return keys.client_encoder(key, size, workers)
     raise ConfigError(f"unknown aggregation kind {kind!r}; choose plain, bfv or ckks")
 
 

@@ -146,16 +146,17 @@ def server_aggregator(agg: Mapping[str, Any], size: int, base: Path | None = Non
     return SummingServer(public)
 
 
-def client_encoder(key: Any, size: int) -> Any:
-    """The client's half: encrypts weighted updates with its key."""
+def client_encoder(key: Any, size: int, workers: int = 1) -> Any:
+    """The client's half: encrypts weighted updates with its key (in ``workers`` processes)."""
     from hefl.crypto import EncryptingClient
 
     _check_size(key.spec, size, "the client's key")
-    return EncryptingClient(key)
+    return EncryptingClient(key, workers=workers)
 
 
-def key_holder(key: Any, size: int, min_clients: int) -> Any:
-    """A ``KeyHolder`` for a whole key, a ``ThresholdKeyHolder`` for a committee member's."""
+def key_holder(key: Any, size: int, min_clients: int, workers: int = 1) -> Any:
+    """A ``KeyHolder`` for a whole key (decrypting in ``workers`` processes), a
+    ``ThresholdKeyHolder`` for a committee member's."""
     from hefl.crypto import KeyHolder, KeyShare
     from hefl.crypto.secure_sum import ThresholdKeyHolder
 
@@ -165,7 +166,7 @@ def key_holder(key: Any, size: int, min_clients: int) -> Any:
     _check_size(key.spec, size, "the key holder's key")
     if key.parties > 1:
         return ThresholdKeyHolder(key, min_clients=min_clients)
-    return KeyHolder(key, min_clients=min_clients)
+    return KeyHolder(key, min_clients=min_clients, workers=workers)
 
 
 def _check_size(spec: Any, size: int, where: Any) -> None:
