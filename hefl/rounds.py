@@ -141,6 +141,11 @@ def client_payload(
     return encoder.encode(client_id, delta, float(res.num_examples))
 
 
+def nonfinite_metrics(metrics: Mapping[str, float]) -> list[str]:
+    """The names of the NaN/Inf metrics (sorted)."""
+    return sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+
+
 def client_answer(
     encoder: Encoder, client_id: Hashable, global_params: np.ndarray, outcome: object
 ) -> Answer:
@@ -150,6 +155,9 @@ def client_answer(
         return Answer(None, 0, {}, failure_reason(outcome))
     if outcome.num_examples <= 0:
         return Answer(None, 0, dict(outcome.metrics))  # nothing to contribute (weight 0)
+    bad = nonfinite_metrics(outcome.metrics)
+    if bad:  # refused by ``accept`` anyway: never encoded (a pooled sum could not drop it)
+        return Answer(None, 0, {}, f"metrics {bad} are NaN/Inf")
     try:
         payload = client_payload(encoder, client_id, global_params, outcome)
     except UpdateRejected as e:
@@ -179,7 +187,7 @@ def accept(summer: Summer, client_id: Hashable, answer: Answer, nbytes: int | No
     """
     if answer.error is not None:
         raise UpdateRejected(answer.error, client_id=client_id, stage="fit")
-    bad = sorted(k for k, v in answer.metrics.items() if not math.isfinite(float(v)))
+    bad = nonfinite_metrics(answer.metrics)
     if bad:
         raise UpdateRejected(f"metrics {bad} are NaN/Inf", client_id=client_id, stage="submit")
     if answer.num_examples < 0:

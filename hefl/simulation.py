@@ -219,11 +219,17 @@ def _answers(runner: ClientRunner, scheme: Scheme, chosen: Sequence[Hashable],
         answers[cid] = client_answer(scheme.encoder, cid, params, outcome)
         spent[0] += time.perf_counter() - t0
 
-    fit_each(runner, list(chosen), params, configs, answer)
-    t0 = time.perf_counter()
-    flush = getattr(scheme.encoder, "flush", None)
-    if flush is not None:
-        flush()
+    try:
+        fit_each(runner, list(chosen), params, configs, answer)
+        t0 = time.perf_counter()
+        flush = getattr(scheme.encoder, "flush", None)
+        if flush is not None:
+            flush()
+    except BaseException:  # an interrupted round leaves nothing queued for the next one
+        abandon = getattr(scheme.encoder, "abandon", None)
+        if abandon is not None:
+            abandon()
+        raise
     return answers, spent[0] + time.perf_counter() - t0
 
 

@@ -11,6 +11,7 @@ from hefl.crypto import pooled as pooled_mod
 from hefl.crypto.pooled import PendingUpdate, auto_workers
 from hefl.crypto.secure_sum import EncryptingClient
 from hefl.crypto.workers import HelperPool, TaskStream, _ping
+from hefl.errors import UpdateRejected
 
 
 @pytest.fixture
@@ -193,3 +194,153 @@ def test_deployed_clients_and_key_holders_take_workers():
         enc.close()
         holder.close()
     assert weight == 2.0 and np.abs(mean - x).max() < agg.spec.error_bound
+
+
+class _Fixed:
+    """A client whose fit returns ``params + step`` and ``metrics`` (for round-body tests)."""
+
+    def __init__(self, step: float, metrics: dict, n: int = 3, interrupt: list | None = None):
+        self.step, self.metrics, self.n, self.interrupt = step, metrics, n, interrupt
+
+    def fit(self, params, config):
+        from hefl.client import FitRes
+
+        if self.interrupt:
+            self.interrupt.pop()
+            raise KeyboardInterrupt
+        return FitRes(params + self.step, self.n, self.metrics)
+
+    def evaluate(self, params, config):
+        from hefl.client import EvaluateRes
+
+        return EvaluateRes(0.0, 1, {})
+
+
+def _run(clients, workers, rounds=1):
+    from hefl.algorithms import fedavg
+    from hefl.simulation import run
+
+    agg = make_aggregator("bfv", 2048 * 3, seed=0, min_clients=1, workers=workers)
+    try:
+        return run(clients, np.zeros(2048 * 3), fedavg(), rounds=rounds,
+                        clients_per_round=len(clients), seed=0, aggregator=agg)
+    finally:
+        agg.close()
+
+
+def test_a_client_refused_after_fitting_does_not_spoil_the_pooled_round():
+    """Review finding: NaN metrics were refused after the update was queued, so the whole
+    pooled round was lost; such an answer is now refused before it is encoded."""
+    clients = {i: _Fixed(0.01 * (i + 1), {"loss": 1.0}) for i in range(4)}
+    clients[2] = _Fixed(0.5, {"loss": float("nan")})
+    serial, pooled = _run(clients, 1), _run(clients, 2)
+    for res in (serial, pooled):
+        rec = res.history.records[0]
+        assert rec.contributors == 3 and "NaN/Inf" in rec.rejected["2"]
+    assert np.array_equal(serial.params, pooled.params)
+
+
+def test_pooled_sum_takes_the_first_max_clients_as_the_serial_server_does(small_tasks):
+    size = 2048 * 4
+    xs = [np.full(size, 0.1 * (i + 1)) for i in range(3)]
+    results = []
+    for workers in (1, 2):
+        agg = make_aggregator("bfv", size, seed=0, min_clients=1, max_clients=2,
+                              workers=workers)
+        try:
+            ups = {}
+            for i, x in enumerate(xs):
+                try:
+                    ups[i] = agg.encode(i, x, 1.0)
+                except UpdateRejected as e:  # the pool refuses the third when it is queued
+                    assert workers == 2 and "max_clients=2" in e.reason
+            agg.flush()
+            total = agg.aggregate(ups)
+            results.append((total.contributors, agg.decode(total)[0]))
+        finally:
+            agg.close()
+    (c1, m1), (c2, m2) = results
+    assert c1 == c2 == (0, 1) and np.array_equal(m1, m2)
+
+
+@pytest.mark.timeout(60)
+def test_helpers_finish_when_the_pipes_cannot_be_widened(monkeypatch):
+    """Review finding: two runs in flight deadlocked over 64 KiB pipes; one is kept then."""
+    from hefl.crypto import KeyHolder
+    from hefl.crypto import workers as workers_mod
+
+    monkeypatch.setattr(workers_mod, "_widen", lambda fd: False)
+    size = 4096 * 40
+    agg = make_aggregator("bfv", size, custody="keyholder", seed=0, min_clients=1)
+    x = np.random.default_rng(0).uniform(-1, 1, size)
+    enc = EncryptingClient(agg.server.public, seed=0, workers=2)
+    holder = KeyHolder(agg.key_holder.share, min_clients=1, workers=2)
+    try:
+        up = enc.encode(0, x, 1.0)
+        assert enc._pool._depth == 1
+        mean, _ = holder.decode(agg.server.aggregate({0: up}))
+    finally:
+        enc.close()
+        holder.close()
+    assert np.abs(mean - x).max() < agg.spec.error_bound
+
+
+@pytest.mark.timeout(60)
+def test_a_helper_that_exits_is_reported_not_waited_for():
+    import os
+    import time
+
+    from hefl.crypto.workers import HelperExited
+
+    pool = HelperPool(2, _ping)
+    stream = TaskStream(pool, os._exit, lambda code: None)
+    try:
+        stream.put(3)  # the helper takes it and exits while running it
+        deadline = time.monotonic() + 10
+        while not stream._st.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream.put(3)  # run here, since no helper is left
+        with pytest.raises(HelperExited):
+            stream.drain()
+    finally:
+        stream.close()
+        pool.close()
+
+
+def test_an_interrupted_pooled_round_leaves_nothing_for_the_next():
+    interrupt = [True]
+    clients = {i: _Fixed(0.01 * (i + 1), {"loss": 1.0}) for i in range(3)}
+    clients[2] = _Fixed(0.03, {"loss": 1.0}, interrupt=interrupt)
+    from hefl.algorithms import fedavg
+    from hefl.simulation import run
+
+    agg = make_aggregator("bfv", 2048 * 3, seed=0, min_clients=1, workers=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # after clients 0 and 1 queued their updates
+            run(clients, np.zeros(2048 * 3), fedavg(), rounds=1, clients_per_round=3, seed=0,
+                aggregator=agg)
+        again = run(clients, np.zeros(2048 * 3), fedavg(), rounds=1, clients_per_round=3,
+                    seed=0, aggregator=agg)
+    finally:
+        agg.close()
+    assert again.history.records[0].contributors == 3
+    assert np.abs(again.params - 0.02).max() < 1e-3
+
+
+def test_an_unclosed_pooled_aggregator_stops_its_helpers_when_collected():
+    import gc
+    import threading
+    import time
+
+    def helpers() -> int:
+        return sum(t.name == "hefl-helpers" and t.is_alive() for t in threading.enumerate())
+
+    before = helpers()
+    agg = make_aggregator("bfv", 2048, seed=0, workers=2)
+    assert helpers() == before + 1
+    del agg
+    deadline = time.monotonic() + 10
+    while helpers() > before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert helpers() == before

@@ -153,30 +153,50 @@ class PooledSum(UsesHelpers):
         if client_id in self.clients:
             raise UpdateRejected("this client already queued an update this round",
                                  client_id=client_id, stage="encode")
+        if len(self.clients) >= self.spec.max_clients:  # as SummingServer.aggregate refuses it
+            raise UpdateRejected(
+                f"this aggregate already holds max_clients={self.spec.max_clients} "
+                "contributions, the most its parameters sum exactly; rebuild the aggregator "
+                "with a larger max_clients", client_id=client_id, stage="encode")
         self.clients.append(client_id)
         for start in range(0, len(rows), TASK_ROWS):
             self._stream.put(self.batch, start, rows[start : start + TASK_ROWS])
         return PendingUpdate(client_id, self.batch, self._nbytes)
 
     def flush(self) -> None:
-        """Encrypt what is still queued (here and in the helpers); raises the first error."""
-        self._stream.drain()
+        """Encrypt what is still queued (here and in the helpers); raises the first error, and
+        then the round is abandoned (``abandon``)."""
+        try:
+            self._stream.drain()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Drop this round's queued updates and partial sums (after an error, or a round that
+        was interrupted); the next update starts a new round."""
+        self._stream.discard()
+        self._local.take(self.batch)
+        self.batch += 1  # the helpers drop their sums when they see the next round's number
+        self.clients = []
 
     def collect(self) -> list[Any]:
         """This round's sum (ciphertexts in order), merged from the processes' running sums;
-        the next round starts empty."""
+        the next round starts empty (also when merging fails)."""
         self.flush()
         seal = self._local.seal
         acc = self._local.take(self.batch)  # this process's sums need no serialization
-        for blobs in self._pool.each(_helper_take, self.batch):
-            for i, b in blobs.items():
-                ct = seal.ciphertext(b)
-                if i in acc:
-                    seal.add_inplace(acc[i], ct)
-                else:
-                    acc[i] = ct
-        self.batch += 1
-        self.clients = []
+        try:
+            for blobs in self._pool.each(_helper_take, self.batch):
+                for i, b in blobs.items():
+                    ct = seal.ciphertext(b)
+                    if i in acc:
+                        seal.add_inplace(acc[i], ct)
+                    else:
+                        acc[i] = ct
+        finally:
+            self.batch += 1
+            self.clients = []
         if len(acc) != self.spec.n_ciphertexts:
             raise CryptoError(f"the pool summed {len(acc)} of {self.spec.n_ciphertexts} "
                               "ciphertexts; a task was lost")
@@ -202,6 +222,11 @@ class PooledEncoder(EncryptingClient):
 
     def flush(self) -> None:
         self.pool.flush()
+
+    def abandon(self) -> None:
+        """Drop the round's updates queued so far (the round body calls it when a round is
+        interrupted)."""
+        self.pool.abandon()
 
     def dumps(self, update: Any) -> bytes:
         if isinstance(update, PendingUpdate):

@@ -26,14 +26,17 @@ closes).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -71,21 +74,33 @@ def _child_main(read_fd: int, write_fd: int) -> None:
         outbox.send(reply)
 
 
-def _widen(fd: int) -> None:
-    """Give a pipe the largest buffer an unprivileged process may (Linux: 1 MiB, not 64 KiB), so
-    a helper can write a chunk's results and go on while the caller is still busy with its own
-    chunk (measured: with 64 KiB, two processes encrypted no faster than one)."""
+#: Pipe buffer that lets ``map`` keep two runs in flight per helper (``F_SETPIPE_SZ``).
+WIDE_PIPE = 1 << 20
+
+
+def _widen(fd: int) -> bool:
+    """Give a pipe a 1 MiB buffer instead of 64 KiB, so a helper can write a chunk's results
+    and go on while the caller is still busy with its own chunk (measured: with 64 KiB, two
+    processes encrypted no faster than one). False where the system refuses (an unprivileged
+    user past ``pipe-user-pages-soft``, or not Linux): ``map`` then keeps one run in flight."""
     import fcntl
 
-    size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if size is None:
-        return
-    for want in (1 << 20, 1 << 18):
-        try:
-            fcntl.fcntl(fd, size, want)
-            return
-        except OSError:
-            continue
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return False
+    try:
+        return int(fcntl.fcntl(fd, set_size, WIDE_PIPE)) >= WIDE_PIPE
+    except OSError:
+        return False
+
+
+class HelperExited(ConfigError):
+    """A helper process is gone (killed, out of memory): this pool cannot finish its work."""
+
+
+def _exited() -> HelperExited:
+    return HelperExited("a helper process exited (see its error output above); close this pool "
+                       "and run with workers=1")
 
 
 def _bootstrapping() -> bool:
@@ -124,15 +139,17 @@ class HelperPool:
         self._conns: list[tuple[Connection, Connection]] = []  # (to helper, from helper)
         self._waiting = False
         self.workers = 1
+        self._depth = 1
         if workers > 1 and not _bootstrapping():
             self._t0 = time.perf_counter()
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             procs = []
+            wide = True
             for _ in range(workers - 1):
                 r_in, w_in = os.pipe()  # caller -> helper
                 r_out, w_out = os.pipe()  # helper -> caller
-                _widen(w_in)
-                _widen(w_out)
+                widened = (_widen(w_in), _widen(w_out))
+                wide = wide and all(widened)
                 code = f"from hefl.crypto.workers import _child_main; _child_main({r_in}, {w_out})"
                 procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
                                               pass_fds=(r_in, w_out)))
@@ -142,6 +159,7 @@ class HelperPool:
                 to_helper.send((initializer, initargs))
                 self._conns.append((to_helper, Connection(r_out, writable=False)))
             self.workers = workers
+            self._depth = 2 if wide else 1  # runs in flight per helper (``map``)
             self._finalizer = weakref.finalize(self, _stop, procs, list(self._conns))
             for to_helper, _ in self._conns:  # answered once the helper is initialised
                 to_helper.send((_ping, ()))
@@ -166,9 +184,8 @@ class HelperPool:
     def _reply(conn: Connection) -> tuple[bool, Any]:
         try:
             return conn.recv()
-        except EOFError:
-            return False, ConfigError("a helper process exited (see its error output above); "
-                                      "close this pool and run with workers=1")
+        except (EOFError, OSError):
+            return False, _exited()
 
     def map(self, remote: Callable[..., Any], local: Callable[..., Any],
             chunks: Sequence[tuple[Any, ...]], most: int | None = None) -> list[Any]:
@@ -177,7 +194,9 @@ class HelperPool:
 
         Guided scheduling: a helper is handed a run of the remaining chunks (a share that
         shrinks as the work runs out, at most ``most`` chunks) in one message, and the next run
-        before it has finished the first (two in flight), so it never waits for this process;
+        before it has finished the first (two in flight where the pipes could be widened to
+        1 MiB, else one, since a helper writing results and this process sending the next run
+        into two full pipes would wait for each other), so it never waits for this process;
         this process takes one chunk at a time and hands out runs in between, so no process
         waits long for another, and a helper slowed by another tenant's load simply takes fewer
         chunks. Give ``most`` so that two runs' results fit in a pipe's buffer (1 MiB): a helper
@@ -208,7 +227,7 @@ class HelperPool:
             while nxt < len(chunks) and not errors:
                 collect(block=False)
                 for h, (to_helper, _) in enumerate(self._conns):
-                    while len(pending[h]) < 2 and nxt < len(chunks):
+                    while len(pending[h]) < self._depth and nxt < len(chunks):
                         n = max(1, (len(chunks) - nxt) // (2 * self.workers))
                         n = min(n, most) if most else n
                         to_helper.send((_run_many, (remote, chunks[nxt : nxt + n])))
@@ -226,9 +245,15 @@ class HelperPool:
     def each(self, remote: Callable[..., Any], *args: Any) -> list[Any]:
         """``remote(*args)`` once in every helper; their results ([] when serial)."""
         self.ready()
+        sent: list[bool] = []
         for to_helper, _ in self._conns:
-            to_helper.send((remote, args))
-        replies = [self._reply(from_helper) for _, from_helper in self._conns]
+            try:
+                to_helper.send((remote, args))
+                sent.append(True)
+            except OSError:  # the helper exited
+                sent.append(False)
+        replies = [self._reply(c) if ok else (False, _exited())
+                   for ok, (_, c) in zip(sent, self._conns, strict=True)]
         for ok, value in replies:
             if not ok:
                 raise value
@@ -243,6 +268,74 @@ class HelperPool:
             self.workers = 1
 
 
+@dataclass
+class _Stream:
+    """What a ``TaskStream``'s thread shares with it (never the stream or the pool itself, so
+    that both can be collected, which stops the thread and the helpers)."""
+
+    conns: list[tuple[Connection, Connection]]
+    remote: Callable[..., Any]
+    cv: threading.Condition = field(default_factory=threading.Condition)
+    queue: collections.deque[tuple[Any, ...]] = field(default_factory=collections.deque)
+    busy: set[int] = field(default_factory=set)
+    dead: set[int] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+    closed: bool = False
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.queue.clear()
+            self.cv.notify_all()
+
+
+def _dispatch(st: _Stream) -> None:
+    """The thread of a ``TaskStream``: hand queued tasks to idle helpers, collect replies. A
+    helper that cannot be reached is marked dead and its error kept for ``drain``; nothing
+    escapes this function, so the thread never leaves ``busy`` set behind it."""
+    from multiprocessing.connection import wait
+
+    while True:
+        try:
+            with st.cv:
+                live = [h for h in range(len(st.conns)) if h not in st.dead]
+                while not st.busy and not st.closed and not (st.queue and live):
+                    st.cv.wait()
+                if st.closed and not st.busy:
+                    return
+                for h in live:
+                    if h not in st.busy and st.queue:
+                        task = st.queue.popleft()
+                        try:
+                            st.conns[h][0].send((st.remote, task))
+                        except OSError:
+                            st.queue.appendleft(task)  # another process can still run it
+                            st.dead.add(h)
+                            st.errors.append(_exited())
+                            continue
+                        st.busy.add(h)
+                busy = list(st.busy)
+            ready = wait([st.conns[h][1] for h in busy], timeout=0.05) if busy else []
+            for h in busy:
+                if st.conns[h][1] in ready:
+                    ok, value = HelperPool._reply(st.conns[h][1])
+                    with st.cv:
+                        if not ok:
+                            st.errors.append(value)
+                            if isinstance(value, HelperExited):
+                                st.dead.add(h)
+                        st.busy.discard(h)
+                        st.cv.notify_all()
+        except Exception as e:  # noqa: BLE001 - kept for drain; the thread must not die silently
+            with st.cv:
+                st.errors.append(e)
+                st.dead.update(st.busy)
+                st.busy.clear()
+                st.closed = True
+                st.cv.notify_all()
+            return
+
+
 class TaskStream:
     """Tasks run as they are put, in a pool's helpers, while the caller does other work.
 
@@ -251,87 +344,68 @@ class TaskStream:
     still queued itself and waits for the helpers' last tasks. Results are not returned: a task
     leaves its effect in the process that ran it (``remote`` in a helper, ``local`` here), to be
     collected with ``HelperPool.each``. The first error, a helper's or ours, is raised by
-    ``drain``. The thread waits in ``multiprocessing.connection.wait`` and holds the GIL only to
-    send a task or read a reply, so it costs the caller's work (training, packing) little.
+    ``drain``; a helper that exits is reported there too (the others and this process finish
+    the queue). The thread waits in ``multiprocessing.connection.wait`` and holds the GIL only
+    to send a task or read a reply, so it costs the caller's work (training, packing) little.
     """
 
     def __init__(self, pool: HelperPool, remote: Callable[..., Any],
                  local: Callable[..., Any]) -> None:
-        import collections
-        import threading
-
-        self.pool, self.remote, self.local = pool, remote, local
-        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._cv = threading.Condition()
-        self._busy: set[int] = set()
-        self._errors: list[BaseException] = []
-        self._closed = False
+        self.pool, self.local = pool, local
+        self._st = _Stream(pool._conns, remote)
         self._thread: threading.Thread | None = None
         if pool.parallel:
             pool.ready()  # here: the helpers' start-up replies must not race the thread's reads
-            self._thread = threading.Thread(target=self._dispatch, name="hefl-helpers",
-                                            daemon=True)
+            self._thread = threading.Thread(target=_dispatch, args=(self._st,),
+                                            name="hefl-helpers", daemon=True)
             self._thread.start()
+        weakref.finalize(self, self._st.close)
 
     def put(self, *task: Any) -> None:
         """Queue ``task`` (the arguments of one ``remote``/``local`` call)."""
-        with self._cv:
-            self._queue.append(task)
-            self._cv.notify_all()
+        st = self._st
+        with st.cv:
+            st.queue.append(task)
+            st.cv.notify_all()
 
-    def _dispatch(self) -> None:
-        from multiprocessing.connection import wait
-
-        conns = self.pool._conns
-        while True:
-            with self._cv:
-                while not self._closed and not (self._queue and len(self._busy) < len(conns)) \
-                        and not self._busy:
-                    self._cv.wait()
-                if self._closed and not self._busy:
-                    return
-                for h, (to_helper, _) in enumerate(conns):
-                    if h not in self._busy and self._queue:
-                        to_helper.send((self.remote, self._queue.popleft()))
-                        self._busy.add(h)
-                busy = list(self._busy)
-            ready = wait([conns[h][1] for h in busy], timeout=0.05)
-            for h in busy:
-                if conns[h][1] in ready:
-                    ok, value = self.pool._reply(conns[h][1])
-                    with self._cv:
-                        if not ok:
-                            self._errors.append(value)
-                        self._busy.discard(h)
-                        self._cv.notify_all()
+    def _settle(self) -> list[BaseException]:
+        """Wait for the helpers' running tasks; the errors so far (cleared)."""
+        st = self._st
+        with st.cv:
+            while st.busy:
+                st.cv.wait()
+            st.queue.clear()
+            errors, st.errors = st.errors, []
+        return errors
 
     def drain(self) -> None:
         """Run the queued tasks here until none is left, wait for the helpers' last ones, and
         raise the first error."""
+        st = self._st
         while True:
-            with self._cv:
-                if not self._queue or self._errors:
+            with st.cv:
+                if not st.queue:
                     break
-                task = self._queue.popleft()
+                task = st.queue.popleft()
             try:
                 self.local(*task)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the helpers
-                with self._cv:
-                    self._errors.append(e)
-        with self._cv:
-            while self._busy:
-                self._cv.wait()
-            self._queue.clear()
-            errors, self._errors = self._errors, []
+                with st.cv:
+                    st.errors.append(e)
+                    st.queue.clear()
+        errors = self._settle()
         if errors:
             raise errors[0]
 
+    def discard(self) -> None:
+        """Drop the queued tasks and wait for the running ones (their errors are dropped)."""
+        with self._st.cv:
+            self._st.queue.clear()
+        self._settle()
+
     def close(self) -> None:
         """Stop the dispatching thread (after the helpers' running tasks)."""
-        with self._cv:
-            self._closed = True
-            self._queue.clear()
-            self._cv.notify_all()
+        self._st.close()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

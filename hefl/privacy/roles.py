@@ -54,6 +54,11 @@ class DpEncoder:
         if flush is not None:
             flush()
 
+    def abandon(self) -> None:
+        abandon = getattr(self.inner, "abandon", None)
+        if abandon is not None:
+            abandon()
+
     def reseed(self, seed: int) -> None:
         self.inner.reseed(seed)
 
