@@ -344,3 +344,20 @@ def test_an_unclosed_pooled_aggregator_stops_its_helpers_when_collected():
         gc.collect()
         time.sleep(0.05)
     assert helpers() == before
+
+
+def test_simulate_cli_says_when_upload_bytes_are_estimated():
+    import json
+
+    from typer.testing import CliRunner
+
+    from hefl.cli import app
+
+    args = ["simulate", "--clients", "10", "-k", "3", "--rounds", "1", "--he", "bfv", "--json"]
+    runs = {w: json.loads(CliRunner().invoke(app, [*args, "--he-workers", w]).stdout
+                          .splitlines()[-1]) for w in ("1", "2")}
+    assert runs["1"]["he_workers"] == 1 and runs["1"]["upload_bytes_estimated"] is False
+    assert runs["2"]["he_workers"] == 2 and runs["2"]["upload_bytes_estimated"] is True
+    assert runs["1"]["final_accuracy"] == runs["2"]["final_accuracy"]  # BFV: the same sums
+    exact, estimated = (runs[w]["upload_bytes_per_client"] for w in ("1", "2"))
+    assert abs(estimated - exact) <= 0.005 * exact
