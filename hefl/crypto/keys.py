@@ -136,6 +136,11 @@ class Ceremony:
     shares: tuple[KeyShare, ...] = field(repr=False)
 
 
+def key_from_bytes(data: bytes) -> KeyShare | PublicContext:
+    """A key file's bytes: the secret ``KeyShare`` (``MAGIC_SHARE``) or the ``PublicContext``."""
+    return KeyShare.from_bytes(data) if data[:8] == MAGIC_SHARE else PublicContext.from_bytes(data)
+
+
 def key_ceremony(spec: HeSpec) -> Ceremony:
     """Generate a fresh key set for ``spec`` (single dealer, one share).
 

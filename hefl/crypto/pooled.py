@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from hefl.aggregation import Aggregate
-from hefl.crypto.keys import KeyShare, PublicContext
+from hefl.crypto.keys import KeyShare, PublicContext, key_from_bytes
 from hefl.crypto.seal import save
 from hefl.crypto.secure_sum import (
     MAGIC_UPDATE,
@@ -66,32 +66,21 @@ class PendingUpdate:
 
 
 class _Sums:
-    """What each process of the pool holds: the encryptor and this round's running sums."""
+    """What each process of the pool holds: an ``EncryptingClient`` (the encryptor) and this
+    round's running sums."""
 
-    def __init__(self, key: PublicContext | KeyShare) -> None:
-        self.seal = key.seal
-        self.symmetric = key.spec.symmetric
-        self.encryptor = (self.seal.encryptor(key.seal_key()) if isinstance(key, KeyShare)
-                          else self.seal.encryptor(self.seal.load_public_key(key.public_key)))
+    def __init__(self, client: EncryptingClient) -> None:
+        self.client = client
         self.batch = -1
         self.acc: dict[int, Any] = {}
 
     def encrypt_add(self, batch: int, start: int, rows: np.ndarray) -> None:
         """Encrypt ``rows`` (ciphertexts ``start, start + 1, ...`` of one client's update) and
         add each to the running sum, unserialized."""
-        import tenseal.sealapi as sealapi
-
         if batch != self.batch:
             self.batch, self.acc = batch, {}
-        seal, acc = self.seal, self.acc
-        for j, row in enumerate(rows):
-            pt = seal.encode(row)
-            ct = sealapi.Ciphertext()
-            if self.symmetric:
-                self.encryptor.encrypt_symmetric(pt, ct)
-            else:
-                self.encryptor.encrypt(pt, ct)
-            i = start + j
+        seal, acc = self.client.seal, self.acc
+        for i, ct in enumerate(self.client.ciphertexts(rows), start):
             if i in acc:
                 seal.add_inplace(acc[i], ct)
             else:
@@ -106,9 +95,9 @@ class _Sums:
     def upload_bytes(self, n_ciphertexts: int) -> int:
         """What one client's upload of ``n_ciphertexts`` would carry on the wire (framing,
         then a length and the median size of three sample ciphertexts each)."""
-        row = np.zeros(self.seal.spec.slot_values, dtype=np.uint64 if self.seal.spec.scheme
-                       == "bfv" else np.float64)
-        one = sorted(len(self.seal.encrypt(self.encryptor, row)) for _ in range(3))[1]
+        spec = self.client.spec
+        row = np.zeros((1, spec.slot_values), np.uint64 if spec.scheme == "bfv" else np.float64)
+        one = sorted(len(self.client.encrypt_rows(row)[0]) for _ in range(3))[1]
         return len(MAGIC_UPDATE) + 32 + 4 + n_ciphertexts * (4 + one)
 
 
@@ -117,8 +106,7 @@ _helper: _Sums | None = None
 
 def _init_helper(key_bytes: bytes) -> None:
     global _helper
-    _helper = _Sums(KeyShare.from_bytes(key_bytes) if key_bytes[:8] == b"HEFLSEC1"
-                    else PublicContext.from_bytes(key_bytes))
+    _helper = _Sums(EncryptingClient(key_from_bytes(key_bytes)))
 
 
 def _helper_encrypt_add(*task: Any) -> None:
@@ -135,9 +123,10 @@ class PooledSum(UsesHelpers):
     """The pool shared by a ``PooledEncoder`` and a ``PooledSummer``: this process and
     ``workers - 1`` helpers, each with the clients' key and running sums."""
 
-    def __init__(self, key: PublicContext | KeyShare, workers: int) -> None:
+    def __init__(self, client: EncryptingClient, key: PublicContext | KeyShare,
+                 workers: int) -> None:
         self.spec = key.spec
-        self._local = _Sums(key)
+        self._local = _Sums(client)  # this process encrypts with the encoder's own encryptor
         self._pool = HelperPool(workers, _init_helper, (key.to_bytes(),))
         self._stream = TaskStream(self._pool, _helper_encrypt_add, self._local.encrypt_add)
         self.batch = 0
@@ -184,7 +173,7 @@ class PooledSum(UsesHelpers):
         """This round's sum (ciphertexts in order), merged from the processes' running sums;
         the next round starts empty (also when merging fails)."""
         self.flush()
-        seal = self._local.seal
+        seal = self._local.client.seal
         acc = self._local.take(self.batch)  # this process's sums need no serialization
         try:
             for blobs in self._pool.each(_helper_take, self.batch):
@@ -212,10 +201,11 @@ class PooledEncoder(EncryptingClient):
     the rows queued in the pool (returns a ``PendingUpdate``); ``flush()`` ends the round's
     encryption."""
 
-    def __init__(self, key: PublicContext | KeyShare, pool: PooledSum, *,
+    def __init__(self, key: PublicContext | KeyShare, workers: int, *,
                  seed: int | None = None, noise_seed: int | None = None) -> None:
         super().__init__(key, seed=seed, noise_seed=noise_seed)
-        self.pool = pool
+        self.pool = PooledSum(self, key, workers)
+        self.workers = self.pool.workers
 
     def encode(self, client_id: Hashable, delta: np.ndarray, weight: float) -> Any:
         return self.pool.put(client_id, self.packed(client_id, delta, weight))
@@ -277,10 +267,9 @@ class PooledSummer(SummingServer):
         queued = list(self.pool.clients)
         acc = self.pool.collect() if queued else []
         ok = [c for c in pending if c not in rejected]
-        if set(ok) != set(queued) or len(ok) > self.spec.max_clients:
+        if set(ok) != set(queued):  # (the pool queues at most max_clients)
             why = (f"the round's pooled sum holds {len(queued)} updates, not the {len(ok)} "
-                   f"given (at most max_clients={self.spec.max_clients}); it cannot leave one "
-                   "out")
+                   "given; it cannot leave one out")
             rejected.update({c: why for c in ok})
             acc, ok = [], []
         if others:
@@ -308,9 +297,8 @@ def auto_workers() -> int:
 
 def pooled_parts(key: PublicContext | KeyShare, public: PublicContext, workers: int, *,
                  seed: int | None = None) -> tuple[PooledEncoder, PooledSummer]:
-    """The client and server roles sharing one pool of ``workers`` processes."""
-    if not isinstance(workers, int) or workers < 1:
-        raise CryptoError(f"workers must be an integer >= 1, got {workers!r}")
-    pool = PooledSum(key, workers)
-    return PooledEncoder(key, pool, seed=seed), PooledSummer(public, pool)
+    """The client and server roles sharing one pool of ``workers`` processes (raises
+    ``ConfigError`` for fewer than 1, as ``HelperPool``)."""
+    client = PooledEncoder(key, workers, seed=seed)
+    return client, PooledSummer(public, client.pool)
 

@@ -231,12 +231,20 @@ class Seal:
 
     def encrypt(self, encryptor: Any, values: np.ndarray) -> bytes:
         """Encrypt one ciphertext's worth of values; seeded when symmetric."""
-        pt = self.encode(values)
         if self.spec.symmetric:
-            return save(encryptor.encrypt_symmetric(pt))
+            return save(encryptor.encrypt_symmetric(self.encode(values)))
+        return save(self.encrypt_full(encryptor, values))
+
+    def encrypt_full(self, encryptor: Any, values: np.ndarray) -> Any:
+        """Encrypt one ciphertext's worth of values as a full SEAL ciphertext (both
+        polynomials, never seeded: one that can be added to, not the smaller upload form)."""
+        pt = self.encode(values)
         ct = sealapi.Ciphertext()
-        encryptor.encrypt(pt, ct)
-        return save(ct)
+        if self.spec.symmetric:
+            encryptor.encrypt_symmetric(pt, ct)
+        else:
+            encryptor.encrypt(pt, ct)
+        return ct
 
     # -- server ----------------------------------------------------------------------------
     def ciphertext(self, data: bytes) -> Any:

@@ -43,7 +43,14 @@ from hefl.aggregation import Aggregate, PlainPayload, check_update
 from hefl.crypto import threshold as multiparty
 from hefl.crypto import wire
 from hefl.crypto.flooding import FloodBudget
-from hefl.crypto.keys import KeyShare, PublicContext, fuse, key_ceremony, partial_decrypt
+from hefl.crypto.keys import (
+    KeyShare,
+    PublicContext,
+    fuse,
+    key_ceremony,
+    key_from_bytes,
+    partial_decrypt,
+)
 from hefl.crypto.packing import ClipStats, check_noise, check_range, clip_update, pack, unpack
 from hefl.crypto.seal import save
 from hefl.crypto.spec import CUSTODY, DP_SHARE_UNITS, HeSpec, bfv_spec, ckks_spec, dp_share_units
@@ -220,11 +227,17 @@ class EncryptingClient:
             self._pool = HelperPool(self.workers, _init_worker, (self._key_bytes,))
         rows = ENCRYPT_ROWS
         parts = [(chunks[i : i + rows],) for i in range(0, len(chunks), rows)]
-        return tuple(b for part in self._pool.map(_encrypt_part, self._encrypt_rows, parts,
+        return tuple(b for part in self._pool.map(_encrypt_part, self.encrypt_rows, parts,
                                                   most=2) for b in part)
 
-    def _encrypt_rows(self, chunks: np.ndarray) -> list[bytes]:
+    def encrypt_rows(self, chunks: np.ndarray) -> list[bytes]:
+        """Packed rows (``packed``) encrypted here, as the bytes an upload carries."""
         return [self.seal.encrypt(self._encryptor, c) for c in chunks]
+
+    def ciphertexts(self, chunks: np.ndarray) -> list[Any]:
+        """Packed rows encrypted here as SEAL ciphertext objects (full, never serialized: for
+        sums kept in this process, ``hefl.crypto.pooled``)."""
+        return [self.seal.encrypt_full(self._encryptor, c) for c in chunks]
 
     def reseed(self, seed: int) -> None:
         """Draw stochastic rounding from ``default_rng(seed)`` from now on."""
@@ -315,15 +328,12 @@ _worker: EncryptingClient | None = None
 def _init_worker(key_bytes: bytes) -> None:
     """Runs once in each encryption worker process: rebuild this client's encryptor."""
     global _worker
-    key = KeyShare.from_bytes(key_bytes) if key_bytes[:8] == b"HEFLSEC1" else (
-        PublicContext.from_bytes(key_bytes)
-    )
-    _worker = EncryptingClient(key)
+    _worker = EncryptingClient(key_from_bytes(key_bytes))
 
 
 def _encrypt_part(chunks: np.ndarray) -> list[bytes]:
     assert _worker is not None
-    return _worker._encrypt_rows(chunks)
+    return _worker.encrypt_rows(chunks)
 
 
 class SummingServer:
@@ -712,8 +722,7 @@ class EncryptedAggregator:
         self.key_holder = key_holder
         self.custody = custody
         self.spec = server.spec
-        pool = getattr(client, "pool", None)
-        self.workers = pool.workers if pool is not None else client.workers
+        self.workers = client.workers
         self.size = self.spec.size
 
     @property

@@ -106,16 +106,14 @@ def committee_spec(agg: Mapping[str, Any], size: int,
 
 def load_key(path: Path) -> Any:
     """A client's key file: the secret ``KeyShare`` or the ``PublicContext``."""
-    from hefl.crypto import KeyShare, PublicContext
+    from hefl.crypto.keys import key_from_bytes
 
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read key file {str(path)!r}: {e}") from e
     try:
-        if data.startswith(b"HEFLSEC1"):
-            return KeyShare.from_bytes(data)
-        return PublicContext.from_bytes(data)
+        return key_from_bytes(data)
     except (UpdateRejected, CryptoError) as e:
         raise ConfigError(f"{str(path)!r} is not a hefl key file from `hefl keys`: {e}") from e
 
