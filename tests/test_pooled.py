@@ -361,3 +361,100 @@ def test_simulate_cli_says_when_upload_bytes_are_estimated():
     assert runs["1"]["final_accuracy"] == runs["2"]["final_accuracy"]  # BFV: the same sums
     exact, estimated = (runs[w]["upload_bytes_per_client"] for w in ("1", "2"))
     assert abs(estimated - exact) <= 0.005 * exact
+
+
+def test_shared_slots_take_give_and_attach():
+    import os
+
+    from hefl.crypto.workers import SharedSlots
+
+    slots = SharedSlots.create(2, (3, 4), np.uint64)
+    if slots is None:
+        pytest.skip("no memfd_create on this system: the pool sends rows through its pipes")
+    try:
+        a, b = slots.take(), slots.take()
+        assert {a, b} == {0, 1} and slots.take() is None  # every slot in use
+        slots.view[b] = np.arange(12, dtype=np.uint64).reshape(3, 4)
+        # what a helper maps from the inherited descriptor is the same memory
+        seen = SharedSlots.attach(os.dup(slots.fd), 2, (3, 4), "<u8")
+        assert np.array_equal(seen[b], slots.view[b])
+        seen[a, 0, 0] = 7
+        assert slots.view[a, 0, 0] == 7
+        slots.give(a)
+        assert slots.take() == a
+    finally:
+        slots.close()
+
+
+def test_task_stream_reports_every_task_done_once():
+    import os
+
+    from hefl.crypto.workers import HelperExited
+
+    done: list[tuple] = []
+    pool = HelperPool(2, _ping)
+    stream = TaskStream(pool, _ping, _ping, depth=2, done=lambda *t: done.append(t))
+    try:
+        for _ in range(10):
+            stream.put()
+        stream.drain()
+        assert len(done) == 10
+        for _ in range(6):
+            stream.put("unexpected")  # fails wherever it runs; the rest is dropped, still done
+        with pytest.raises(TypeError):
+            stream.drain()
+        assert len(done) == 16
+        stream.put()
+        stream.drain()
+        assert len(done) == 17 and pool.each(_ping) == [True]
+    finally:
+        stream.close()
+        pool.close()
+    pool = HelperPool(2, _ping)
+    lost: list[tuple] = []
+    stream = TaskStream(pool, os._exit, lambda code: None, depth=2,
+                        done=lambda *t: lost.append(t))
+    try:
+        for _ in range(5):  # the helper exits on the first; what it had in flight is lost
+            stream.put(3)
+        with pytest.raises(HelperExited):
+            stream.drain()
+        assert len(lost) == 5
+    finally:
+        stream.close()
+        pool.close()
+
+
+def _bfv_rounds(agg, xs):
+    return [agg.decode(agg.aggregate({i: agg.encode(i, x, float(i + 1))
+                                      for i, x in enumerate(xs)}))[0] for _ in range(2)]
+
+
+@pytest.mark.parametrize("how", ["slots", "few slots", "pipes"])
+def test_pooled_rows_reach_the_helpers_by_shared_memory_or_pipes(small_tasks, monkeypatch, how):
+    """Rows go to helpers through ``SharedSlots``; with every slot in flight this process
+    encrypts a task itself; without memfds the rows are pickled through the pipes. The sums
+    are the serial path's in each case, and every slot is given back."""
+    from hefl.crypto.workers import SharedSlots
+
+    if how == "few slots":
+        monkeypatch.setattr(pooled_mod, "SLOT_BUDGET", 1)  # 2 slots: most tasks run here
+    if how == "pipes":  # as where memfd_create is missing
+        monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, *args: None))
+    size = 2048 * 11
+    rng = np.random.default_rng(5)
+    xs = [rng.uniform(-1, 1, size) for _ in range(4)]
+    serial = make_aggregator("bfv", size, seed=8, min_clients=1)
+    pooled = make_aggregator("bfv", size, seed=8, min_clients=1, workers=2)
+    try:
+        slots = pooled.client.pool._slots
+        assert (slots is None) == (how == "pipes")
+        if how == "few slots":
+            assert slots.shape[0] == 2
+        want = _bfv_rounds(serial, xs)
+        got = _bfv_rounds(pooled, xs)
+        assert all(np.array_equal(w, g) for w, g in zip(want, got, strict=True))
+        if slots is not None:
+            assert sorted(slots._free) == list(range(slots.shape[0]))
+    finally:
+        pooled.close()

@@ -6,9 +6,11 @@ serialized for the server to add them: that is the in-memory transport of DESIGN
 each holding the clients' encryption key and a running sum per ciphertext:
 
     client      PooledEncoder.encode(id, delta, weight)  clip, quantize, pack here (as
-                EncryptingClient), then queue the packed rows; a helper encrypts them while
-                this process trains the next client, and adds each ciphertext to its own
-                running sum at once (streaming summation; nothing is kept per client)
+                EncryptingClient), then copy the packed rows into shared-memory slots
+                (``SharedSlots``; where every slot is in flight, this process encrypts the
+                task itself); a helper encrypts them in place while this process trains the
+                next client, and adds each ciphertext to its own running sum at once
+                (streaming summation; nothing is kept per client)
                 PooledEncoder.flush()   this process encrypts what is still queued
     server      PooledSummer.aggregate(pending updates)  merges the processes' running sums
                 (one serialization per ciphertext per process per round, not per client) into
@@ -31,6 +33,7 @@ private pipe (as ``EncryptingClient(workers=...)``); ``close()`` stops them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,13 +49,16 @@ from hefl.crypto.secure_sum import (
     EncryptingClient,
     SummingServer,
 )
-from hefl.crypto.workers import HelperPool, TaskStream, UsesHelpers
+from hefl.crypto.workers import HelperPool, SharedSlots, TaskStream, UsesHelpers
 from hefl.errors import CryptoError, UpdateRejected
 
 #: Ciphertexts per task: large enough that a task's dispatch is a small share of its time
-#: (about 0.1 s of SEAL encryption at N = 2048), small enough that the last client's rows
+#: (about 35 ms of SEAL encryption at N = 2048), small enough that the last client's rows
 #: spread over every process.
-TASK_ROWS = 512
+TASK_ROWS = 128
+#: Shared memory for rows in flight (``SharedSlots``): at most 4 tasks per helper, in at most
+#: this many bytes (at least 2 tasks per helper, the two each has in flight).
+SLOT_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -102,16 +108,28 @@ class _Sums:
 
 
 _helper: _Sums | None = None
+_slots: np.ndarray | None = None  # a helper's map of the pool's SharedSlots
 
 
-def _init_helper(key_bytes: bytes) -> None:
-    global _helper
+def _init_helper(key_bytes: bytes, slots: tuple[Any, ...] | None = None) -> None:
+    global _helper, _slots
     _helper = _Sums(EncryptingClient(key_from_bytes(key_bytes)))
+    if slots is not None:
+        _slots = SharedSlots.attach(*slots)
 
 
 def _helper_encrypt_add(*task: Any) -> None:
     assert _helper is not None
     _helper.encrypt_add(*task)
+
+
+def _helper_encrypt_slot(batch: int, start: int, slot: int, n: int) -> None:
+    assert _helper is not None and _slots is not None
+    _helper.encrypt_add(batch, start, _slots[slot, :n])
+
+
+def _give_slot(slots: SharedSlots, batch: int, start: int, slot: int, n: int) -> None:
+    slots.give(slot)
 
 
 def _helper_take(batch: int) -> dict[int, bytes]:
@@ -127,11 +145,38 @@ class PooledSum(UsesHelpers):
                  workers: int) -> None:
         self.spec = key.spec
         self._local = _Sums(client)  # this process encrypts with the encoder's own encryptor
-        self._pool = HelperPool(workers, _init_helper, (key.to_bytes(),))
-        self._stream = TaskStream(self._pool, _helper_encrypt_add, self._local.encrypt_add)
+        self._slots = self._shared_slots(workers)
+        slots = self._slots
+        self._pool = HelperPool(
+            workers, _init_helper,
+            (key.to_bytes(),) if slots is None else
+            (key.to_bytes(), (slots.fd, slots.shape[0], slots.shape[1:], slots.dtype.str)),
+            share=() if slots is None else (slots.fd,))
+        if not self._pool.parallel and self._slots is not None:
+            self._slots.close()
+            self._slots = None
+        if self._slots is not None:  # rows by shared memory, two tasks in flight per helper
+            self._stream = TaskStream(self._pool, _helper_encrypt_slot, self._local_slot,
+                                      depth=2, done=functools.partial(_give_slot, self._slots))
+        else:  # serially, or rows pickled through the pipes
+            self._stream = TaskStream(self._pool, _helper_encrypt_add, self._local.encrypt_add)
         self.batch = 0
         self.clients: list[Hashable] = []  # this round's queued updates, in order
         self._nbytes = self._local.upload_bytes(self.spec.n_ciphertexts)
+
+    def _shared_slots(self, workers: int) -> SharedSlots | None:
+        if workers < 2:
+            return None
+        rows = min(TASK_ROWS, self.spec.n_ciphertexts)
+        shape = (rows, self.spec.slot_values)
+        dtype = np.uint64 if self.spec.scheme == "bfv" else np.float64
+        helpers = workers - 1
+        fit = SLOT_BUDGET // SharedSlots.nbytes(shape, dtype)
+        return SharedSlots.create(max(2 * helpers, fit), shape, dtype)
+
+    def _local_slot(self, batch: int, start: int, slot: int, n: int) -> None:
+        assert self._slots is not None
+        self._local.encrypt_add(batch, start, self._slots.view[slot, :n])
 
     @property
     def workers(self) -> int:
@@ -149,7 +194,19 @@ class PooledSum(UsesHelpers):
                 "with a larger max_clients", client_id=client_id, stage="encode")
         self.clients.append(client_id)
         for start in range(0, len(rows), TASK_ROWS):
-            self._stream.put(self.batch, start, rows[start : start + TASK_ROWS])
+            part = rows[start : start + TASK_ROWS]
+            if self._slots is None:
+                self._stream.put(self.batch, start, part)
+                continue
+            slot = self._slots.take()
+            if slot is None:
+                self._stream.pump()  # replies free slots
+                slot = self._slots.take()
+            if slot is None:  # every slot in flight: this process encrypts the part, now
+                self._local.encrypt_add(self.batch, start, part)
+            else:
+                self._slots.view[slot, : len(part)] = part
+                self._stream.put(self.batch, start, slot, len(part))
         return PendingUpdate(client_id, self.batch, self._nbytes)
 
     def flush(self) -> None:
@@ -194,6 +251,8 @@ class PooledSum(UsesHelpers):
     def close(self) -> None:
         self._stream.close()
         super().close()
+        if self._slots is not None:
+            self._slots.close()
 
 
 class PooledEncoder(EncryptingClient):

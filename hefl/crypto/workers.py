@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import mmap
 import multiprocessing
 import os
 import subprocess
@@ -39,6 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+
+import numpy as np
 
 from hefl.errors import ConfigError
 
@@ -129,10 +132,12 @@ class HelperPool:
         initializer: a module-level function run once in each helper with ``initargs`` (e.g. to
             load keys); it reaches the helper by reference, its arguments by pipe.
         initargs: arguments for ``initializer``.
+        share: file descriptors the helpers inherit under the same numbers (a ``SharedSlots``
+            memfd: arrays handed over without pipes).
     """
 
     def __init__(self, workers: int, initializer: Callable[..., None],
-                 initargs: tuple[Any, ...] = ()) -> None:
+                 initargs: tuple[Any, ...] = (), share: Sequence[int] = ()) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.started_s = 0.0
@@ -152,7 +157,7 @@ class HelperPool:
                 wide = wide and all(widened)
                 code = f"from hefl.crypto.workers import _child_main; _child_main({r_in}, {w_out})"
                 procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
-                                              pass_fds=(r_in, w_out)))
+                                              pass_fds=(r_in, w_out, *share)))
                 os.close(r_in)
                 os.close(w_out)
                 to_helper = Connection(w_in, readable=False)
@@ -268,6 +273,74 @@ class HelperPool:
             self.workers = 1
 
 
+class SharedSlots:
+    """Array slots in shared memory, through which this process hands helpers the data of a
+    task without pickling it through a pipe.
+
+    The memory is an anonymous memfd (``memfd_create``): it has no name and no path, and only
+    the helpers started with ``HelperPool(..., share=(slots.fd,))`` inherit it. This process
+    ``take``s a free slot, writes ``view[slot]`` and sends the slot's number in a task of a few
+    bytes; ``give`` returns the slot once the helper has replied. A helper maps the same memory
+    with ``SharedSlots.attach``. (Measured on 2 cores: handing over 512 rows of 2,048 uint64 as
+    a pickle took 15-160 ms per task, the helper idle meanwhile, about a third of its time.)
+    """
+
+    def __init__(self, fd: int, slots: int, shape: tuple[int, ...], dtype: Any) -> None:
+        self.fd, self.shape, self.dtype = fd, (slots, *shape), np.dtype(dtype)
+        self._map = mmap.mmap(fd, self.nbytes(self.shape, self.dtype))
+        self.view = np.frombuffer(self._map, self.dtype).reshape(self.shape)
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+        return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+    @classmethod
+    def create(cls, slots: int, shape: tuple[int, ...], dtype: Any) -> SharedSlots | None:
+        """``slots`` arrays of ``shape`` and ``dtype``; None where memfds are missing (the
+        caller then sends the data itself)."""
+        create = getattr(os, "memfd_create", None)
+        if create is None or slots < 1:
+            return None
+        try:
+            fd = create("hefl-slots", os.MFD_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.ftruncate(fd, cls.nbytes((slots, *shape), dtype))
+            return cls(fd, slots, shape, dtype)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+
+    @staticmethod
+    def attach(fd: int, slots: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """In a helper: the slots (all of them, ``(slots, *shape)``) mapped from the inherited
+        ``fd``."""
+        full = (slots, *shape)
+        mem = mmap.mmap(fd, SharedSlots.nbytes(full, dtype))
+        os.close(fd)  # the mapping stays
+        return np.frombuffer(mem, np.dtype(dtype)).reshape(full)
+
+    def take(self) -> int | None:
+        """A free slot's number, or None when every slot is in use."""
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def close(self) -> None:
+        """Release the memory (what the helpers mapped stays theirs until they exit)."""
+        self.view = np.empty((0,), self.dtype)
+        with contextlib.suppress(BufferError, ValueError):  # a caller's view still alive: GC
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 @dataclass
 class _Stream:
     """What a ``TaskStream``'s thread shares with it (never the stream or the pool itself, so
@@ -275,84 +348,118 @@ class _Stream:
 
     conns: list[tuple[Connection, Connection]]
     remote: Callable[..., Any]
+    depth: int
+    done: Callable[..., None] | None
     cv: threading.Condition = field(default_factory=threading.Condition)
     queue: collections.deque[tuple[Any, ...]] = field(default_factory=collections.deque)
-    busy: set[int] = field(default_factory=set)
+    running: dict[int, collections.deque[tuple[Any, ...]]] = field(default_factory=dict)
     dead: set[int] = field(default_factory=set)
     errors: list[BaseException] = field(default_factory=list)
     closed: bool = False
 
+    def busy(self) -> list[int]:
+        """The helpers with tasks in flight."""
+        return [h for h, run in self.running.items() if run]
+
+    def finished(self, tasks: Sequence[tuple[Any, ...]]) -> None:
+        """Tell ``done`` about tasks run, failed or dropped (outside the lock)."""
+        if self.done is not None:
+            for task in tasks:
+                self.done(*task)
+
     def close(self) -> None:
         with self.cv:
             self.closed = True
+            dropped = list(self.queue)
             self.queue.clear()
             self.cv.notify_all()
+        self.finished(dropped)
+
+
+def _pump(st: _Stream) -> None:
+    """Collect the helpers' replies that are ready and refill each live helper to ``depth``
+    tasks in flight, without waiting; called by the stream's thread and by the caller between
+    its own tasks (so helpers are fed even while the caller keeps the GIL busy)."""
+    ended: list[tuple[Any, ...]] = []
+    with st.cv:
+        for h in st.busy():
+            conn, run = st.conns[h][1], st.running[h]
+            while run and conn.poll():
+                ok, value = HelperPool._reply(conn)
+                ended.append(run.popleft())
+                if not ok:
+                    st.errors.append(value)
+                    if isinstance(value, HelperExited):  # its other tasks are lost
+                        st.dead.add(h)
+                        ended += run
+                        run.clear()
+        for h in range(len(st.conns)):
+            run = st.running.setdefault(h, collections.deque())
+            while h not in st.dead and len(run) < st.depth and st.queue:
+                task = st.queue.popleft()
+                try:
+                    st.conns[h][0].send((st.remote, task))
+                except OSError:
+                    st.queue.appendleft(task)  # another process can still run it
+                    st.dead.add(h)
+                    st.errors.append(_exited())
+                    break
+                run.append(task)
+        st.cv.notify_all()
+    st.finished(ended)
 
 
 def _dispatch(st: _Stream) -> None:
-    """The thread of a ``TaskStream``: hand queued tasks to idle helpers, collect replies. A
-    helper that cannot be reached is marked dead and its error kept for ``drain``; nothing
-    escapes this function, so the thread never leaves ``busy`` set behind it."""
+    """The thread of a ``TaskStream``: wait for replies and ``_pump``. A helper that cannot be
+    reached is marked dead (its tasks are lost) and its error kept for ``drain``; nothing
+    escapes this function, so the thread never leaves tasks in flight behind it."""
     from multiprocessing.connection import wait
 
     while True:
         try:
             with st.cv:
-                live = [h for h in range(len(st.conns)) if h not in st.dead]
-                while not st.busy and not st.closed and not (st.queue and live):
+                while (not st.busy() and not st.closed
+                       and not (st.queue and len(st.dead) < len(st.conns))):
                     st.cv.wait()
-                if st.closed and not st.busy:
+                if st.closed and not st.busy():
                     return
-                for h in live:
-                    if h not in st.busy and st.queue:
-                        task = st.queue.popleft()
-                        try:
-                            st.conns[h][0].send((st.remote, task))
-                        except OSError:
-                            st.queue.appendleft(task)  # another process can still run it
-                            st.dead.add(h)
-                            st.errors.append(_exited())
-                            continue
-                        st.busy.add(h)
-                busy = list(st.busy)
-            ready = wait([st.conns[h][1] for h in busy], timeout=0.05) if busy else []
-            for h in busy:
-                if st.conns[h][1] in ready:
-                    ok, value = HelperPool._reply(st.conns[h][1])
-                    with st.cv:
-                        if not ok:
-                            st.errors.append(value)
-                            if isinstance(value, HelperExited):
-                                st.dead.add(h)
-                        st.busy.discard(h)
-                        st.cv.notify_all()
+                busy = st.busy()
+            if busy:
+                wait([st.conns[h][1] for h in busy], timeout=0.05)
+            _pump(st)
         except Exception as e:  # noqa: BLE001 - kept for drain; the thread must not die silently
             with st.cv:
                 st.errors.append(e)
-                st.dead.update(st.busy)
-                st.busy.clear()
+                st.dead.update(st.busy())
+                lost = [t for run in st.running.values() for t in run]
+                st.running.clear()
                 st.closed = True
                 st.cv.notify_all()
+            st.finished(lost)
             return
 
 
 class TaskStream:
     """Tasks run as they are put, in a pool's helpers, while the caller does other work.
 
-    A background thread hands each queued task to whichever helper is idle (one task per helper
-    at a time, so the queue stays with this process); ``drain`` then has the caller run what is
-    still queued itself and waits for the helpers' last tasks. Results are not returned: a task
-    leaves its effect in the process that ran it (``remote`` in a helper, ``local`` here), to be
-    collected with ``HelperPool.each``. The first error, a helper's or ours, is raised by
-    ``drain``; a helper that exits is reported there too (the others and this process finish
-    the queue). The thread waits in ``multiprocessing.connection.wait`` and holds the GIL only
-    to send a task or read a reply, so it costs the caller's work (training, packing) little.
+    A background thread keeps ``depth`` queued tasks in flight in each helper (the next is
+    already in its pipe when it finishes one; give ``depth`` > 1 only for tasks of a few bytes,
+    e.g. slot numbers of ``SharedSlots``, so two full pipes never wait for each other), and the
+    queue stays with this process; ``drain`` then has the caller run what is still queued itself
+    and waits for the helpers' last tasks. Results are not returned: a task leaves its effect in
+    the process that ran it (``remote`` in a helper, ``local`` here), to be collected with
+    ``HelperPool.each``; ``done(*task)``, if given, is called once for every task put, whether
+    it ran, failed or was dropped (e.g. to give back its slot). The first error, a helper's or
+    ours, is raised by ``drain``; a helper that exits is reported there too (the others and this
+    process finish the queue). The thread waits in ``multiprocessing.connection.wait`` and holds
+    the GIL only to send a task or read a reply, so it costs the caller's work (training,
+    packing) little.
     """
 
-    def __init__(self, pool: HelperPool, remote: Callable[..., Any],
-                 local: Callable[..., Any]) -> None:
+    def __init__(self, pool: HelperPool, remote: Callable[..., Any], local: Callable[..., Any],
+                 *, depth: int = 1, done: Callable[..., None] | None = None) -> None:
         self.pool, self.local = pool, local
-        self._st = _Stream(pool._conns, remote)
+        self._st = _Stream(pool._conns, remote, depth, done)
         self._thread: threading.Thread | None = None
         if pool.parallel:
             pool.ready()  # here: the helpers' start-up replies must not race the thread's reads
@@ -362,20 +469,30 @@ class TaskStream:
         weakref.finalize(self, self._st.close)
 
     def put(self, *task: Any) -> None:
-        """Queue ``task`` (the arguments of one ``remote``/``local`` call)."""
+        """Queue ``task`` (the arguments of one ``remote``/``local`` call); a helper with room
+        gets it at once."""
         st = self._st
         with st.cv:
             st.queue.append(task)
             st.cv.notify_all()
+        self.pump()
+
+    def pump(self) -> None:
+        """Collect the replies that are ready and hand queued tasks to helpers with room (never
+        waits); call it between tasks of your own."""
+        if self._thread is not None:
+            _pump(self._st)
 
     def _settle(self) -> list[BaseException]:
         """Wait for the helpers' running tasks; the errors so far (cleared)."""
         st = self._st
         with st.cv:
-            while st.busy:
+            while st.busy():
                 st.cv.wait()
+            dropped = list(st.queue)
             st.queue.clear()
             errors, st.errors = st.errors, []
+        st.finished(dropped)
         return errors
 
     def drain(self) -> None:
@@ -383,6 +500,7 @@ class TaskStream:
         raise the first error."""
         st = self._st
         while True:
+            self.pump()
             with st.cv:
                 if not st.queue:
                     break
@@ -392,15 +510,15 @@ class TaskStream:
             except Exception as e:  # noqa: BLE001 - re-raised below, after the helpers
                 with st.cv:
                     st.errors.append(e)
-                    st.queue.clear()
+                break  # the rest is dropped by ``_settle``
+            finally:
+                st.finished([task])
         errors = self._settle()
         if errors:
             raise errors[0]
 
     def discard(self) -> None:
         """Drop the queued tasks and wait for the running ones (their errors are dropped)."""
-        with self._st.cv:
-            self._st.queue.clear()
         self._settle()
 
     def close(self) -> None:
