@@ -10,7 +10,7 @@ from hefl.crypto import make_aggregator
 from hefl.crypto import pooled as pooled_mod
 from hefl.crypto.pooled import PendingUpdate, auto_workers
 from hefl.crypto.secure_sum import EncryptingClient
-from hefl.crypto.workers import HelperPool, TaskStream, _ping
+from hefl.crypto.workers import HelperFeed, HelperPool, _ping
 from hefl.errors import UpdateRejected
 
 
@@ -111,19 +111,18 @@ def test_pooled_sum_adds_other_payloads_and_refuses_bad_ones(small_tasks):
         agg.close()
 
 
-def test_task_stream_raises_a_helpers_error_and_stays_usable():
+def test_helper_feed_raises_a_helpers_error_and_stays_usable():
     pool = HelperPool(2, _ping)
-    stream = TaskStream(pool, _ping, _ping)
+    feed = HelperFeed(pool, _ping, depth=2)
     try:
         for _ in range(4):
-            stream.put("unexpected")  # _ping takes no argument: TypeError wherever it runs
+            feed.send(0, "unexpected")  # _ping takes no argument: TypeError in the helper
         with pytest.raises(TypeError):
-            stream.drain()
-        stream.put()
-        stream.drain()  # the queue and the helpers are in step again
+            feed.wait()
+        feed.send(0)
+        feed.wait()  # the pipes and the helper are in step again
         assert pool.each(_ping) == [True]
     finally:
-        stream.close()
         pool.close()
 
 
@@ -288,22 +287,20 @@ def test_helpers_finish_when_the_pipes_cannot_be_widened(monkeypatch):
 @pytest.mark.timeout(60)
 def test_a_helper_that_exits_is_reported_not_waited_for():
     import os
-    import time
 
     from hefl.crypto.workers import HelperExited
 
     pool = HelperPool(2, _ping)
-    stream = TaskStream(pool, os._exit, lambda code: None)
+    done: list[tuple] = []
+    feed = HelperFeed(pool, os._exit, depth=3, done=lambda *t: done.append(t))
     try:
-        stream.put(3)  # the helper takes it and exits while running it
-        deadline = time.monotonic() + 10
-        while not stream._st.errors and time.monotonic() < deadline:
-            time.sleep(0.01)
-        stream.put(3)  # run here, since no helper is left
+        for _ in range(5):  # the helper exits on the first; what it had in flight is lost
+            feed.send(0, 3)
         with pytest.raises(HelperExited):
-            stream.drain()
+            feed.wait()
+        assert len(done) == 5  # every task reported done once, lost or refused
+        feed.wait()  # the error was raised once
     finally:
-        stream.close()
         pool.close()
 
 
@@ -329,21 +326,17 @@ def test_an_interrupted_pooled_round_leaves_nothing_for_the_next():
 
 def test_an_unclosed_pooled_aggregator_stops_its_helpers_when_collected():
     import gc
-    import threading
     import time
 
-    def helpers() -> int:
-        return sum(t.name == "hefl-helpers" and t.is_alive() for t in threading.enumerate())
-
-    before = helpers()
     agg = make_aggregator("bfv", 2048, seed=0, workers=2)
-    assert helpers() == before + 1
+    procs = list(agg.client.pool._pool._finalizer.peek()[2][0])  # the helper processes
+    assert len(procs) == 2 and all(p.poll() is None for p in procs)
     del agg
     deadline = time.monotonic() + 10
-    while helpers() > before and time.monotonic() < deadline:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.05)
-    assert helpers() == before
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_simulate_cli_says_when_upload_bytes_are_estimated():
@@ -386,42 +379,22 @@ def test_shared_slots_take_give_and_attach():
         slots.close()
 
 
-def test_task_stream_reports_every_task_done_once():
-    import os
-
-    from hefl.crypto.workers import HelperExited
-
+def test_helper_feed_reports_every_task_done_once_in_order():
     done: list[tuple] = []
-    pool = HelperPool(2, _ping)
-    stream = TaskStream(pool, _ping, _ping, depth=2, done=lambda *t: done.append(t))
+    pool = HelperPool(3, _ping)
+    feed = HelperFeed(pool, _ping, depth=2, done=lambda *t: done.append(t))
     try:
-        for _ in range(10):
-            stream.put()
-        stream.drain()
-        assert len(done) == 10
-        for _ in range(6):
-            stream.put("unexpected")  # fails wherever it runs; the rest is dropped, still done
-        with pytest.raises(TypeError):
-            stream.drain()
-        assert len(done) == 16
-        stream.put()
-        stream.drain()
-        assert len(done) == 17 and pool.each(_ping) == [True]
+        for k in range(10):
+            feed.send(k % 2)
+        assert feed.in_flight <= 4  # two per helper, at most
+        feed.wait()
+        assert len(done) == 10 and feed.in_flight == 0
+        for _ in range(3):
+            feed.send(1, "unexpected")
+        feed.discard()  # waits, and drops the errors
+        assert len(done) == 13
+        feed.wait()
     finally:
-        stream.close()
-        pool.close()
-    pool = HelperPool(2, _ping)
-    lost: list[tuple] = []
-    stream = TaskStream(pool, os._exit, lambda code: None, depth=2,
-                        done=lambda *t: lost.append(t))
-    try:
-        for _ in range(5):  # the helper exits on the first; what it had in flight is lost
-            stream.put(3)
-        with pytest.raises(HelperExited):
-            stream.drain()
-        assert len(lost) == 5
-    finally:
-        stream.close()
         pool.close()
 
 
@@ -432,13 +405,13 @@ def _bfv_rounds(agg, xs):
 
 @pytest.mark.parametrize("how", ["slots", "few slots", "pipes"])
 def test_pooled_rows_reach_the_helpers_by_shared_memory_or_pipes(small_tasks, monkeypatch, how):
-    """Rows go to helpers through ``SharedSlots``; with every slot in flight this process
-    encrypts a task itself; without memfds the rows are pickled through the pipes. The sums
-    are the serial path's in each case, and every slot is given back."""
+    """Rows go to helpers through ``SharedSlots``; with every slot in flight this process waits
+    for one; without memfds the rows are pickled through the pipes. The sums are the serial
+    path's in each case, and every slot is given back."""
     from hefl.crypto.workers import SharedSlots
 
     if how == "few slots":
-        monkeypatch.setattr(pooled_mod, "SLOT_BUDGET", 1)  # 2 slots: most tasks run here
+        monkeypatch.setattr(pooled_mod, "SLOT_BUDGET", 1)
     if how == "pipes":  # as where memfd_create is missing
         monkeypatch.setattr(SharedSlots, "create", classmethod(lambda cls, *args: None))
     size = 2048 * 11
@@ -450,7 +423,7 @@ def test_pooled_rows_reach_the_helpers_by_shared_memory_or_pipes(small_tasks, mo
         slots = pooled.client.pool._slots
         assert (slots is None) == (how == "pipes")
         if how == "few slots":
-            assert slots.shape[0] == 2
+            assert slots.count == 4  # two per helper: this process waits for free ones
         want = _bfv_rounds(serial, xs)
         got = _bfv_rounds(pooled, xs)
         assert all(np.array_equal(w, g) for w, g in zip(want, got, strict=True))

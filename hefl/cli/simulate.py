@@ -279,7 +279,7 @@ def simulate(
     seed: int = typer.Option(0, help="seed of the split, the sampling and the model"),
     threads: int = typer.Option(1, help="torch intra-op threads"),
     he_workers: int = typer.Option(
-        0, help="with --he: processes that encrypt and sum the updates while clients train "
+        0, help="with --he: helper processes that encrypt and sum the updates while clients train "
         "(0: one per core; 1: serially, through the wire format)"),
     he: str | None = typer.Option(
         None, help="encrypt client updates: bfv (recommended), bfv-packed or ckks; default: no "

@@ -2,19 +2,19 @@
 
 In a simulation every party lives in one process, so the clients' ciphertexts need not be
 serialized for the server to add them: that is the in-memory transport of DESIGN.md. A
-``PooledSum`` is this process plus ``workers - 1`` helper processes (``hefl.crypto.workers``),
-each holding the clients' encryption key and a running sum per ciphertext:
+``PooledSum`` is ``workers`` helper processes (``hefl.crypto.workers``), each holding the
+clients' encryption key and the running sums of its own range of the ciphertexts:
 
     client      PooledEncoder.encode(id, delta, weight)  clip, quantize, pack here (as
                 EncryptingClient), then copy the packed rows into shared-memory slots
-                (``SharedSlots``; where every slot is in flight, this process encrypts the
-                task itself); a helper encrypts them in place while this process trains the
-                next client, and adds each ciphertext to its own running sum at once
-                (streaming summation; nothing is kept per client)
-                PooledEncoder.flush()   this process encrypts what is still queued
-    server      PooledSummer.aggregate(pending updates)  merges the processes' running sums
-                (one serialization per ciphertext per process per round, not per client) into
-                an ``EncryptedSum``, the very bytes a deployed server would send
+                (``SharedSlots``) and send each helper the slot numbers of its range; the
+                helpers encrypt the rows in place while this process trains the next client,
+                and add each ciphertext to their running sums at once (streaming summation;
+                nothing is kept per client). With every slot in flight, this process waits.
+                PooledEncoder.flush()   waits for the helpers' last tasks
+    server      PooledSummer.aggregate(pending updates)  each helper serializes its range's
+                sums (once per ciphertext per round, not per client; no merging): an
+                ``EncryptedSum``, the very bytes a deployed server would send
     key holder  unchanged: ``KeyHolder.decode`` / ``Committee.decode`` of that sum
 
 The results are those of the serial path: the packing (and so the stochastic rounding and any DP
@@ -24,7 +24,7 @@ and parameters by the same SEAL calls; only where it is added differs. Upload by
 real upload would carry, estimated: the framing plus the ciphertext count times the size of
 three serialized sample ciphertexts (SEAL's zstd sizes of a ciphertext vary by about 0.2 %);
 ``hefl simulate`` says so. Bytes, anything not made by this encoder (a test's attack payload, a real
-``EncryptedUpdate``) go through ``SummingServer`` as in deployment and are added to the merged
+``EncryptedUpdate``) go through ``SummingServer`` as in deployment and are added to the pool's
 sum.
 
 The helpers are the pool's own children: they receive the clients' key once, at start, over a
@@ -49,8 +49,8 @@ from hefl.crypto.secure_sum import (
     EncryptingClient,
     SummingServer,
 )
-from hefl.crypto.workers import HelperPool, SharedSlots, TaskStream, UsesHelpers
-from hefl.errors import CryptoError, UpdateRejected
+from hefl.crypto.workers import HelperFeed, HelperPool, SharedSlots, UsesHelpers
+from hefl.errors import ConfigError, CryptoError, UpdateRejected
 
 #: Ciphertexts per task: large enough that a task's dispatch is a small share of its time
 #: (about 35 ms of SEAL encryption at N = 2048), small enough that the last client's rows
@@ -128,62 +128,72 @@ def _helper_encrypt_slot(batch: int, start: int, slot: int, n: int) -> None:
     _helper.encrypt_add(batch, start, _slots[slot, :n])
 
 
-def _give_slot(slots: SharedSlots, batch: int, start: int, slot: int, n: int) -> None:
-    slots.give(slot)
-
-
 def _helper_take(batch: int) -> dict[int, bytes]:
     assert _helper is not None
     return {i: save(ct) for i, ct in _helper.take(batch).items()}
 
 
+def _give_slot(slots: SharedSlots, batch: int, start: int, slot: int, n: int) -> None:
+    slots.give(slot)
+
+
 class PooledSum(UsesHelpers):
-    """The pool shared by a ``PooledEncoder`` and a ``PooledSummer``: this process and
-    ``workers - 1`` helpers, each with the clients' key and running sums."""
+    """The pool shared by a ``PooledEncoder`` and a ``PooledSummer``: ``workers`` helper
+    processes, each with the clients' key and the running sums of its own range of the
+    ciphertexts; this process packs (and, in a simulation, trains) and hands the rows over.
+
+    Every client's update covers every range, so the helpers share each update equally, and a
+    round's sum needs no merging: each helper serializes its own range, once per round. The
+    helpers take a core each (this process mostly waits for them, or trains while they work).
+    Where no helper can be started, this process encrypts each update as it is put.
+    """
 
     def __init__(self, client: EncryptingClient, key: PublicContext | KeyShare,
                  workers: int) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.spec = key.spec
-        self._local = _Sums(client)  # this process encrypts with the encoder's own encryptor
-        self._slots = self._shared_slots(workers)
-        slots = self._slots
-        self._pool = HelperPool(
-            workers, _init_helper,
+        self._local = _Sums(client)  # serially (no helpers), and for the upload estimate
+        n = self.spec.n_ciphertexts
+        helpers = min(workers, n)  # each helper owns at least one ciphertext
+        slots = self._slots = self._shared_slots(helpers)
+        self._pool = HelperPool(  # the caller counts as one of a HelperPool's workers
+            helpers + 1, _init_helper,
             (key.to_bytes(),) if slots is None else
             (key.to_bytes(), (slots.fd, slots.shape[0], slots.shape[1:], slots.dtype.str)),
             share=() if slots is None else (slots.fd,))
-        if not self._pool.parallel and self._slots is not None:
-            self._slots.close()
+        self._feed: HelperFeed | None = None
+        if not self._pool.parallel:
+            if slots is not None:
+                slots.close()
             self._slots = None
-        if self._slots is not None:  # rows by shared memory, two tasks in flight per helper
-            self._stream = TaskStream(self._pool, _helper_encrypt_slot, self._local_slot,
-                                      depth=2, done=functools.partial(_give_slot, self._slots))
-        else:  # serially, or rows pickled through the pipes
-            self._stream = TaskStream(self._pool, _helper_encrypt_add, self._local.encrypt_add)
+        elif self._slots is not None:  # rows by shared memory: tasks of a few bytes
+            self._feed = HelperFeed(self._pool, _helper_encrypt_slot, depth=self._slots.count,
+                                    done=functools.partial(_give_slot, self._slots))
+        else:  # rows pickled through the pipes
+            self._feed = HelperFeed(self._pool, _helper_encrypt_add, depth=2)
+        h = max(1, self.workers)
+        cut = [n * k // h for k in range(h + 1)]
+        self._ranges = list(zip(cut[:-1], cut[1:], strict=True))  # helper k's ciphertexts
         self.batch = 0
         self.clients: list[Hashable] = []  # this round's queued updates, in order
-        self._nbytes = self._local.upload_bytes(self.spec.n_ciphertexts)
+        self._nbytes = self._local.upload_bytes(n)
 
-    def _shared_slots(self, workers: int) -> SharedSlots | None:
-        if workers < 2:
-            return None
+    def _shared_slots(self, helpers: int) -> SharedSlots | None:
         rows = min(TASK_ROWS, self.spec.n_ciphertexts)
         shape = (rows, self.spec.slot_values)
         dtype = np.uint64 if self.spec.scheme == "bfv" else np.float64
-        helpers = workers - 1
         fit = SLOT_BUDGET // SharedSlots.nbytes(shape, dtype)
         return SharedSlots.create(max(2 * helpers, fit), shape, dtype)
 
-    def _local_slot(self, batch: int, start: int, slot: int, n: int) -> None:
-        assert self._slots is not None
-        self._local.encrypt_add(batch, start, self._slots.view[slot, :n])
-
     @property
     def workers(self) -> int:
-        return self._pool.workers
+        """The helper processes that encrypt (1 when this process does it alone)."""
+        return max(1, len(self._pool._conns))
 
     def put(self, client_id: Hashable, rows: np.ndarray) -> PendingUpdate:
-        """Queue one client's packed rows for encryption into this round's sums."""
+        """Hand one client's packed rows to the helpers (or encrypt them here, serially) for
+        this round's sums."""
         if client_id in self.clients:
             raise UpdateRejected("this client already queued an update this round",
                                  client_id=client_id, stage="encode")
@@ -193,63 +203,71 @@ class PooledSum(UsesHelpers):
                 "contributions, the most its parameters sum exactly; rebuild the aggregator "
                 "with a larger max_clients", client_id=client_id, stage="encode")
         self.clients.append(client_id)
-        for start in range(0, len(rows), TASK_ROWS):
-            part = rows[start : start + TASK_ROWS]
-            if self._slots is None:
-                self._stream.put(self.batch, start, part)
-                continue
-            slot = self._slots.take()
-            if slot is None:
-                self._stream.pump()  # replies free slots
-                slot = self._slots.take()
-            if slot is None:  # every slot in flight: this process encrypts the part, now
-                self._local.encrypt_add(self.batch, start, part)
-            else:
-                self._slots.view[slot, : len(part)] = part
-                self._stream.put(self.batch, start, slot, len(part))
+        if self._feed is None:
+            self._local.encrypt_add(self.batch, 0, rows)
+            return PendingUpdate(client_id, self.batch, self._nbytes)
+        self._feed.collect(block=False)  # slots the helpers are done with
+        tasks = [range(lo, hi, TASK_ROWS) for lo, hi in self._ranges]
+        for k in range(max(len(t) for t in tasks)):  # round robin: every helper starts at once
+            for h, starts in enumerate(tasks):
+                if k < len(starts):
+                    start = starts[k]
+                    self._send(h, start, rows[start : min(start + TASK_ROWS,
+                                                          self._ranges[h][1])])
         return PendingUpdate(client_id, self.batch, self._nbytes)
 
+    def _send(self, h: int, start: int, part: np.ndarray) -> None:
+        assert self._feed is not None
+        if self._slots is None:
+            self._feed.send(h, self.batch, start, part)
+            return
+        slot = self._slots.take()
+        while slot is None:  # every slot in flight: wait for a helper to finish one
+            if not self._feed.collect(block=True):
+                raise CryptoError("every shared slot is taken, yet no task is in flight")
+            slot = self._slots.take()
+        self._slots.view[slot, : len(part)] = part
+        self._feed.send(h, self.batch, start, slot, len(part))
+
     def flush(self) -> None:
-        """Encrypt what is still queued (here and in the helpers); raises the first error, and
-        then the round is abandoned (``abandon``)."""
+        """Wait until the helpers have encrypted every update put; raises the first error,
+        and then the round is abandoned (``abandon``)."""
         try:
-            self._stream.drain()
+            if self._feed is not None:
+                self._feed.wait()
         except BaseException:
             self.abandon()
             raise
 
     def abandon(self) -> None:
-        """Drop this round's queued updates and partial sums (after an error, or a round that
-        was interrupted); the next update starts a new round."""
-        self._stream.discard()
+        """Drop this round's updates and partial sums (after an error, or a round that was
+        interrupted); the next update starts a new round."""
+        if self._feed is not None:
+            self._feed.discard()
         self._local.take(self.batch)
         self.batch += 1  # the helpers drop their sums when they see the next round's number
         self.clients = []
 
-    def collect(self) -> list[Any]:
-        """This round's sum (ciphertexts in order), merged from the processes' running sums;
-        the next round starts empty (also when merging fails)."""
+    def collect(self) -> list[bytes]:
+        """This round's sum (serialized ciphertexts, in order): each helper's range, serialized
+        there; the next round starts empty (also when collecting fails)."""
         self.flush()
-        seal = self._local.client.seal
-        acc = self._local.take(self.batch)  # this process's sums need no serialization
         try:
-            for blobs in self._pool.each(_helper_take, self.batch):
-                for i, b in blobs.items():
-                    ct = seal.ciphertext(b)
-                    if i in acc:
-                        seal.add_inplace(acc[i], ct)
-                    else:
-                        acc[i] = ct
+            if self._feed is None:
+                blobs = {i: save(ct) for i, ct in self._local.take(self.batch).items()}
+            else:
+                blobs = {}
+                for part in self._pool.each(_helper_take, self.batch):
+                    blobs.update(part)
         finally:
             self.batch += 1
             self.clients = []
-        if len(acc) != self.spec.n_ciphertexts:
-            raise CryptoError(f"the pool summed {len(acc)} of {self.spec.n_ciphertexts} "
-                              "ciphertexts; a task was lost")
-        return [acc[i] for i in range(len(acc))]
+        n = self.spec.n_ciphertexts
+        if len(blobs) != n:
+            raise CryptoError(f"the pool summed {len(blobs)} of {n} ciphertexts; a task was lost")
+        return [blobs[i] for i in range(n)]
 
     def close(self) -> None:
-        self._stream.close()
         super().close()
         if self._slots is not None:
             self._slots.close()
@@ -324,30 +342,31 @@ class PooledSummer(SummingServer):
             except UpdateRejected as e:
                 rejected[cid] = e.reason
         queued = list(self.pool.clients)
-        acc = self.pool.collect() if queued else []
+        blobs = self.pool.collect() if queued else []
         ok = [c for c in pending if c not in rejected]
         if set(ok) != set(queued):  # (the pool queues at most max_clients)
             why = (f"the round's pooled sum holds {len(queued)} updates, not the {len(ok)} "
                    "given; it cannot leave one out")
             rejected.update({c: why for c in ok})
-            acc, ok = [], []
+            blobs, ok = [], []
         if others:
             rest = super().aggregate(others)
             rejected.update(rest.rejected)
-            extra = [self.seal.ciphertext(b) for b in rest.payload.ciphertexts]
-            if acc and extra:
-                for a, c in zip(acc, extra, strict=True):
-                    self.seal.add_inplace(a, c)
-            acc = acc or extra
+            extra = list(rest.payload.ciphertexts)
+            if blobs and extra:
+                acc = [self.seal.ciphertext(b) for b in blobs]
+                for a, b in zip(acc, extra, strict=True):
+                    self.seal.add_inplace(a, self.seal.ciphertext(b))
+                extra = [save(a) for a in acc]
+            blobs = extra or blobs
             ok += list(rest.contributors)
-        total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok),
-                             tuple(save(c) for c in acc))
+        total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok), tuple(blobs))
         return Aggregate(total, tuple(ok), rejected)
 
 
 def auto_workers() -> int:
-    """Processes for a pool: one per core this process may use (measured on 2 cores: W1 config
-    b's 5-ciphertext updates 36.9 -> 19.3 ms per round, W2's 3,225 23.2 -> 11.2 s)."""
+    """Processes for a pool: one per core this process may use (a ``PooledSum``'s helpers, a
+    ``KeyHolder``'s processes)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

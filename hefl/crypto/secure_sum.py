@@ -845,10 +845,11 @@ def make_aggregator(
             ``threshold`` of them decrypt; no party holds the key; ``hefl.crypto.threshold``).
         min_clients: the key holder refuses aggregates of fewer contributions.
         seed: seeds the clients' stochastic rounding (None: OS entropy).
-        workers: processes (this one included) that encrypt and sum the clients' updates as
-            they arrive (``hefl.crypto.pooled``: in-memory handoff, streaming summation; the
-            results are the serial path's); 1: serially, through the wire format; None: one per
-            core (``pooled.auto_workers``).
+        workers: helper processes that encrypt and sum the clients' updates as they arrive
+            while this one trains (``hefl.crypto.pooled``: in-memory handoff, streaming
+            summation; the results are the serial path's), and the key holder's processes
+            (this one included) that decrypt; 1: serially, through the wire format; None: one
+            per core (``pooled.auto_workers``).
         options: ``bits``, ``clip``, ``clip_norm``, ``max_weight``, ``max_clients`` (and
             ``lanes`` for BFV, ``coeff_bits`` for CKKS); see ``hefl.crypto.spec``.
     """

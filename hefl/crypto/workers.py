@@ -37,7 +37,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -287,6 +286,7 @@ class SharedSlots:
 
     def __init__(self, fd: int, slots: int, shape: tuple[int, ...], dtype: Any) -> None:
         self.fd, self.shape, self.dtype = fd, (slots, *shape), np.dtype(dtype)
+        self.count = slots
         self._map = mmap.mmap(fd, self.nbytes(self.shape, self.dtype))
         self.view = np.frombuffer(self._map, self.dtype).reshape(self.shape)
         self._free = list(range(slots - 1, -1, -1))
@@ -341,192 +341,95 @@ class SharedSlots:
             os.close(self.fd)
 
 
-@dataclass
-class _Stream:
-    """What a ``TaskStream``'s thread shares with it (never the stream or the pool itself, so
-    that both can be collected, which stops the thread and the helpers)."""
+class HelperFeed:
+    """Tasks sent to the helper the caller chooses, as the caller makes them, with no thread.
 
-    conns: list[tuple[Connection, Connection]]
-    remote: Callable[..., Any]
-    depth: int
-    done: Callable[..., None] | None
-    cv: threading.Condition = field(default_factory=threading.Condition)
-    queue: collections.deque[tuple[Any, ...]] = field(default_factory=collections.deque)
-    running: dict[int, collections.deque[tuple[Any, ...]]] = field(default_factory=dict)
-    dead: set[int] = field(default_factory=set)
-    errors: list[BaseException] = field(default_factory=list)
-    closed: bool = False
+    Each helper runs its tasks in the order sent. Replies are read only when the caller asks:
+    ``collect`` (those ready, or wait for one), ``send`` when that helper already has ``depth``
+    tasks in flight, and ``wait`` for all. So the caller's own work (training, packing) never
+    competes with a dispatching thread for the GIL, and a helper keeps working through the tasks
+    in its pipe while the caller is busy. Give ``depth`` > 1 only for tasks of a few bytes (slot
+    numbers of ``SharedSlots``), so that this process is never blocked writing into a full pipe.
 
-    def busy(self) -> list[int]:
-        """The helpers with tasks in flight."""
-        return [h for h, run in self.running.items() if run]
+    ``done(*task)``, if given, is called once for every task sent: run, failed, or lost with a
+    helper that exited (e.g. to give back its slot). The helpers' errors are raised by ``wait``.
+    """
 
-    def finished(self, tasks: Sequence[tuple[Any, ...]]) -> None:
-        """Tell ``done`` about tasks run, failed or dropped (outside the lock)."""
+    def __init__(self, pool: HelperPool, remote: Callable[..., Any], *, depth: int,
+                 done: Callable[..., None] | None = None) -> None:
+        pool.ready()  # the helpers' start-up replies must not be taken for task replies
+        self.pool, self.remote, self.depth, self.done = pool, remote, depth, done
+        self._flight: list[collections.deque[tuple[Any, ...]]] = [
+            collections.deque() for _ in pool._conns]
+        self._dead: set[int] = set()
+        self._errors: list[BaseException] = []
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(f) for f in self._flight)
+
+    def _finished(self, tasks: Sequence[tuple[Any, ...]]) -> None:
         if self.done is not None:
             for task in tasks:
                 self.done(*task)
 
-    def close(self) -> None:
-        with self.cv:
-            self.closed = True
-            dropped = list(self.queue)
-            self.queue.clear()
-            self.cv.notify_all()
-        self.finished(dropped)
+    def _lost(self, h: int) -> None:
+        """Helper ``h`` exited: its tasks in flight are lost."""
+        self._dead.add(h)
+        lost = list(self._flight[h])
+        self._flight[h].clear()
+        self._finished(lost)
 
-
-def _pump(st: _Stream) -> None:
-    """Collect the helpers' replies that are ready and refill each live helper to ``depth``
-    tasks in flight, without waiting; called by the stream's thread and by the caller between
-    its own tasks (so helpers are fed even while the caller keeps the GIL busy)."""
-    ended: list[tuple[Any, ...]] = []
-    with st.cv:
-        for h in st.busy():
-            conn, run = st.conns[h][1], st.running[h]
-            while run and conn.poll():
-                ok, value = HelperPool._reply(conn)
-                ended.append(run.popleft())
-                if not ok:
-                    st.errors.append(value)
-                    if isinstance(value, HelperExited):  # its other tasks are lost
-                        st.dead.add(h)
-                        ended += run
-                        run.clear()
-        for h in range(len(st.conns)):
-            run = st.running.setdefault(h, collections.deque())
-            while h not in st.dead and len(run) < st.depth and st.queue:
-                task = st.queue.popleft()
-                try:
-                    st.conns[h][0].send((st.remote, task))
-                except OSError:
-                    st.queue.appendleft(task)  # another process can still run it
-                    st.dead.add(h)
-                    st.errors.append(_exited())
-                    break
-                run.append(task)
-        st.cv.notify_all()
-    st.finished(ended)
-
-
-def _dispatch(st: _Stream) -> None:
-    """The thread of a ``TaskStream``: wait for replies and ``_pump``. A helper that cannot be
-    reached is marked dead (its tasks are lost) and its error kept for ``drain``; nothing
-    escapes this function, so the thread never leaves tasks in flight behind it."""
-    from multiprocessing.connection import wait
-
-    while True:
-        try:
-            with st.cv:
-                while (not st.busy() and not st.closed
-                       and not (st.queue and len(st.dead) < len(st.conns))):
-                    st.cv.wait()
-                if st.closed and not st.busy():
-                    return
-                busy = st.busy()
-            if busy:
-                wait([st.conns[h][1] for h in busy], timeout=0.05)
-            _pump(st)
-        except Exception as e:  # noqa: BLE001 - kept for drain; the thread must not die silently
-            with st.cv:
-                st.errors.append(e)
-                st.dead.update(st.busy())
-                lost = [t for run in st.running.values() for t in run]
-                st.running.clear()
-                st.closed = True
-                st.cv.notify_all()
-            st.finished(lost)
-            return
-
-
-class TaskStream:
-    """Tasks run as they are put, in a pool's helpers, while the caller does other work.
-
-    A background thread keeps ``depth`` queued tasks in flight in each helper (the next is
-    already in its pipe when it finishes one; give ``depth`` > 1 only for tasks of a few bytes,
-    e.g. slot numbers of ``SharedSlots``, so two full pipes never wait for each other), and the
-    queue stays with this process; ``drain`` then has the caller run what is still queued itself
-    and waits for the helpers' last tasks. Results are not returned: a task leaves its effect in
-    the process that ran it (``remote`` in a helper, ``local`` here), to be collected with
-    ``HelperPool.each``; ``done(*task)``, if given, is called once for every task put, whether
-    it ran, failed or was dropped (e.g. to give back its slot). The first error, a helper's or
-    ours, is raised by ``drain``; a helper that exits is reported there too (the others and this
-    process finish the queue). The thread waits in ``multiprocessing.connection.wait`` and holds
-    the GIL only to send a task or read a reply, so it costs the caller's work (training,
-    packing) little.
-    """
-
-    def __init__(self, pool: HelperPool, remote: Callable[..., Any], local: Callable[..., Any],
-                 *, depth: int = 1, done: Callable[..., None] | None = None) -> None:
-        self.pool, self.local = pool, local
-        self._st = _Stream(pool._conns, remote, depth, done)
-        self._thread: threading.Thread | None = None
-        if pool.parallel:
-            pool.ready()  # here: the helpers' start-up replies must not race the thread's reads
-            self._thread = threading.Thread(target=_dispatch, args=(self._st,),
-                                            name="hefl-helpers", daemon=True)
-            self._thread.start()
-        weakref.finalize(self, self._st.close)
-
-    def put(self, *task: Any) -> None:
-        """Queue ``task`` (the arguments of one ``remote``/``local`` call); a helper with room
-        gets it at once."""
-        st = self._st
-        with st.cv:
-            st.queue.append(task)
-            st.cv.notify_all()
-        self.pump()
-
-    def pump(self) -> None:
-        """Collect the replies that are ready and hand queued tasks to helpers with room (never
-        waits); call it between tasks of your own."""
-        if self._thread is not None:
-            _pump(self._st)
-
-    def _settle(self) -> list[BaseException]:
-        """Wait for the helpers' running tasks; the errors so far (cleared)."""
-        st = self._st
-        with st.cv:
-            while st.busy():
-                st.cv.wait()
-            dropped = list(st.queue)
-            st.queue.clear()
-            errors, st.errors = st.errors, []
-        st.finished(dropped)
-        return errors
-
-    def drain(self) -> None:
-        """Run the queued tasks here until none is left, wait for the helpers' last ones, and
-        raise the first error."""
-        st = self._st
-        while True:
-            self.pump()
-            with st.cv:
-                if not st.queue:
-                    break
-                task = st.queue.popleft()
+    def send(self, h: int, *task: Any) -> None:
+        """Send ``remote(*task)`` to helper ``h`` (first reading replies while it has ``depth``
+        tasks in flight). To a helper that exited, the task is reported done at once and the
+        exit raised by ``wait``."""
+        while h not in self._dead and len(self._flight[h]) >= self.depth:
+            self.collect(block=True)
+        if h not in self._dead:
             try:
-                self.local(*task)
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the helpers
-                with st.cv:
-                    st.errors.append(e)
-                break  # the rest is dropped by ``_settle``
-            finally:
-                st.finished([task])
-        errors = self._settle()
+                self.pool._conns[h][0].send((self.remote, task))
+                self._flight[h].append(task)
+                return
+            except OSError:
+                self._lost(h)
+                self._errors.append(_exited())
+        self._finished([task])
+
+    def collect(self, block: bool) -> bool:
+        """Read the replies that are ready (``block``: wait for at least one); False when no
+        task is in flight."""
+        from multiprocessing.connection import wait
+
+        busy = [h for h, f in enumerate(self._flight) if f]
+        if not busy:
+            return False
+        ready = wait([self.pool._conns[h][1] for h in busy], timeout=None if block else 0)
+        for h in busy:
+            conn = self.pool._conns[h][1]
+            while conn in ready and self._flight[h] and conn.poll():
+                ok, value = HelperPool._reply(conn)
+                task = self._flight[h].popleft()
+                self._finished([task])
+                if not ok:
+                    self._errors.append(value)
+                    if isinstance(value, HelperExited):
+                        self._lost(h)
+        return True
+
+    def wait(self) -> None:
+        """Wait for every task in flight; raise the first error since the last ``wait``."""
+        while self.collect(block=True):
+            pass
+        errors, self._errors = self._errors, []
         if errors:
             raise errors[0]
 
     def discard(self) -> None:
-        """Drop the queued tasks and wait for the running ones (their errors are dropped)."""
-        self._settle()
-
-    def close(self) -> None:
-        """Stop the dispatching thread (after the helpers' running tasks)."""
-        self._st.close()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for every task in flight, dropping their errors."""
+        with contextlib.suppress(Exception):
+            self.wait()
+        self._errors = []
 
 
 class UsesHelpers:
