@@ -431,3 +431,48 @@ def test_pooled_rows_reach_the_helpers_by_shared_memory_or_pipes(small_tasks, mo
             assert sorted(slots._free) == list(range(slots.shape[0]))
     finally:
         pooled.close()
+
+
+def test_a_closed_pooled_aggregator_keeps_working_serially_and_frees_its_memory():
+    """Review findings: use after close wrote into released slots; a collected aggregator kept
+    its shared memory open."""
+    import gc
+    import os
+
+    size = 2048 * 5
+    rng = np.random.default_rng(6)
+    xs = [rng.uniform(-1, 1, size) for _ in range(3)]
+    serial = make_aggregator("bfv", size, seed=2, min_clients=1)
+    pooled = make_aggregator("bfv", size, seed=2, min_clients=1, workers=2)
+    want = _bfv_rounds(serial, xs)
+    pooled.close()
+    assert all(np.array_equal(w, g) for w, g in zip(want, _bfv_rounds(pooled, xs), strict=True))
+
+    def memfds() -> int:
+        return sum("hefl-slots" in os.readlink(f"/proc/self/fd/{fd}")
+                   for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    before = memfds()
+    agg = make_aggregator("bfv", size, seed=2, min_clients=1, workers=2)
+    if agg.client.pool._slots is None:
+        pytest.skip("no memfds here")
+    assert memfds() > before  # (the descriptor, and the mmap's own duplicate)
+    del agg
+    gc.collect()
+    assert memfds() == before
+
+
+def test_helper_feed_gives_back_a_task_it_could_not_send():
+    done: list[tuple] = []
+    pool = HelperPool(2, _ping)
+    feed = HelperFeed(pool, _ping, depth=2, done=lambda *t: done.append(t))
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled
+            feed.send(0, lambda: None)
+        assert len(done) == 1 and feed.in_flight == 0
+        feed.send(0)
+        feed.wait()
+        assert len(done) == 2 and pool.each(_ping) == [True]  # still in step
+    finally:
+        pool.close()

@@ -56,8 +56,8 @@ from hefl.errors import ConfigError, CryptoError, UpdateRejected
 #: (about 35 ms of SEAL encryption at N = 2048), small enough that the last client's rows
 #: spread over every process.
 TASK_ROWS = 128
-#: Shared memory for rows in flight (``SharedSlots``): at most 4 tasks per helper, in at most
-#: this many bytes (at least 2 tasks per helper, the two each has in flight).
+#: Shared memory for rows in flight (``SharedSlots``): as many tasks as fit in this many bytes
+#: (32 per helper at N = 2048 with 2 helpers), and at least 2 per helper.
 SLOT_BUDGET = 64 << 20
 
 
@@ -226,7 +226,11 @@ class PooledSum(UsesHelpers):
             if not self._feed.collect(block=True):
                 raise CryptoError("every shared slot is taken, yet no task is in flight")
             slot = self._slots.take()
-        self._slots.view[slot, : len(part)] = part
+        try:
+            self._slots.view[slot, : len(part)] = part
+        except BaseException:  # e.g. interrupted: the slot was never sent
+            self._slots.give(slot)
+            raise
         self._feed.send(h, self.batch, start, slot, len(part))
 
     def flush(self) -> None:
@@ -268,9 +272,12 @@ class PooledSum(UsesHelpers):
         return [blobs[i] for i in range(n)]
 
     def close(self) -> None:
+        """Stop the helpers; the pool keeps working, serially."""
         super().close()
+        self._feed = None
         if self._slots is not None:
             self._slots.close()
+            self._slots = None
 
 
 class PooledEncoder(EncryptingClient):

@@ -291,6 +291,7 @@ class SharedSlots:
         self.view = np.frombuffer(self._map, self.dtype).reshape(self.shape)
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
+        self._closer = weakref.finalize(self, _close_fd, fd)  # also when never closed
 
     @staticmethod
     def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
@@ -320,7 +321,7 @@ class SharedSlots:
         ``fd``."""
         full = (slots, *shape)
         mem = mmap.mmap(fd, SharedSlots.nbytes(full, dtype))
-        os.close(fd)  # the mapping stays
+        os.close(fd)  # the mapping stays (with mmap's own duplicate of the descriptor)
         return np.frombuffer(mem, np.dtype(dtype)).reshape(full)
 
     def take(self) -> int | None:
@@ -337,8 +338,12 @@ class SharedSlots:
         self.view = np.empty((0,), self.dtype)
         with contextlib.suppress(BufferError, ValueError):  # a caller's view still alive: GC
             self._map.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        self._closer()
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class HelperFeed:
@@ -384,17 +389,27 @@ class HelperFeed:
         """Send ``remote(*task)`` to helper ``h`` (first reading replies while it has ``depth``
         tasks in flight). To a helper that exited, the task is reported done at once and the
         exit raised by ``wait``."""
-        while h not in self._dead and len(self._flight[h]) >= self.depth:
-            self.collect(block=True)
-        if h not in self._dead:
-            try:
-                self.pool._conns[h][0].send((self.remote, task))
-                self._flight[h].append(task)
-                return
-            except OSError:
-                self._lost(h)
-                self._errors.append(_exited())
-        self._finished([task])
+        try:
+            while h not in self._dead and len(self._flight[h]) >= self.depth:
+                self.collect(block=True)
+        except BaseException:  # interrupted: the task was never sent
+            self._finished([task])
+            raise
+        if h in self._dead:
+            self._finished([task])
+            return
+        flight = self._flight[h]
+        flight.append(task)  # before sending: its reply must find it here
+        try:
+            self.pool._conns[h][0].send((self.remote, task))
+        except OSError:
+            self._lost(h)
+            self._errors.append(_exited())
+        except BaseException:  # not sent (unpicklable, interrupted)
+            if flight and flight[-1] is task:
+                flight.pop()
+                self._finished([task])
+            raise
 
     def collect(self, block: bool) -> bool:
         """Read the replies that are ready (``block``: wait for at least one); False when no
