@@ -193,6 +193,9 @@ def test_deployed_clients_and_key_holders_take_workers():
         enc.close()
         holder.close()
     assert weight == 2.0 and np.abs(mean - x).max() < agg.spec.error_bound
+    committee = make_aggregator("bfv", 4096, custody="threshold", seed=0).key_holder
+    member = keys.key_holder(committee.members[1].share, 4096, 1, 2)
+    assert member.workers == 2
 
 
 class _Fixed:

@@ -262,3 +262,28 @@ def test_hefl_keys_refuses_to_deal_a_threshold_key(tmp_path):
     with pytest.raises(ConfigError, match="has no dealer"):
         write_keys({"kind": "bfv", "custody": "threshold"}, 100, tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_members_and_committee_with_helpers_decrypt_exactly_as_one_process():
+    """``workers``: each member's partial decryptions and the fusing run in helper processes
+    (32 ciphertexts, 8 chunks); BFV decodes exactly, so the mean equals the serial one, and a
+    garbled partial is still caught and named."""
+    from hefl.crypto.secure_sum import Committee, ThresholdKeyHolder
+
+    agg = make_aggregator("bfv", 4096 * 32, custody="threshold", seed=0, min_clients=1)
+    xs, total = encrypted_round(agg, clients=2)
+    want, weight = agg.key_holder.decode(total)
+    shares = [m.share for m in agg.key_holder.members.values()]
+    members = [ThresholdKeyHolder(sh, min_clients=1, workers=2) for sh in shares]
+    committee = Committee(agg.key_holder.public, members, workers=2)
+    try:
+        got, w2 = committee.decode(total)
+        assert committee._shared._pool is not None and members[0]._shared._pool is not None
+        assert w2 == weight and np.array_equal(got, want)
+        garbled = Committee(agg.key_holder.public, [members[0], Garbage(members[1]), members[2]],
+                            workers=2)
+        got, _ = garbled.decode(total)
+        assert np.array_equal(got, want) and garbled.suspects == (2,)
+        garbled.close()
+    finally:
+        committee.close()

@@ -603,7 +603,7 @@ class ThresholdKeyHolder:
     (``open_sum``), spends its flooding budget and returns its partial decryption for the
     decrypting set it is asked to join. It never sees the plaintext."""
 
-    def __init__(self, share: KeyShare, *, min_clients: int = 2) -> None:
+    def __init__(self, share: KeyShare, *, min_clients: int = 2, workers: int = 1) -> None:
         if not isinstance(share, KeyShare) or share.parties < 2:
             raise KeyCustodyError("a threshold key holder needs its KeyShare from a threshold "
                                   "ceremony (hefl.crypto.threshold)")
@@ -614,14 +614,105 @@ class ThresholdKeyHolder:
         self.spec = share.spec
         self.min_clients = min_clients
         self.budget = FloodBudget(self.spec)
+        self._shared = _Shared(workers, _init_member, share.to_bytes)
+
+    @property
+    def workers(self) -> int:
+        return self._shared.workers
 
     def partial(self, total: EncryptedSum | Aggregate | bytes, members: Sequence[int]
                 ) -> multiparty.ThresholdPartial:
+        """This member's partial decryption of ``total`` for the decrypting set ``members``
+        (with ``workers`` > 1, the ciphertexts are loaded and partially decrypted in that many
+        processes; the checks and the flooding budget stay here)."""
         total = open_sum(self.spec, self.share.key_id, total, self.min_clients)
-        cts = [self.share.seal.ciphertext(b) for b in total.ciphertexts]
-        multiparty.check_members(self.spec, members)
-        self.budget.spend(len(cts))
-        return multiparty.partial_decrypt(self.share, cts, members)
+        ms = multiparty.check_members(self.spec, members)
+        if self.share.party not in ms:
+            raise KeyCustodyError(f"key holder {self.party} is not in the decrypting set {ms}")
+        self.budget.spend(len(total.ciphertexts))
+        key = multiparty.partial_key(self.share, ms)
+
+        def local(blobs: Sequence[bytes], _: tuple[int, ...]) -> np.ndarray:
+            cts = [self.share.seal.ciphertext(b) for b in blobs]
+            return multiparty.partial_values(self.share, key, cts)
+
+        values = self._shared.run(_partial_part, local, self._shared.chunks(total.ciphertexts,
+                                                                            lambda i, j: (ms,)))
+        return multiparty.ThresholdPartial(self.party, self.share.key_id, ms, values)
+
+    def close(self) -> None:
+        """Stop the helpers, if any."""
+        self._shared.close()
+
+
+class _Shared:
+    """A lazily started ``HelperPool`` over chunks of an aggregate's ciphertexts, for the
+    threshold roles (``ThresholdKeyHolder``, ``Committee``)."""
+
+    #: Ciphertexts per chunk: at N = 4096 about 0.4 MB of ciphertexts and 0.25 MB of results,
+    #: so that two chunks in flight fit a helper's 1 MiB pipes.
+    ROWS = 4
+
+    def __init__(self, workers: int, initializer: Any, state: Any) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+        self.workers, self._init, self._state = workers, initializer, state
+        self._pool: Any = None
+
+    def chunks(self, blobs: Sequence[bytes], extra: Any) -> list[tuple[Any, ...]]:
+        """``(blobs[i:j], *extra(i, j))`` for each chunk of ``ROWS`` ciphertexts."""
+        n = self.ROWS
+        return [(list(blobs[i : i + n]), *extra(i, i + n)) for i in range(0, len(blobs), n)]
+
+    def run(self, remote: Any, local: Any, parts: list[tuple[Any, ...]]) -> np.ndarray:
+        """``local(*part)`` here or ``remote(*part)`` in a helper for each part, concatenated
+        in order; serially when there are too few parts to share."""
+        if self.workers == 1 or len(parts) < 4 * self.workers:
+            return np.concatenate([local(*p) for p in parts])
+        if self._pool is None:
+            from hefl.crypto.workers import HelperPool
+
+            self._pool = HelperPool(self.workers, self._init, (self._state(),))
+        return np.concatenate(self._pool.map(remote, local, parts, most=1))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+_member: tuple[KeyShare, dict[tuple[int, ...], Any]] | None = None
+
+
+def _init_member(share_bytes: bytes) -> None:
+    """Runs once in each helper of a threshold member: its share (and, per decrypting set, its
+    ``lambda sigma``)."""
+    global _member
+    _member = (KeyShare.from_bytes(share_bytes), {})
+
+
+def _partial_part(blobs: Sequence[bytes], members: tuple[int, ...]) -> np.ndarray:
+    """A helper's partial decryption of one chunk (its ``lambda sigma`` made once per set)."""
+    assert _member is not None
+    share, keys = _member
+    if members not in keys:
+        keys[members] = multiparty.partial_key(share, members)
+    cts = [share.seal.ciphertext(b) for b in blobs]
+    return multiparty.partial_values(share, keys[members], cts)
+
+
+_fuser: PublicContext | None = None
+
+
+def _init_fuser(public_bytes: bytes) -> None:
+    global _fuser
+    _fuser = PublicContext.from_bytes(public_bytes)
+
+
+def _fuse_part(blobs: Sequence[bytes], values: list[np.ndarray]) -> np.ndarray:
+    assert _fuser is not None
+    seal = _fuser.seal
+    return multiparty.fuse_values(seal, values, [seal.ciphertext(b) for b in blobs])
 
 
 class Committee:
@@ -642,9 +733,11 @@ class Committee:
 
     MAX_SETS = 64
 
-    def __init__(self, public: PublicContext, members: Sequence[Any]) -> None:
+    def __init__(self, public: PublicContext, members: Sequence[Any], *,
+                 workers: int = 1) -> None:
         self.public = public
         self.spec = public.spec
+        self._shared = _Shared(workers, _init_fuser, public.to_bytes)
         self.members = {m.party: m for m in members}
         if sorted(self.members) != list(range(1, self.spec.parties + 1)):
             raise KeyCustodyError(
@@ -660,7 +753,10 @@ class Committee:
         """The weighted mean and total weight (raises as ``KeyHolder.decode``, and
         ``KeyCustodyError`` when fewer than ``threshold`` members answer)."""
         total = open_sum(self.spec, self.public.key_id, total, 1)
-        cts = [self.public.seal.ciphertext(b) for b in total.ciphertexts]
+        blobs = total.ciphertexts
+        seal = self.public.seal
+        for b in blobs:  # every one loads under these parameters before a member is asked
+            seal.ciphertext(b)
         t = self.spec.threshold
         down: set[int] = set()
         failed: list[tuple[int, ...]] = []
@@ -679,7 +775,7 @@ class Committee:
             if len(partials) < t:
                 continue
             try:
-                slots = multiparty.fuse(self.spec, partials, cts)
+                slots = self._fuse(partials, blobs)
                 check_range(self.spec, slots)
             except CryptoError as e:
                 failed.append(ms)
@@ -697,6 +793,30 @@ class Committee:
             f"fused result failed the checks: {errors[-1]}); at least one key holder returned "
             "an invalid partial decryption, and with no valid set to compare it cannot be named"
         )
+
+    def _fuse(self, partials: list[multiparty.ThresholdPartial], blobs: Sequence[bytes]
+              ) -> np.ndarray:
+        """``multiparty.fuse``, in ``workers`` processes when there are enough ciphertexts."""
+        multiparty.check_partials(self.spec, partials, len(blobs))
+        seal = self.public.seal
+
+        def local(part: Sequence[bytes], values: list[np.ndarray]) -> np.ndarray:
+            return multiparty.fuse_values(seal, values, [seal.ciphertext(b) for b in part])
+
+        parts = self._shared.chunks(blobs, lambda i, j: ([p.values[i:j] for p in partials],))
+        return self._shared.run(_fuse_part, local, parts)
+
+    @property
+    def workers(self) -> int:
+        return self._shared.workers
+
+    def close(self) -> None:
+        """Stop the helpers, if any (the members' own are theirs to close)."""
+        self._shared.close()
+        for m in self.members.values():
+            close = getattr(m, "close", None)
+            if close is not None:
+                close()
 
     def _name(self, failed: list[tuple[int, ...]], passing: tuple[int, ...]) -> None:
         """Suspects: members in every failing set and not in the passing one."""
@@ -862,8 +982,9 @@ def make_aggregator(
     key_holder: KeyHolder | Committee
     if custody == "threshold":
         ceremony = multiparty.threshold_ceremony(spec)
-        key_holder = Committee(ceremony.public, [ThresholdKeyHolder(sh, min_clients=min_clients)
-                                                 for sh in ceremony.shares])
+        key_holder = Committee(ceremony.public,
+                               [ThresholdKeyHolder(sh, min_clients=min_clients, workers=workers)
+                                for sh in ceremony.shares], workers=workers)
         client_key: PublicContext | KeyShare = ceremony.public
     else:
         ceremony = key_ceremony(spec)

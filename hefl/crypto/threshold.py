@@ -355,15 +355,29 @@ def partial_decrypt(
     share: KeyShare, ciphertexts: Sequence[Any], members: Sequence[int]
 ) -> ThresholdPartial:
     """Member step: ``c1 * lambda sigma + z`` for each ciphertext, with fresh flooding noise."""
-    spec = share.spec
-    ms = check_members(spec, members)
+    ms = check_members(share.spec, members)
+    return ThresholdPartial(share.party, share.key_id, ms,
+                            partial_values(share, partial_key(share, ms), ciphertexts))
+
+
+def partial_key(share: KeyShare, members: Sequence[int]) -> Any:
+    """This member's ``lambda sigma`` for the decrypting set ``members`` (an NTT-form SEAL
+    plaintext; it never leaves the member)."""
+    ms = check_members(share.spec, members)
     if share.party not in ms:
         raise KeyCustodyError(f"key holder {share.party} is not in the decrypting set {ms}")
     seal = share.seal
     moduli = seal.coeff_moduli
+    sigma = seal.secret_key_polys(share.seal_key())[: len(moduli)]
+    return seal.ntt_plaintext(_mul(sigma, lagrange(share.party, ms, moduli), moduli))
+
+
+def partial_values(share: KeyShare, key: Any, ciphertexts: Sequence[Any]) -> np.ndarray:
+    """``c1 * key + z`` for each ciphertext (``key`` from ``partial_key``), each with fresh
+    flooding noise ``z``: the residues of a ``ThresholdPartial``."""
+    seal, spec = share.seal, share.spec
+    moduli = seal.coeff_moduli
     k, n = len(moduli), spec.poly_degree
-    sigma = seal.secret_key_polys(share.seal_key())[:k]
-    key = seal.ntt_plaintext(_mul(sigma, lagrange(share.party, ms, moduli), moduli))
     noise = gaussian((len(ciphertexts), n), spec.flood_std)
     out = np.empty((len(ciphertexts), k, n), dtype=np.uint64)
     for i, ct in enumerate(ciphertexts):
@@ -372,7 +386,7 @@ def partial_decrypt(
         z = np.concatenate([np.mod(noise[i], q).astype(np.uint64) for q in moduli])
         seal.evaluator.add_inplace(x, seal._coefficient_ciphertext(x.scale, z, z))  # + (z, z)
         out[i] = seal.polys(x, 2)[1]  # only c1 lambda sigma + z leaves
-    return ThresholdPartial(share.party, share.key_id, ms, out)
+    return out
 
 
 def fuse(spec: HeSpec, partials: Sequence[ThresholdPartial], ciphertexts: Sequence[Any]
@@ -382,6 +396,16 @@ def fuse(spec: HeSpec, partials: Sequence[ThresholdPartial], ciphertexts: Sequen
     Raises:
         KeyCustodyError: partials of another key or set, a member missing or repeated.
         CryptoError: BFV: the fused polynomial is outside the noise budget (a garbled partial).
+    """
+    check_partials(spec, partials, len(ciphertexts))
+    return fuse_values(Seal.of(spec), [p.values for p in partials], ciphertexts)
+
+
+def check_partials(spec: HeSpec, partials: Sequence[ThresholdPartial], count: int) -> None:
+    """``fuse``'s checks: the partials of one decrypting set, one key, ``count`` ciphertexts.
+
+    Raises:
+        KeyCustodyError: as ``fuse``.
     """
     if not partials:
         raise KeyCustodyError("no partial decryptions to fuse")
@@ -393,16 +417,25 @@ def fuse(spec: HeSpec, partials: Sequence[ThresholdPartial], ciphertexts: Sequen
             f"the partial decryptions do not form one decrypting set: members {got} for set "
             f"{list(ms)}, {len(key_ids)} key id(s)"
         )
-    seal = Seal.of(spec)
-    moduli = seal.coeff_moduli
-    shape = (len(ciphertexts), len(moduli), spec.poly_degree)
+    shape = (count, len(Seal.of(spec).coeff_moduli), spec.poly_degree)
     if any(p.values.shape != shape for p in partials):
         raise KeyCustodyError(f"a partial decryption does not have the shape {shape}")
+
+
+def fuse_values(seal: Seal, values: Sequence[np.ndarray], ciphertexts: Sequence[Any]
+                ) -> np.ndarray:
+    """The plaintext slots of ``ciphertexts`` from the members' partial residues ``values``
+    (checked by ``check_partials``): ``c0 + sum`` of the partials, decoded by SEAL.
+
+    Raises:
+        CryptoError: BFV: the fused polynomial is outside the noise budget (a garbled partial).
+    """
+    moduli = seal.coeff_moduli
     slots = []
     for i, ct in enumerate(ciphertexts):
         x = seal.ntt_copy(ct)
         acc, c1 = seal.polys(x, 2)
-        for p in partials:
-            acc = _add(acc, p.values[i] % _col(moduli), moduli)
+        for v in values:
+            acc = _add(acc, v[i] % _col(moduli), moduli)
         slots.append(seal.decrypt_raw(x, acc, c1))
     return np.stack(slots)

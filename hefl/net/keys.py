@@ -153,8 +153,8 @@ def client_encoder(key: Any, size: int, workers: int = 1) -> Any:
 
 
 def key_holder(key: Any, size: int, min_clients: int, workers: int = 1) -> Any:
-    """A ``KeyHolder`` for a whole key (decrypting in ``workers`` processes), a
-    ``ThresholdKeyHolder`` for a committee member's."""
+    """A ``KeyHolder`` for a whole key, a ``ThresholdKeyHolder`` for a committee member's
+    (either decrypting in ``workers`` processes)."""
     from hefl.crypto import KeyHolder, KeyShare
     from hefl.crypto.secure_sum import ThresholdKeyHolder
 
@@ -163,7 +163,7 @@ def key_holder(key: Any, size: int, min_clients: int, workers: int = 1) -> Any:
 
     _check_size(key.spec, size, "the key holder's key")
     if key.parties > 1:
-        return ThresholdKeyHolder(key, min_clients=min_clients)
+        return ThresholdKeyHolder(key, min_clients=min_clients, workers=workers)
     return KeyHolder(key, min_clients=min_clients, workers=workers)
 
 
