@@ -166,7 +166,7 @@ def test_key_holder_with_helpers_decrypts_as_one_process(scheme):
     one, two = KeyHolder(share), KeyHolder(share, workers=2)
     try:
         (m1, w1), (m2, w2) = one.decode(total), two.decode(total)
-        assert two._pool is not None and two._pool.parallel  # the helpers did take part
+        assert two._shared.pool is not None and two._shared.pool.parallel  # helpers took part
     finally:
         two.close()
     assert w1 == pytest.approx(w2) and two.budget.used == one.budget.used

@@ -278,7 +278,7 @@ def test_members_and_committee_with_helpers_decrypt_exactly_as_one_process():
     committee = Committee(agg.key_holder.public, members, workers=2)
     try:
         got, w2 = committee.decode(total)
-        assert committee._shared._pool is not None and members[0]._shared._pool is not None
+        assert committee._shared.pool is not None and members[0]._shared.pool is not None
         assert w2 == weight and np.array_equal(got, want)
         garbled = Committee(agg.key_holder.public, [members[0], Garbage(members[1]), members[2]],
                             workers=2)

@@ -313,8 +313,8 @@ class PooledEncoder(EncryptingClient):
 
 
 class PooledSummer(SummingServer):
-    """Server role in simulation: the pool's running sums merged, plus any other payload
-    (bytes, ``EncryptedUpdate``) validated and added as ``SummingServer`` does."""
+    """Server role in simulation: the pool's running sums (each helper's range), plus any other
+    payload (bytes, ``EncryptedUpdate``) validated and added as ``SummingServer`` does."""
 
     def __init__(self, public: PublicContext, pool: PooledSum) -> None:
         super().__init__(public)
@@ -337,7 +337,7 @@ class PooledSummer(SummingServer):
         return super().nbytes(payload)
 
     def aggregate(self, payloads: Mapping[Hashable, Any]) -> Aggregate:
-        """Merge the pool's sums of exactly this round's pending updates (a running sum cannot
+        """Collect the pool's sums of exactly this round's pending updates (a running sum cannot
         leave one out: when ``payloads`` names only some, they are all rejected), then add the
         other payloads as ``SummingServer`` does."""
         pending = [c for c, p in payloads.items() if isinstance(p, PendingUpdate)]
@@ -382,8 +382,8 @@ def auto_workers() -> int:
 
 def pooled_parts(key: PublicContext | KeyShare, public: PublicContext, workers: int, *,
                  seed: int | None = None) -> tuple[PooledEncoder, PooledSummer]:
-    """The client and server roles sharing one pool of ``workers`` processes (raises
-    ``ConfigError`` for fewer than 1, as ``HelperPool``)."""
+    """The client and server roles sharing one pool of ``workers`` helper processes (raises
+    ``ConfigError`` for fewer than 1)."""
     client = PooledEncoder(key, workers, seed=seed)
     return client, PooledSummer(public, client.pool)
 

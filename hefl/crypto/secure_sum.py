@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 #: workers): a few milliseconds of SEAL work, and two runs of two chunks' results (public-key
 #: ciphertexts at N = 4096, or slot values) within a pipe's 1 MiB buffer.
 ENCRYPT_ROWS = 8
+#: Threshold roles' chunks (``_Shared``, one per run): at N = 4096 about 0.4 MB of ciphertexts
+#: and 0.25 MB of results.
+THRESHOLD_ROWS = 4
 
 MAGIC_UPDATE = b"HEFLUPD1"
 MAGIC_SUM = b"HEFLSUM1"
@@ -449,35 +452,23 @@ class KeyHolder:
             raise KeyCustodyError(f"the key holder needs a KeyShare, got {type(share).__name__}")
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
-        if not isinstance(workers, int) or workers < 1:
-            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.share = share
         self.spec = share.spec
         self.min_clients = min_clients
+        self._shared = _Shared(workers, _init_decryptor, share.to_bytes, rows=ENCRYPT_ROWS,
+                               most=2)
         self.workers = workers
-        self._pool: Any = None
         self.budget = FloodBudget(self.spec)  # CKKS: decryptions answered under this key
         self._noise_rng = np.random.default_rng()  # central DP: OS entropy, never a seed
 
     def _decrypt(self, blobs: Sequence[bytes]) -> np.ndarray:
         """The slots of ``blobs`` (loaded, flooded if CKKS, decrypted), in ``workers``
         processes when there are enough to share."""
-        if self.workers == 1 or len(blobs) < 4 * self.workers:
-            return _decrypt_blobs(self.share, blobs)
-        if self._pool is None:
-            from hefl.crypto.workers import HelperPool
-
-            self._pool = HelperPool(self.workers, _init_decryptor, (self.share.to_bytes(),))
-        n = ENCRYPT_ROWS
-        parts = [(list(blobs[i : i + n]),) for i in range(0, len(blobs), n)]
-        return np.concatenate(self._pool.map(
-            _decrypt_part, lambda b: _decrypt_blobs(self.share, b), parts, most=2))
+        return self._shared.run(_decrypt_part, lambda b: _decrypt_blobs(self.share, b), blobs)
 
     def close(self) -> None:
         """Stop the decryption helpers, if any."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self._shared.close()
 
     @classmethod
     def from_bytes(cls, share: bytes, *, min_clients: int = 2) -> KeyHolder:
@@ -614,7 +605,7 @@ class ThresholdKeyHolder:
         self.spec = share.spec
         self.min_clients = min_clients
         self.budget = FloodBudget(self.spec)
-        self._shared = _Shared(workers, _init_member, share.to_bytes)
+        self._shared = _Shared(workers, _init_member, share.to_bytes, rows=THRESHOLD_ROWS, most=1)
 
     @property
     def workers(self) -> int:
@@ -636,8 +627,7 @@ class ThresholdKeyHolder:
             cts = [self.share.seal.ciphertext(b) for b in blobs]
             return multiparty.partial_values(self.share, key, cts)
 
-        values = self._shared.run(_partial_part, local, self._shared.chunks(total.ciphertexts,
-                                                                            lambda i, j: (ms,)))
+        values = self._shared.run(_partial_part, local, total.ciphertexts, lambda i, j: (ms,))
         return multiparty.ThresholdPartial(self.party, self.share.key_id, ms, values)
 
     def close(self) -> None:
@@ -647,38 +637,42 @@ class ThresholdKeyHolder:
 
 class _Shared:
     """A lazily started ``HelperPool`` over chunks of an aggregate's ciphertexts, for the
-    threshold roles (``ThresholdKeyHolder``, ``Committee``)."""
+    decrypting roles (``KeyHolder``, ``ThresholdKeyHolder``, ``Committee``).
 
-    #: Ciphertexts per chunk: at N = 4096 about 0.4 MB of ciphertexts and 0.25 MB of results,
-    #: so that two chunks in flight fit a helper's 1 MiB pipes.
-    ROWS = 4
+    Args:
+        workers: processes, this one included (1: serially).
+        initializer: run once in each helper with ``state()`` (the role's key bytes).
+        rows: ciphertexts per chunk; ``most``: chunks per run (``HelperPool.map``), so that two
+            runs' messages and results fit a helper's 1 MiB pipes.
+    """
 
-    def __init__(self, workers: int, initializer: Any, state: Any) -> None:
+    def __init__(self, workers: int, initializer: Any, state: Any, *, rows: int,
+                 most: int) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
         self.workers, self._init, self._state = workers, initializer, state
-        self._pool: Any = None
+        self.rows, self.most = rows, most
+        self.pool: Any = None
 
-    def chunks(self, blobs: Sequence[bytes], extra: Any) -> list[tuple[Any, ...]]:
-        """``(blobs[i:j], *extra(i, j))`` for each chunk of ``ROWS`` ciphertexts."""
-        n = self.ROWS
-        return [(list(blobs[i : i + n]), *extra(i, i + n)) for i in range(0, len(blobs), n)]
-
-    def run(self, remote: Any, local: Any, parts: list[tuple[Any, ...]]) -> np.ndarray:
-        """``local(*part)`` here or ``remote(*part)`` in a helper for each part, concatenated
-        in order; serially when there are too few parts to share."""
-        if self.workers == 1 or len(parts) < 4 * self.workers:
-            return np.concatenate([local(*p) for p in parts])
-        if self._pool is None:
+    def run(self, remote: Any, local: Any, blobs: Sequence[bytes],
+            extra: Any = lambda i, j: ()) -> np.ndarray:
+        """``local(blobs[i:j], *extra(i, j))`` here or ``remote(...)`` in a helper for each
+        chunk, concatenated in order; one ``local`` call over all of them when there are too
+        few ciphertexts to share (fewer than 4 per process)."""
+        if self.workers == 1 or len(blobs) < 4 * self.workers:
+            return np.asarray(local(blobs, *extra(0, len(blobs))))
+        if self.pool is None:
             from hefl.crypto.workers import HelperPool
 
-            self._pool = HelperPool(self.workers, self._init, (self._state(),))
-        return np.concatenate(self._pool.map(remote, local, parts, most=1))
+            self.pool = HelperPool(self.workers, self._init, (self._state(),))
+        n = self.rows
+        parts = [(list(blobs[i : i + n]), *extra(i, i + n)) for i in range(0, len(blobs), n)]
+        return np.concatenate(self.pool.map(remote, local, parts, most=self.most))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 _member: tuple[KeyShare, dict[tuple[int, ...], Any]] | None = None
@@ -737,7 +731,7 @@ class Committee:
                  workers: int = 1) -> None:
         self.public = public
         self.spec = public.spec
-        self._shared = _Shared(workers, _init_fuser, public.to_bytes)
+        self._shared = _Shared(workers, _init_fuser, public.to_bytes, rows=THRESHOLD_ROWS, most=1)
         self.members = {m.party: m for m in members}
         if sorted(self.members) != list(range(1, self.spec.parties + 1)):
             raise KeyCustodyError(
@@ -803,8 +797,8 @@ class Committee:
         def local(part: Sequence[bytes], values: list[np.ndarray]) -> np.ndarray:
             return multiparty.fuse_values(seal, values, [seal.ciphertext(b) for b in part])
 
-        parts = self._shared.chunks(blobs, lambda i, j: ([p.values[i:j] for p in partials],))
-        return self._shared.run(_fuse_part, local, parts)
+        return self._shared.run(_fuse_part, local, blobs,
+                                lambda i, j: ([p.values[i:j] for p in partials],))
 
     @property
     def workers(self) -> int:

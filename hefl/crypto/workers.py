@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -286,12 +285,14 @@ class SharedSlots:
 
     def __init__(self, fd: int, slots: int, shape: tuple[int, ...], dtype: Any) -> None:
         self.fd, self.shape, self.dtype = fd, (slots, *shape), np.dtype(dtype)
-        self.count = slots
         self._map = mmap.mmap(fd, self.nbytes(self.shape, self.dtype))
         self.view = np.frombuffer(self._map, self.dtype).reshape(self.shape)
         self._free = list(range(slots - 1, -1, -1))
-        self._lock = threading.Lock()
         self._closer = weakref.finalize(self, _close_fd, fd)  # also when never closed
+
+    @property
+    def count(self) -> int:
+        return self.shape[0]
 
     @staticmethod
     def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
@@ -326,12 +327,10 @@ class SharedSlots:
 
     def take(self) -> int | None:
         """A free slot's number, or None when every slot is in use."""
-        with self._lock:
-            return self._free.pop() if self._free else None
+        return self._free.pop() if self._free else None
 
     def give(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self._free.append(slot)
 
     def close(self) -> None:
         """Release the memory (what the helpers mapped stays theirs until they exit)."""
