@@ -61,7 +61,7 @@ def decrypt_with(seal, key_polys, cts) -> np.ndarray:
     for ct in cts:
         pt = sealapi.Plaintext()
         dec.decrypt(ct, pt)
-        out.append(np.asarray(seal.encoder.decode_uint64(pt)))
+        out.append(seal.decode(pt))
     return np.stack(out)
 
 
@@ -114,7 +114,7 @@ def test_one_partial_decryption_alone_reveals_nothing():
         seal.evaluator.transform_from_ntt_inplace(x)
         pt = sealapi.Plaintext()
         seal._zero_decryptor.decrypt(x, pt)  # SEAL's rounding, without the noise-budget check
-        slots = np.asarray(seal.encoder.decode_uint64(pt))
+        slots = seal.decode(pt)
         assert chi2_uniform(slots, seal.plain_modulus) < CHI2_15
 
 

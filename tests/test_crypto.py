@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tenseal.sealapi as sealapi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ from hefl.crypto import (
     make_spec,
 )
 from hefl.crypto.seal import Seal
+from hefl.crypto.spec import LARGE_UPDATE_CIPHERTEXTS
 from hefl.errors import (
     ConfigError,
     ContextMismatch,
@@ -91,8 +93,11 @@ def test_bfv_rounding_is_unbiased():
 
 
 def test_packed_layout_and_budget():
-    spec = bfv_spec(10**6)  # default: precision first
-    assert (spec.lanes, spec.bits, spec.max_weight, spec.poly_degree) == (1, 16, 2**16, 2048)
+    spec = bfv_spec(10**6)  # default: precision first; a large seeded update: N = 4096
+    assert (spec.lanes, spec.bits, spec.max_weight, spec.poly_degree) == (1, 16, 2**16, 4096)
+    assert bfv_spec(10**6, symmetric=False).poly_degree == 2048  # public key: no gain there
+    edge = LARGE_UPDATE_CIPHERTEXTS * 2048 - 1  # values = size + the weight slot
+    assert (bfv_spec(edge - 1).poly_degree, bfv_spec(edge).poly_degree) == (2048, 4096)
     packed = bfv_spec(10**6, bits=12, max_weight=2**10)
     assert packed.lanes == 2 and packed.lane_bits * 2 < packed.plain_bits
     for s in (spec, packed, bfv_spec(10, symmetric=False), ckks_spec(10)):
@@ -474,3 +479,33 @@ def test_seal_scratch_fallback_is_owner_only_and_never_shared_memory(monkeypatch
     mean, _ = agg.decode(agg.aggregate({1: agg.encode(1, np.full(10, 0.5), 1.0)}))
     assert np.allclose(mean, 0.5, atol=agg.spec.error_bound)  # ciphertexts too,
     assert os.listdir(d) == []  # ... and left nothing behind
+
+
+@pytest.mark.parametrize("size", [3000, LARGE_UPDATE_CIPHERTEXTS * 2048])
+def test_bfv_values_are_plaintext_coefficients(size):
+    """New BFV specs put the packed values in the plaintext's coefficients; a spec made before
+    that field existed keeps its fingerprint (the field is left out of its bytes) and is still
+    decoded through SEAL's batching slots. Both sum exactly, and they are not interchangeable."""
+    spec = bfv_spec(size, bits=8)
+    legacy = dataclasses.replace(spec, coefficients=False)
+    assert spec.coefficients and b"coefficients" in spec.to_bytes()
+    assert b"coefficients" not in legacy.to_bytes()
+    assert spec.fingerprint != legacy.fingerprint
+    assert HeSpec.from_bytes(legacy.to_bytes()) == legacy
+    t = Seal.of(spec).plain_modulus
+    values = np.random.default_rng(0).integers(0, t, size=spec.poly_degree, dtype=np.uint64)
+    values[-100:] = 0  # high zero coefficients still decode to N values
+    slots = {}
+    for s in (spec, legacy):
+        seal = Seal.of(s)
+        sk, _ = seal.keygen()
+        enc, dec = seal.encryptor(sk), seal.decryptor(sk)
+        ct = seal.encrypt_full(enc, values)
+        seal.add_inplace(ct, seal.encrypt_full(enc, values))
+        assert np.array_equal(seal.decrypt(dec, ct), (2 * values) % t)
+        pt = sealapi.Plaintext()
+        dec.decrypt(ct, pt)
+        slots[s.coefficients] = np.asarray(seal.encoder.decode_uint64(pt), dtype=np.uint64)
+    assert not np.array_equal(slots[True], slots[False])  # coefficients are not slots
+    with pytest.raises(ConfigError, match="BFV"):
+        dataclasses.replace(ckks_spec(10), coefficients=True)

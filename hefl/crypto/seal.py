@@ -152,9 +152,21 @@ def read_array(array: Any) -> np.ndarray:
         raise CryptoError(f"unexpected SEAL serialization (compression mode {mode})")
     body = data[size:]
     if mode == 2:
-        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+        body = _decompressor().decompress(body, max_output_size=1 << 31)
     (count,) = struct.unpack_from("<Q", body)
     return np.frombuffer(body, dtype="<u8", count=count, offset=8).astype(np.uint64)
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor (making one costs about as much as a small decompression;
+    one object must not be shared between threads)."""
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 @dataclass(frozen=True)
@@ -220,7 +232,12 @@ class Seal:
         return sealapi.Encryptor(self.context, key)
 
     def encode(self, values: np.ndarray) -> Any:
-        """One plaintext from ``slot_values`` reals (CKKS) or N slot integers (BFV)."""
+        """One plaintext from ``slot_values`` reals (CKKS) or N integers in ``[0, t)`` (BFV:
+        its coefficients, or its batching slots in specs made before ``coefficients``)."""
+        if self.spec.coefficients:
+            pt = sealapi.Plaintext(self.spec.poly_degree)
+            load_array(pt.dyn_array(), values)  # SEAL refuses a coefficient >= t at encryption
+            return pt
         pt = sealapi.Plaintext()
         if self.spec.scheme == "bfv":
             self.encoder.encode(values.astype(np.int64).tolist(), pt)
@@ -277,6 +294,15 @@ class Seal:
             )
         pt = sealapi.Plaintext()
         decryptor.decrypt(ct, pt)
+        return self.decode(pt)
+
+    def decode(self, pt: Any) -> np.ndarray:
+        """The values of a decrypted plaintext (``encode``'s inverse)."""
+        if self.spec.coefficients:
+            coeffs = np.zeros(self.spec.poly_degree, dtype=np.uint64)
+            got = read_array(pt.dyn_array())  # SEAL may drop high zero coefficients
+            coeffs[: got.size] = got
+            return coeffs
         if self.spec.scheme == "bfv":
             return np.asarray(self.encoder.decode_uint64(pt), dtype=np.uint64)
         z = np.asarray(self.encoder.decode_complex(pt))
