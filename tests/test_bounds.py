@@ -27,7 +27,15 @@ from hefl.crypto import (
     make_spec,
 )
 from hefl.crypto.keys import partial_decrypt
-from hefl.crypto.packing import ClipStats, check_range, clip_update, pack, quantize, unpack
+from hefl.crypto.packing import (
+    PACK_CHUNK,
+    ClipStats,
+    check_range,
+    clip_update,
+    pack,
+    quantize,
+    unpack,
+)
 from hefl.errors import ConfigError, CryptoError, UpdateRejected
 from hefl.net.keys import spec_options
 
@@ -319,3 +327,16 @@ def test_deployment_keys_carry_clip_norm(tmp_path):
     encoder.encode("c", np.array([0.3, 0.4, 0.0, 0.0]) * 2, 1.0)  # norm 1.0 -> scaled by 0.5
     st = encoder.last_clip
     assert st.changed and st.scaled == pytest.approx(0.5) and st.clipped == 0
+
+
+@pytest.mark.parametrize("size", [1, 5000, PACK_CHUNK, PACK_CHUNK + 1, 3 * PACK_CHUNK + 7])
+def test_chunked_packing_is_the_whole_array_formula(size):
+    """One value per slot is packed a cache-sized chunk at a time; the generator's uniforms are
+    drawn in the same order, so every lane equals the whole-array ``w (q + Q)``, bit for bit
+    (with clipped values in the mix)."""
+    spec = bfv_spec(size)
+    d = np.random.default_rng(size).normal(0.0, 0.6, size)  # about 10% beyond clip = 1
+    lanes = pack(d, 37, spec, np.random.default_rng(4)).ravel()
+    ref = (quantize(d, spec, np.random.default_rng(4)) + spec.quant_max) * 37
+    assert lanes[0] == 37 and np.array_equal(lanes[1 : 1 + size], ref.astype(np.uint64))
+    assert not lanes[1 + size :].any()
