@@ -95,7 +95,7 @@ def test_bfv_rounding_is_unbiased():
 def test_packed_layout_and_budget():
     spec = bfv_spec(10**6)  # default: precision first; a large seeded update: N = 4096
     assert (spec.lanes, spec.bits, spec.max_weight, spec.poly_degree) == (1, 16, 2**16, 4096)
-    assert bfv_spec(10**6, symmetric=False).poly_degree == 2048  # public key: no gain there
+    assert bfv_spec(10**6, symmetric=False).poly_degree == 4096
     edge = LARGE_UPDATE_CIPHERTEXTS * 2048 - 1  # values = size + the weight slot
     assert (bfv_spec(edge - 1).poly_degree, bfv_spec(edge).poly_degree) == (2048, 4096)
     packed = bfv_spec(10**6, bits=12, max_weight=2**10)
@@ -105,9 +105,12 @@ def test_packed_layout_and_budget():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_noise_budget_holds_max_clients(symmetric):
-    """Summing max_clients fresh ciphertexts leaves noise budget: the modulus choice is enough."""
-    spec = bfv_spec(100, symmetric=symmetric, max_clients=128)
+@pytest.mark.parametrize("ring", [2048, 4096])
+def test_noise_budget_holds_max_clients(symmetric, ring):
+    """Summing max_clients fresh ciphertexts leaves noise budget: the modulus choice is enough,
+    at both rings (large updates get N = 4096 with the same modulus; its noise is larger)."""
+    spec = dataclasses.replace(bfv_spec(100, symmetric=symmetric, max_clients=128),
+                               poly_degree=ring)
     c = key_ceremony(spec)
     client = EncryptingClient(c.shares[0] if symmetric else c.public, seed=0)
     server = SummingServer(c.public)

@@ -16,8 +16,8 @@ prime and no evaluation keys are needed):
     of up to ``max_weight`` total weight never carries from one lane into the next. Integer sums
     are exact: the only error is the rounding, ``< clip / Q`` per coordinate of the weighted mean.
     The values are the plaintext polynomial's coefficients (``coefficients``): summing needs no
-    batching slots. Large updates with seeded symmetric ciphertexts use N = 4096, where SEAL
-    encrypts more values per second (``LARGE_UPDATE_CIPHERTEXTS``).
+    batching slots. Large updates use N = 4096, where SEAL encrypts and decrypts more values per
+    second (``LARGE_UPDATE_CIPHERTEXTS``).
 
 ``ckks``
     Cheon-Kim-Kim-Song (ASIACRYPT 2017) with both the real and the imaginary part of each slot used,
@@ -389,11 +389,12 @@ def _as_float(x: float | None) -> float | None:
     return None if x is None else float(x)
 
 
-#: Seeded symmetric BFV encrypts more values per second at N = 4096 than at 2048: SEAL's fixed
-#: cost per call is shared by twice the coefficients (measured on 2 cores, coefficient encoding:
-#: 192 against 231 us per 2048 values). An update of at least this many N = 2048 ciphertexts
-#: gets the larger ring (for fewer, a half-empty last ciphertext costs more than that saves).
-#: Public-key encryption costs the same per value at both (298 and 304 us): it keeps 2048.
+#: SEAL handles more values per second at N = 4096 than at 2048: its fixed cost per call is
+#: shared by twice the coefficients (measured on 2 cores, coefficient encoding, per 2048 values:
+#: seeded encryption 192 against 231 us, public-key 298 against 304 us, loading and decrypting
+#: 328 against 391 us; half the objects to sum). An update of at least this many N = 2048
+#: ciphertexts gets the larger ring (for fewer, a half-empty last ciphertext costs more than
+#: that saves). The modulus stays the one prime the noise needs, far below N = 4096's bound.
 LARGE_UPDATE_CIPHERTEXTS = 64
 
 
@@ -477,7 +478,7 @@ def bfv_spec(
         coeff_bits = plain_bits + noise
         n = _ring_for(coeff_bits)
         values = (2 if dp else 1) + math.ceil(size / k)
-        if n == 2048 and symmetric and values >= LARGE_UPDATE_CIPHERTEXTS * 2048:
+        if n == 2048 and values >= LARGE_UPDATE_CIPHERTEXTS * 2048:
             n = 4096
         if n is not None and k >= 1:
             return HeSpec("bfv", int(size), n, coeff_bits, plain_bits, symmetric, bits, k,
