@@ -26,6 +26,7 @@ the mean *within* them (no range proofs; see RoFL, Burkhalter et al. 2021, and A
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,17 +103,36 @@ def clip_update(delta: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, ClipStats]
 
 def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
     """Unbiased stochastic rounding of clipped ``x`` to integers in [-Q, Q]."""
-    return _rounded(x, spec, rng).astype(np.int64)
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    out = np.empty(flat.size, dtype=np.int64)
+    for lo, y in _rounded_chunks(flat, spec, rng):
+        out[lo : lo + y.size] = y
+    return out.reshape(np.shape(x))
 
 
-def _rounded(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
-    """``quantize`` as float64 integers, computed in place in one fresh array."""
+#: Values per step of ``_rounded_chunks``: two float64 buffers of this many stay in a core's
+#: cache.
+PACK_CHUNK = 1 << 15
+
+
+def _rounded_chunks(x: np.ndarray, spec: HeSpec, rng: np.random.Generator
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """``quantize`` of flat float64 ``x`` as float64 integers, one cache-sized chunk at a time
+    (the offset, and a buffer reused for the next chunk), rather than passes over update-sized
+    temporaries. Chunks draw the generator's uniforms in order, so the values are the
+    whole-array computation's, bit for bit."""
     q = spec.quant_max
-    y = np.clip(x, -spec.clip, spec.clip)
-    y *= q / spec.clip
-    y += rng.random(y.shape)
-    np.floor(y, out=y)
-    return np.clip(y, -q, q, out=y)
+    n = min(PACK_CHUNK, x.size)
+    y, u = np.empty(n), np.empty(n)
+    for lo in range(0, x.size, PACK_CHUNK):
+        xk = x[lo : lo + PACK_CHUNK]
+        yk, uk = y[: xk.size], u[: xk.size]
+        np.clip(xk, -spec.clip, spec.clip, out=yk)
+        yk *= q / spec.clip
+        yk += rng.random(out=uk)
+        np.floor(yk, out=yk)
+        np.clip(yk, -q, q, out=yk)
+        yield lo, yk
 
 
 def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
@@ -159,30 +179,14 @@ def pack(delta: np.ndarray, weight: int | float, spec: HeSpec,
     return out.reshape(spec.n_ciphertexts, spec.slot_values)
 
 
-#: Values per step of ``_pack_lanes``: two float64 buffers of this many stay in a core's cache.
-PACK_CHUNK = 1 << 15
-
-
 def _pack_lanes(delta: np.ndarray, weight: int, spec: HeSpec, rng: np.random.Generator,
                 out: np.ndarray) -> None:
-    """``out[i] = weight * (q_i + Q)`` for one value per slot (``pack``'s common case): the
-    steps of ``_rounded`` then the lane, one cache-sized chunk at a time, rather than six passes
-    over update-sized temporaries. Chunks draw the generator's uniforms in order, so the result
-    is the whole-array computation's, bit for bit."""
-    q = spec.quant_max
-    n = min(PACK_CHUNK, delta.size)
-    y, u = np.empty(n), np.empty(n)
-    for lo in range(0, delta.size, PACK_CHUNK):
-        x = delta[lo : lo + PACK_CHUNK]
-        yk, uk = y[: x.size], u[: x.size]
-        np.clip(x, -spec.clip, spec.clip, out=yk)
-        yk *= q / spec.clip
-        yk += rng.random(out=uk)
-        np.floor(yk, out=yk)
-        np.clip(yk, -q, q, out=yk)
-        yk += q
-        yk *= weight
-        out[lo : lo + x.size] = yk
+    """``out[i] = weight * (q_i + Q)`` for one value per slot (``pack``'s common case), each
+    chunk of the rounding turned into lanes while it is in cache."""
+    for lo, y in _rounded_chunks(delta, spec, rng):
+        y += spec.quant_max
+        y *= weight
+        out[lo : lo + y.size] = y
 
 
 def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator,

@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hefl.errors import ConfigError
@@ -477,13 +477,13 @@ def bfv_spec(
         plain_bits = max(k * lane_bits + 1, min_plain)
         coeff_bits = plain_bits + noise
         n = _ring_for(coeff_bits)
-        values = (2 if dp else 1) + math.ceil(size / k)
-        if n == 2048 and values >= LARGE_UPDATE_CIPHERTEXTS * 2048:
-            n = 4096
         if n is not None and k >= 1:
-            return HeSpec("bfv", int(size), n, coeff_bits, plain_bits, symmetric, bits, k,
+            spec = HeSpec("bfv", int(size), n, coeff_bits, plain_bits, symmetric, bits, k,
                           lane_bits, 0, float(clip), int(max_weight), int(max_clients),
                           _as_float(clip_norm), **dp, coefficients=True)
+            if n == 2048 and spec.n_values >= LARGE_UPDATE_CIPHERTEXTS * spec.slot_values:
+                spec = replace(spec, poly_degree=4096)
+            return spec
     raise ConfigError(
         f"no BFV parameters at 128-bit security hold {bits}-bit values with total weight "
         f"{max_weight} over {max_clients} clients; lower bits, max_weight or max_clients"
