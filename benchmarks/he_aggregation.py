@@ -14,7 +14,10 @@ coeff [60, 40, 60], scale 2^40, server multiplies by the weights):
 - ours only, the deployment's verified decryption (``hefl.net.decrypt``): ``sign_s`` (one client:
   SHA-256 of its upload + Ed25519 signature), ``verify_s`` (key holder: every client's digest and
   signature), ``verified_decode_s`` (key holder: verify, recompute the sum from the clients'
-  bytes, decrypt, ledger write) and ``decode_request_mb`` (what the key holder downloads).
+  bytes, decrypt, ledger write) and ``decode_request_mb`` (what the key holder downloads);
+  the deployed server's running sum (``RunningSum``): ``add_s`` (one update parsed, loaded and
+  added as it arrives) and ``close_s`` (what is left when the last one is in: adding it and
+  serializing the sum).
 
 Medians over ``--repeat`` runs (implementations alternate within each run).
 
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KEYS = ("bytes_per_param", "expansion_vs_fp32", "encrypt_s", "aggregate_s", "decrypt_s",
         "max_abs_err")
-VERIFIED = ("sign_s", "verify_s", "verified_decode_s", "decode_request_mb")
+VERIFIED = ("sign_s", "verify_s", "verified_decode_s", "decode_request_mb", "add_s", "close_s")
 THRESHOLD = ("partial_s", "fuse_s")
 
 
@@ -64,6 +67,7 @@ def measure(agg, xs: list[np.ndarray], ws: list[float]) -> dict:
                 else _verified(agg, blobs) if custody else {})
     return {
         **verified,
+        **(_streamed(agg, blobs) if custody else {}),
         "bytes_per_param": nbytes / size,
         "expansion_vs_fp32": nbytes / (4 * size),
         "encrypt_s": statistics.median(enc),
@@ -107,6 +111,22 @@ def _verified(agg, blobs: dict) -> dict:
         ledger.close()
     return {"sign_s": statistics.median(sign), "verify_s": verify,
             "verified_decode_s": decode, "decode_request_mb": len(body) / 2**20}
+
+
+def _streamed(agg, blobs: dict) -> dict:
+    """The deployed server's running sum: ``add_s`` (median per update: parse, load, add, as
+    it arrives) and ``close_s`` (the work left once the last update is in: adding it and
+    serializing the sum)."""
+    run = agg.server.running()
+    payloads, adds = {}, []
+    for i, b in blobs.items():
+        t0 = time.perf_counter()
+        payloads[i] = agg.server.loads(b)
+        run.add(i, payloads[i])
+        adds.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    run.aggregate(payloads)
+    return {"add_s": statistics.median(adds), "close_s": adds[-1] + time.perf_counter() - t0}
 
 
 def _threshold(agg, total) -> dict:
@@ -219,6 +239,9 @@ def _table(out: dict, ours: str, repeat: int) -> None:
             f"verify all {out['verify_s'] * 1e3:.1f} ms, key holder verify + recompute sum + "
             f"decrypt {out['verified_decode_s']:.3f} s, request {out['decode_request_mb']:.1f} MB"
         )
+    if "close_s" in out:
+        lines.append(f"running sum (deployed server): {out['add_s']:.3f} s per update as it "
+                     f"arrives, {out['close_s']:.3f} s left when the last one is in")
     if "partial_s" in out:
         lines.append(f"threshold: one member's partial decryption {out['partial_s']:.3f} s, "
                      f"fusing the partials {out['fuse_s']:.3f} s")

@@ -395,8 +395,10 @@ def test_benchmark_json_has_w4_keys_and_baseline_agrees():
     res = json.loads(out)  # exactly one JSON object
     keys = {"params", "clients", "bytes_per_param", "expansion_vs_fp32", "encrypt_s",
             "aggregate_s", "decrypt_s", "max_abs_err"}
-    verified = {"sign_s", "verify_s", "verified_decode_s", "decode_request_mb"}
+    verified = {"sign_s", "verify_s", "verified_decode_s", "decode_request_mb", "add_s",
+                "close_s"}
     assert set(res) == keys | verified | {"baseline"} and set(res["baseline"]) == keys
+    assert res["add_s"] > 0 and res["close_s"] > 0
     # the key holder downloads every client's update: at least the three uploads
     assert res["decode_request_mb"] * 2**20 >= 3 * res["bytes_per_param"] * 5000
     assert res["max_abs_err"] < bfv_spec(5000).error_bound and res["baseline"]["max_abs_err"] < 1e-5

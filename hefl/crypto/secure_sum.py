@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -402,37 +403,78 @@ class SummingServer:
         At most ``spec.max_clients`` updates are summed (the bound that keeps the sum exact);
         further ones are rejected.
         """
-        acc: list[Any] | None = None
-        ok: list[Hashable] = []
+        total = self.running()
         rejected: dict[Hashable, str] = {}
         for cid, payload in payloads.items():
-            if len(ok) >= self.spec.max_clients:
-                rejected[cid] = (
-                    f"this aggregate already holds max_clients={self.spec.max_clients} "
-                    "contributions, the most its parameters sum exactly; rebuild the aggregator "
-                    "with a larger max_clients"
-                )
-                continue
             try:
-                cts = self._ciphertexts(cid, payload)
+                total.add(cid, payload)
             except (UpdateRejected, CryptoError) as e:
                 rejected[cid] = e.reason if isinstance(e, UpdateRejected) else str(e)
-                continue
-            if acc is None:
-                acc = cts
-            else:
-                for a, c in zip(acc, cts, strict=True):
-                    self.seal.add_inplace(a, c)
-            ok.append(cid)
-        blobs = tuple(save(c) for c in acc) if acc is not None else ()
-        total = EncryptedSum(self.spec.fingerprint, self.public.key_id, len(ok), blobs)
-        return Aggregate(total, tuple(ok), rejected)
+        return total.aggregate(payloads, rejected)
+
+    def running(self) -> RunningSum:
+        """An empty sum that updates are added to as they arrive (``RunningSum``)."""
+        return RunningSum(self)
 
     def dumps(self, total: EncryptedSum) -> bytes:
         return total.to_bytes()
 
     def nbytes(self, payload: EncryptedUpdate) -> int:
         return len(payload.to_bytes())
+
+
+class RunningSum:
+    """A round's sum of encrypted updates, added to as each one arrives: a deployed server adds
+    an update when it accepts it, so the sum is ready when the round closes. Ciphertexts are
+    loaded (and so checked by SEAL) once, outside the lock; additions are exact, so the order
+    of arrival does not matter. ``add`` may be called from several threads.
+    """
+
+    def __init__(self, summer: SummingServer) -> None:
+        self.summer = summer
+        self._lock = threading.Lock()
+        self._acc: list[Any] | None = None
+        self._added: dict[Hashable, Any] = {}  # id -> the payload object added
+        self._spoiled = False  # an id added twice: only a fresh sum can be trusted
+
+    def add(self, client_id: Hashable, payload: Any) -> None:
+        """Add one update. Raises ``UpdateRejected`` (malformed, or ``max_clients`` updates
+        are in already) or ``CryptoError`` (SEAL refused a ciphertext); then nothing is added."""
+        cts = self.summer._ciphertexts(client_id, payload)
+        spec, seal = self.summer.spec, self.summer.seal
+        with self._lock:
+            if client_id in self._added:
+                self._spoiled = True
+                return
+            if len(self._added) >= spec.max_clients:
+                raise UpdateRejected(
+                    f"this aggregate already holds max_clients={spec.max_clients} "
+                    "contributions, the most its parameters sum exactly; rebuild the aggregator "
+                    "with a larger max_clients", client_id=client_id, stage="aggregate")
+            if self._acc is None:
+                self._acc = cts
+            else:
+                for a, c in zip(self._acc, cts, strict=True):
+                    seal.add_inplace(a, c)
+            self._added[client_id] = payload
+
+    def aggregate(self, payloads: Mapping[Hashable, Any],
+                  rejected: Mapping[Hashable, str] | None = None) -> Aggregate:
+        """The sum of ``payloads`` (``Summer.aggregate``): this one when they are exactly the
+        updates added (the same objects; ``rejected``: those that failed to add), else the
+        summer's own sum of them (an update added after its round closed, or added twice)."""
+        with self._lock:
+            rejected = dict(rejected or {})
+            ok = [c for c in payloads if c in self._added]
+            exact = (not self._spoiled and len(ok) == len(self._added)
+                     and all(payloads[c] is self._added[c] for c in ok)
+                     and all(c in rejected for c in payloads if c not in self._added))
+            if not exact:
+                return self.summer.aggregate(payloads)
+            blobs = tuple(save(c) for c in self._acc) if self._acc is not None else ()
+        s = self.summer
+        total = EncryptedSum(s.spec.fingerprint, s.public.key_id, len(ok), blobs)
+        return Aggregate(total, tuple(ok), rejected)
 
 
 class KeyHolder:

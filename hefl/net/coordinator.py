@@ -152,6 +152,7 @@ class FitTask:
     open: bool = True
     model: bytes = b""  # SHA-256 of the body: the model digest clients sign
     dp_count: int = 0  # distributed DP: the contributions announced (clients size noise for it)
+    running: Any = None  # encrypted runs: the sum of the accepted updates (``RunningSum``)
 
     def __post_init__(self) -> None:
         self.model = digest(self.body)
@@ -426,7 +427,8 @@ class Coordinator:
             shares = self.privacy is not None and self.privacy.mode == "distributed"
             task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
                            participants, wire.vector_bytes(params),
-                           dp_count=max(self.min_clients, need) if shares else 0)
+                           dp_count=max(self.min_clients, need) if shares else 0,
+                           running=self.summer.running() if self.encrypted else None)
             floor = task.dp_count or self.min_clients
             self.task = task
             self.cond.notify_all()
@@ -468,11 +470,14 @@ class Coordinator:
             return body
 
         decoder = RemoteDecoder(self, r, request) if self.encrypted else self.summer
-        return self._finish(plan, attempt, results, rejected, decoder, params, opt_state, t0)
+        return self._finish(plan, attempt, results, rejected, decoder, params, opt_state, t0,
+                            summer=task.running)
 
     def _finish(self, plan: RoundPlan, attempt: int, results: Mapping[str, Contribution],
                 rejected: Mapping[str, str], decoder: Any, params: np.ndarray, opt_state: Any,
-                t0: float) -> tuple[np.ndarray, Any] | None:
+                t0: float, summer: Any = None) -> tuple[np.ndarray, Any] | None:
+        """Close the round (``finish_round``) with ``summer`` (default: the run's; a round's
+        ``RunningSum`` already holds the sum of its accepted updates)."""
         r = plan.round
         if self.privacy is not None:  # the mean over the expected count, central noise if ours
             decoder = DpDecoder(decoder, self.privacy.clients_per_round,
@@ -482,7 +487,7 @@ class Coordinator:
                                if k != "n"}) if self.test is not None else None
         try:
             params, opt_state, record = finish_round(
-                plan, results, rejected, summer=self.summer, decoder=decoder,
+                plan, results, rejected, summer=summer or self.summer, decoder=decoder,
                 algorithm=self.algorithm, params=params, opt_state=opt_state, evaluate=evaluate,
                 started=t0,
             )
@@ -839,6 +844,10 @@ class Coordinator:
             answer = Answer(payload, int(h.num_examples), dict(h.metrics), h.error or None)
             result = accept(self.summer, name, answer, nbytes=len(body),
                             read_s=time.perf_counter() - t_read)
+            if task.running is not None and payload is not None:  # summed now, not at the end
+                t_add = time.perf_counter()
+                task.running.add(name, payload)
+                result = replace(result, accept_s=result.accept_s + time.perf_counter() - t_add)
         except wire.BodyError as e:
             raise Refused(e.code, str(e)) from e
         except (ClientError, CryptoError) as e:
