@@ -340,3 +340,20 @@ def test_chunked_packing_is_the_whole_array_formula(size):
     ref = (quantize(d, spec, np.random.default_rng(4)) + spec.quant_max) * 37
     assert lanes[0] == 37 and np.array_equal(lanes[1 : 1 + size], ref.astype(np.uint64))
     assert not lanes[1 + size :].any()
+
+
+@pytest.mark.parametrize("size", [PACK_CHUNK - 1, 3 * PACK_CHUNK + 5])
+def test_clip_counts_across_chunks_and_copies_only_a_clipped_update(size):
+    """The count runs a chunk at a time: values just outside the bounds at every chunk edge
+    are counted as the whole-array comparison counts them; an update inside the bounds is
+    passed on as it is (no model-sized copy), one with a value outside is clipped in a copy."""
+    spec = bfv_spec(size)
+    x = np.random.default_rng(size).uniform(-1, 1, size)
+    edges = [i for k in range(0, size, PACK_CHUNK) for i in (k - 1, k) if 0 <= i < size]
+    x[edges] = np.where(np.arange(len(edges)) % 2, 1 + EPS, -1 - EPS)
+    out, st = clip_update(x, spec)
+    assert st.clipped == np.count_nonzero(np.abs(x) > spec.clip) == len(edges)
+    assert np.array_equal(out, np.clip(x, -spec.clip, spec.clip)) and out is not x
+    inside = np.clip(x, -1, 1)
+    same, st = clip_update(inside, spec)
+    assert st.clipped == 0 and same is inside

@@ -96,9 +96,19 @@ def clip_update(delta: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, ClipStats]
     if spec.clip_norm is not None and norm > spec.clip_norm * (1 + 1e-12):
         scale = spec.clip_norm / norm
         d = d * scale
-    out = np.clip(d, -spec.clip, spec.clip)
-    clipped = int(np.count_nonzero(out != d))
+    clipped = _count_outside(d.reshape(-1), spec.clip)
+    out = np.clip(d, -spec.clip, spec.clip) if clipped else d  # no copy of an update in bounds
     return out, ClipStats(clipped=clipped, of=int(d.size), norm=norm, scaled=scale)
+
+
+def _count_outside(x: np.ndarray, bound: float) -> int:
+    """How many values of flat ``x`` lie outside ``[-bound, bound]`` (cache-sized chunks, no
+    update-sized temporaries)."""
+    n = 0
+    for lo in range(0, x.size, PACK_CHUNK):
+        xk = x[lo : lo + PACK_CHUNK]
+        n += int(np.count_nonzero(xk > bound)) + int(np.count_nonzero(xk < -bound))
+    return n
 
 
 def quantize(x: np.ndarray, spec: HeSpec, rng: np.random.Generator) -> np.ndarray:
