@@ -23,6 +23,9 @@ Every message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 
 class HeflError(Exception):
     """Base class of every error hefl raises on purpose."""
@@ -75,6 +78,11 @@ class ClientError(HeflError):
         self.client_id = client_id
         self.stage = stage
         self.reason = message
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled with its fields (it crosses from a helper process: ``hefl.crypto.workers``)."""
+        return functools.partial(type(self), client_id=self.client_id, stage=self.stage), (
+            self.reason,)
 
 
 class UpdateRejected(ClientError):

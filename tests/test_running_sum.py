@@ -117,5 +117,34 @@ def test_a_deployed_round_closes_on_the_sum_made_as_updates_arrived(tmp_path, mo
     assert [r.contributors for r in records] == [3, 3]
     assert all(not r.skipped for r in records)
     assert all(r.aggregate_s > 0 for r in records)
-    assert run.coordinator.summer not in fresh  # the key holder recomputes its own, as before
-    assert fresh  # (that one is the key holder's check, not the server's)
+    # neither the server nor the key holder (which sums in one pass with its decryption,
+    # KeyHolder.decode_updates) summed a round from scratch
+    assert not fresh
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_key_holder_sums_and_decrypts_in_one_pass_as_decode_does(workers):
+    """``KeyHolder.decode_updates`` (the deployed key holder's recomputed sum) gives decode's
+    exact answer; a ciphertext SEAL refuses is named by its update's key, also when a helper
+    process found it; too few updates are refused."""
+    from hefl.crypto import KeyHolder
+    from hefl.errors import KeyCustodyError
+
+    agg = make_aggregator("bfv", 20_000, custody="keyholder", min_clients=2, seed=0)
+    rng = np.random.default_rng(5)
+    ups = {f"c{i}": agg.encode(f"c{i}", rng.uniform(-1, 1, 20_000), 2.0 + i) for i in range(3)}
+    holder = KeyHolder(agg.key_holder.share, min_clients=2, workers=workers)
+    try:
+        want = agg.key_holder.decode(agg.server.aggregate(ups))
+        mean, weight = holder.decode_updates(ups)
+        assert weight == want[1] == 9.0 and np.array_equal(mean, want[0])
+        u = ups["c1"]
+        bad = EncryptedUpdate(u.fingerprint, u.key_id,
+                              u.ciphertexts[:-1] + (b"\xff" * len(u.ciphertexts[-1]),))
+        with pytest.raises(UpdateRejected, match="SEAL refused") as e:
+            holder.decode_updates({**ups, "c1": bad})
+        assert e.value.client_id == "c1"
+        with pytest.raises(KeyCustodyError, match="min_clients=2"):
+            holder.decode_updates({"c0": ups["c0"]})
+    finally:
+        holder.close()

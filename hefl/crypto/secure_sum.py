@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 #: workers): a few milliseconds of SEAL work, and two runs of two chunks' results (public-key
 #: ciphertexts at N = 4096, or slot values) within a pipe's 1 MiB buffer.
 ENCRYPT_ROWS = 8
+#: Bytes of ciphertexts per chunk a key holder's helper sums and decrypts
+#: (``KeyHolder.decode_updates``: every update's blob of each ciphertext in the chunk; at least
+#: one ciphertext of each), so that two chunks in flight fit a helper's 1 MiB pipe.
+COLUMN_BYTES = 1 << 18
 #: Threshold roles' chunks (``_Shared``, one per run): at N = 4096 about 0.4 MB of ciphertexts
 #: and 0.25 MB of results.
 THRESHOLD_ROWS = 4
@@ -532,13 +536,46 @@ class KeyHolder:
         """
         total = open_sum(self.spec, self.share.key_id, total, self.min_clients)
         self.budget.spend(len(total.ciphertexts))
-        slots = self._decrypt(total.ciphertexts)
+        return self._mean(self._decrypt(total.ciphertexts), total.count)
+
+    def decode_updates(self, updates: Mapping[Hashable, EncryptedUpdate]
+                       ) -> tuple[np.ndarray, float]:
+        """``decode`` of the sum of ``updates`` (each already checked, as
+        ``SummingServer.validate`` checks it), made here in one pass per range of ciphertexts:
+        loaded, added and decrypted in ``workers`` processes, the sum never serialized. The
+        deployed key holder runs it on the updates the server says it summed
+        (``hefl.net.decrypt``).
+
+        Raises:
+            UpdateRejected: SEAL refused a ciphertext (``client_id``: that update's key).
+            KeyCustodyError, RoundError, FloodBudgetSpent, CryptoError: as ``decode``.
+        """
+        ids = list(updates)
+        check_count(self.spec, len(ids), self.min_clients)
+        n = self.spec.n_ciphertexts
+        if any(len(updates[c].ciphertexts) != n for c in ids):
+            raise CryptoError(f"every update must hold {n} ciphertexts")
+        columns = [tuple(updates[c].ciphertexts[k] for c in ids) for k in range(n)]
+        self.budget.spend(n)
+        blob = max((len(b) for b in columns[0]), default=1) if columns else 1
+        try:
+            slots = self._shared.run(_sum_decrypt_part,
+                                     lambda cs: _sum_decrypt(self.share, cs), columns,
+                                     rows=max(1, COLUMN_BYTES // (blob * len(ids))), most=1)
+        except UpdateRejected as e:  # client_id is the update's position
+            raise UpdateRejected(e.reason, client_id=ids[int(e.client_id)],  # type: ignore[call-overload]
+                                 stage="aggregate") from e
+        return self._mean(slots, len(ids))
+
+    def _mean(self, slots: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+        """The checked weighted mean of a decrypted sum of ``count`` updates (central DP noise
+        added here, if the spec has it)."""
         check_range(self.spec, slots)
-        mean, weight = weighted_mean(self.spec, slots, total.count)
+        mean, weight = weighted_mean(self.spec, slots, count)
         if not self.spec.dp_std:
             return mean, weight
         # central DP (hefl.privacy): noise on the sum, here, before anything leaves
-        check_unit_weights(self.spec, weight, total.count)
+        check_unit_weights(self.spec, weight, count)
         noisy = mean * weight + gaussian_noise(self._noise_rng, mean.size, self.spec.dp_std)
         return noisy / weight, weight
 
@@ -546,6 +583,30 @@ class KeyHolder:
 def _decrypt_blobs(share: KeyShare, blobs: Sequence[bytes]) -> np.ndarray:
     cts = [share.seal.ciphertext(b) for b in blobs]
     return fuse(share.spec, [partial_decrypt(share, cts)])
+
+
+def _sum_decrypt(share: KeyShare, columns: Sequence[Sequence[bytes]]) -> np.ndarray:
+    """Decrypted slots of the sum of each column (one ciphertext of every update, in order).
+    Raises ``UpdateRejected`` with the refused update's position as ``client_id``."""
+    seal, cts = share.seal, []
+    for col in columns:
+        acc = None
+        for j, b in enumerate(col):
+            try:
+                ct = seal.ciphertext(b)
+            except CryptoError as e:
+                raise UpdateRejected(str(e), client_id=j, stage="aggregate") from None
+            if acc is None:
+                acc = ct
+            else:
+                seal.add_inplace(acc, ct)
+        cts.append(acc)
+    return fuse(share.spec, [partial_decrypt(share, cts)])
+
+
+def _sum_decrypt_part(columns: Sequence[Sequence[bytes]]) -> np.ndarray:
+    assert _decryptor is not None
+    return _sum_decrypt(_decryptor, columns)
 
 
 _decryptor: KeyShare | None = None
@@ -581,25 +642,31 @@ def open_sum(spec: HeSpec, key_id: bytes, total: EncryptedSum | Aggregate | byte
             f"{type(total).__name__}"
         )
     _check_stamp(spec, key_id, total.fingerprint, total.key_id, "encrypted sum")
-    if spec.dp_min and total.count < spec.dp_min:
+    check_count(spec, total.count, min_clients)
+    return total
+
+
+def check_count(spec: HeSpec, count: int, min_clients: int) -> None:
+    """The contribution count every decrypting party requires (``open_sum``): at least
+    ``min_clients`` (and ``dp_min``), at most ``max_clients``."""
+    if spec.dp_min and count < spec.dp_min:
         raise KeyCustodyError(
-            f"refusing to decrypt an aggregate of {total.count} contribution(s): the distributed "
+            f"refusing to decrypt an aggregate of {count} contribution(s): the distributed "
             f"DP noise is sized for at least {spec.dp_min}, so fewer would be released with less "
             "noise than the privacy guarantee needs; the round is skipped (it still counts "
             "against the budget)"
         )
-    if total.count < min_clients:
+    if count < min_clients:
         raise KeyCustodyError(
-            f"refusing to decrypt an aggregate of {total.count} contribution(s): at least "
+            f"refusing to decrypt an aggregate of {count} contribution(s): at least "
             f"min_clients={min_clients} are required so no small group's update is "
             "revealed; wait for more clients"
         )
-    if total.count > spec.max_clients:
+    if count > spec.max_clients:
         raise CryptoError(
-            f"aggregate claims {total.count} contributions, more than max_clients="
+            f"aggregate claims {count} contributions, more than max_clients="
             f"{spec.max_clients}; it cannot be decrypted correctly"
         )
-    return total
 
 
 def check_unit_weights(spec: HeSpec, weight: float, count: int) -> None:
@@ -696,20 +763,22 @@ class _Shared:
         self.rows, self.most = rows, most
         self.pool: Any = None
 
-    def run(self, remote: Any, local: Any, blobs: Sequence[bytes],
-            extra: Any = lambda i, j: ()) -> np.ndarray:
+    def run(self, remote: Any, local: Any, blobs: Sequence[Any],
+            extra: Any = lambda i, j: (), rows: int | None = None,
+            most: int | None = None) -> np.ndarray:
         """``local(blobs[i:j], *extra(i, j))`` here or ``remote(...)`` in a helper for each
-        chunk, concatenated in order; one ``local`` call over all of them when there are too
-        few ciphertexts to share (fewer than 4 per process)."""
+        chunk of ``rows`` (default: the pool's; ``most`` chunks per run), concatenated in order;
+        one ``local`` call over all of them when there are too few ciphertexts to share (fewer
+        than 4 per process)."""
         if self.workers == 1 or len(blobs) < 4 * self.workers:
             return np.asarray(local(blobs, *extra(0, len(blobs))))
         if self.pool is None:
             from hefl.crypto.workers import HelperPool
 
             self.pool = HelperPool(self.workers, self._init, (self._state(),))
-        n = self.rows
+        n = rows or self.rows
         parts = [(list(blobs[i : i + n]), *extra(i, i + n)) for i in range(0, len(blobs), n)]
-        return np.concatenate(self.pool.map(remote, local, parts, most=self.most))
+        return np.concatenate(self.pool.map(remote, local, parts, most=most or self.most))
 
     def close(self) -> None:
         if self.pool is not None:

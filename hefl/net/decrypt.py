@@ -330,11 +330,21 @@ class VerifiedDecryptor:
         return agg.payload
 
     def _decrypt(self, req: pb.DecodeRequest) -> tuple[np.ndarray, float]:
+        """Sum and decrypt the request's updates in one pass (``KeyHolder.decode_updates``)."""
+        why = "signed contributions that cannot be summed"
+        updates = {}
+        for u in req.updates:
+            try:
+                updates[u.client] = self.summer.loads(bytes(u.payload))
+                self.summer.validate(u.client, updates[u.client])
+            except (UpdateRejected, CryptoError) as e:
+                reason = e.reason if isinstance(e, UpdateRejected) else str(e)
+                raise DecodeRefused(f"{why}: {u.client}: {reason}") from e
         try:
-            return self.holder.decode(self._sum(req))  # type: ignore[no-any-return]
-        except DecodeRefused:
-            raise
-        except (UpdateRejected, CryptoError) as e:
+            return self.holder.decode_updates(updates)  # type: ignore[no-any-return]
+        except UpdateRejected as e:  # SEAL refused one of its ciphertexts
+            raise DecodeRefused(f"{why}: {e.client_id}: {e.reason}") from e
+        except CryptoError as e:
             raise DecodeRefused(str(e)) from e
 
 
