@@ -444,23 +444,29 @@ class RunningSum:
     def add(self, client_id: Hashable, payload: Any) -> None:
         """Add one update. Raises ``UpdateRejected`` (malformed, or ``max_clients`` updates
         are in already) or ``CryptoError`` (SEAL refused a ciphertext); then nothing is added."""
+        if client_id not in self._added:  # before loading: a full sum refuses at once
+            self._check_room(client_id)
         cts = self.summer._ciphertexts(client_id, payload)
-        spec, seal = self.summer.spec, self.summer.seal
+        seal = self.summer.seal
         with self._lock:
             if client_id in self._added:
                 self._spoiled = True
                 return
-            if len(self._added) >= spec.max_clients:
-                raise UpdateRejected(
-                    f"this aggregate already holds max_clients={spec.max_clients} "
-                    "contributions, the most its parameters sum exactly; rebuild the aggregator "
-                    "with a larger max_clients", client_id=client_id, stage="aggregate")
+            self._check_room(client_id)  # again: another thread may have added meanwhile
             if self._acc is None:
                 self._acc = cts
             else:
                 for a, c in zip(self._acc, cts, strict=True):
                     seal.add_inplace(a, c)
             self._added[client_id] = payload
+
+    def _check_room(self, client_id: Hashable) -> None:
+        m = self.summer.spec.max_clients
+        if len(self._added) >= m:
+            raise UpdateRejected(
+                f"this aggregate already holds max_clients={m} contributions, the most its "
+                "parameters sum exactly; rebuild the aggregator with a larger max_clients",
+                client_id=client_id, stage="aggregate")
 
     def aggregate(self, payloads: Mapping[Hashable, Any],
                   rejected: Mapping[Hashable, str] | None = None) -> Aggregate:
@@ -473,9 +479,10 @@ class RunningSum:
             exact = (not self._spoiled and len(ok) == len(self._added)
                      and all(payloads[c] is self._added[c] for c in ok)
                      and all(c in rejected for c in payloads if c not in self._added))
-            if not exact:
-                return self.summer.aggregate(payloads)
-            blobs = tuple(save(c) for c in self._acc) if self._acc is not None else ()
+            if exact:
+                blobs = tuple(save(c) for c in self._acc) if self._acc is not None else ()
+        if not exact:
+            return self.summer.aggregate(payloads)
         s = self.summer
         total = EncryptedSum(s.spec.fingerprint, s.public.key_id, len(ok), blobs)
         return Aggregate(total, tuple(ok), rejected)
@@ -557,7 +564,7 @@ class KeyHolder:
             raise CryptoError(f"every update must hold {n} ciphertexts")
         columns = [tuple(updates[c].ciphertexts[k] for c in ids) for k in range(n)]
         self.budget.spend(n)
-        blob = max((len(b) for b in columns[0]), default=1) if columns else 1
+        blob = max(len(b) for b in columns[0]) if columns else 1
         try:
             slots = self._shared.run(_sum_decrypt_part,
                                      lambda cs: _sum_decrypt(self.share, cs), columns,
