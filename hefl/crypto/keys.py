@@ -123,6 +123,12 @@ class KeyShare:
         """The SEAL secret key object (only inside this party's process)."""
         return self.seal.load_secret_key(self.secret_key)
 
+    @cached_property
+    def decryptor(self) -> Any:
+        """A SEAL decryptor under this share, made once (loading the key costs about as much
+        as decrypting a ciphertext at N = 2048)."""
+        return self.seal.decryptor(self.seal_key())
+
     def public(self) -> PublicContext:
         """The public context matching this share (no public key: symmetric custody)."""
         return PublicContext(self.spec, self.key_id)
@@ -178,7 +184,7 @@ def partial_decrypt(share: KeyShare, ciphertexts: Sequence[Any]) -> PartialDecry
     """
     seal = share.seal
     flood(seal, ciphertexts)
-    dec = seal.decryptor(share.seal_key())
+    dec = share.decryptor
     values = np.stack([seal.decrypt(dec, ct) for ct in ciphertexts])
     return PartialDecryption(share.party, share.key_id, values)
 

@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from hefl.errors import ConfigError
@@ -333,9 +334,10 @@ class HeSpec:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"not a valid HE parameter set: {e}") from e
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
-        """16 bytes naming these parameters; stamped on every message."""
+        """16 bytes naming these parameters; stamped on every message (computed once: every
+        message and every decryption checks it)."""
         return hashlib.sha256(self.to_bytes()).digest()[:16]
 
 

@@ -418,9 +418,10 @@ class HelperFeed:
         busy = [h for h, f in enumerate(self._flight) if f]
         if not busy:
             return False
-        ready = wait([self.pool._conns[h][1] for h in busy], timeout=None if block else 0)
-        for h in busy:
-            conn = self.pool._conns[h][1]
+        conns = [self.pool._conns[h][1] for h in busy]
+        # not blocking: each pipe's own poll (a selector per call costs more than a few polls)
+        ready = wait(conns) if block else conns
+        for h, conn in zip(busy, conns, strict=True):
             while conn in ready and self._flight[h] and conn.poll():
                 ok, value = HelperPool._reply(conn)
                 task = self._flight[h].popleft()
