@@ -211,9 +211,12 @@ def _noisy_slots(q: np.ndarray, spec: HeSpec, noise_rng: np.random.Generator,
 
 
 def _lanes(flat: np.ndarray, spec: HeSpec) -> np.ndarray:
-    """All BFV lanes of the update slots (``data_start .. n_values``), padding included."""
+    """All BFV lanes of the update slots (``data_start .. n_values``), padding included (a new
+    array, never a view of ``flat``)."""
     slots = flat[spec.data_start : spec.n_values]
     mask = np.uint64((1 << spec.lane_bits) - 1)
+    if spec.lanes == 1:  # one lane per slot: no shifted copy
+        return slots & mask
     shifts = np.arange(spec.lanes, dtype=np.uint64) * np.uint64(spec.lane_bits)
     return ((slots[:, None] >> shifts) & mask).reshape(-1)
 
@@ -222,11 +225,14 @@ def unpack(values: np.ndarray, spec: HeSpec) -> tuple[np.ndarray, float]:
     """Decrypted aggregate slots -> (weighted sum of updates, total weight)."""
     flat = np.asarray(values).reshape(-1)
     if spec.scheme == "bfv":
-        flat = flat.astype(np.uint64)
+        flat = flat.astype(np.uint64, copy=False)
         weight = int(flat[0])
-        lanes = _lanes(flat, spec)[: spec.size]
-        ints = lanes.astype(np.int64) - np.int64(spec.quant_max + spec.dp_offset) * weight
-        return ints.astype(np.float64) * (spec.clip / spec.quant_max), float(weight)
+        # in place where it can be: each temporary of a large model is a fresh, faulted mapping
+        ints = _lanes(flat, spec)[: spec.size].view(np.int64)  # a fresh array; lanes < 2**63
+        ints -= np.int64(spec.quant_max + spec.dp_offset) * weight
+        out = ints.astype(np.float64)
+        out *= spec.clip / spec.quant_max
+        return out, float(weight)
     return flat[1 : 1 + spec.size].astype(np.float64), float(flat[0])
 
 
@@ -246,7 +252,7 @@ def check_range(spec: HeSpec, values: np.ndarray) -> None:
     flat = np.asarray(values).reshape(-1)
     bfv = spec.scheme == "bfv"
     if bfv:
-        flat = flat.astype(np.uint64)
+        flat = flat.astype(np.uint64, copy=False)
     weight: float = int(flat[0]) if bfv else float(flat[0])
     margin = 0.0 if bfv else spec.error_bound * max(abs(weight), 1.0) * (1.0 + spec.clip)
     limit = spec.max_weight if bfv else spec.max_weight * (1.0 + CKKS_REL_SLACK) + margin
@@ -302,7 +308,7 @@ def _bfv_outliers(spec: HeSpec, flat: np.ndarray) -> tuple[int, int, str]:
     top = np.uint64(spec.lanes * spec.lane_bits)
     bad = int(np.count_nonzero(lanes[: spec.size] > np.uint64(bound)))
     stray = int(np.count_nonzero(lanes[spec.size :]) + np.count_nonzero(flat[spec.n_values :])
-                + np.count_nonzero(flat[spec.data_start : spec.n_values] >> top))
+                + np.count_nonzero(flat[spec.data_start : spec.n_values] >= np.uint64(1) << top))
     q = f"Q={spec.quant_max}" + (f", DP offset {spec.dp_offset}" if spec.dp_offset else "")
     return bad, stray, f"[0, 2*Q*W] = [0, {bound}] ({q})"
 

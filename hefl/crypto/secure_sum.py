@@ -702,7 +702,8 @@ def weighted_mean(spec: HeSpec, slots: np.ndarray, count: int) -> tuple[np.ndarr
             f"no usable client updates this round ({count} contributors, total weight "
             f"{weight:g}); sample more clients per round"
         )
-    return weighted_sum / weight, weight
+    weighted_sum /= weight  # unpack's own array: divided in place
+    return weighted_sum, weight
 
 
 class ThresholdKeyHolder:
