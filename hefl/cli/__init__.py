@@ -15,7 +15,7 @@ import typer
 import typer.core
 
 from hefl.cli import infer, net, simulate
-from hefl.tuning import small_pages
+from hefl.tuning import reuse_freed_memory, small_pages
 
 _value_type = typer.core.TyperOption.display_type_rich
 
@@ -49,6 +49,7 @@ def _root(
 ) -> None:
     """hefl: federated learning with encrypted aggregation, and encrypted inference."""
     small_pages()  # a round's fresh model-sized arrays fault in 4 KiB pages (hefl.tuning)
+    reuse_freed_memory()  # ... and are reused, not mapped afresh each time (hefl.tuning)
 app.registered_commands.extend(simulate.app.registered_commands)
 app.registered_commands.extend(net.app.registered_commands)
 app.add_typer(infer.app, name="infer")
