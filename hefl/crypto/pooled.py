@@ -48,6 +48,7 @@ from hefl.crypto.secure_sum import (
     EncryptedSum,
     EncryptingClient,
     SummingServer,
+    check_room,
 )
 from hefl.crypto.workers import HelperFeed, HelperPool, SharedSlots, UsesHelpers
 from hefl.errors import ConfigError, CryptoError, UpdateRejected
@@ -197,11 +198,7 @@ class PooledSum(UsesHelpers):
         if client_id in self.clients:
             raise UpdateRejected("this client already queued an update this round",
                                  client_id=client_id, stage="encode")
-        if len(self.clients) >= self.spec.max_clients:  # as SummingServer.aggregate refuses it
-            raise UpdateRejected(
-                f"this aggregate already holds max_clients={self.spec.max_clients} "
-                "contributions, the most its parameters sum exactly; rebuild the aggregator "
-                "with a larger max_clients", client_id=client_id, stage="encode")
+        check_room(self.spec, len(self.clients), client_id, "encode")  # as SummingServer does
         self.clients.append(client_id)
         if self._feed is None:
             self._local.encrypt_add(self.batch, 0, rows)

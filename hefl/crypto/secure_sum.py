@@ -427,6 +427,16 @@ class SummingServer:
         return len(payload.to_bytes())
 
 
+def check_room(spec: HeSpec, held: int, client_id: Hashable, stage: str) -> None:
+    """Refuse one more update (``UpdateRejected``) to a sum that already holds ``held`` of them
+    when that is ``spec.max_clients``: the most its parameters sum exactly."""
+    if held >= spec.max_clients:
+        raise UpdateRejected(
+            f"this aggregate already holds max_clients={spec.max_clients} contributions, the "
+            "most its parameters sum exactly; rebuild the aggregator with a larger max_clients",
+            client_id=client_id, stage=stage)
+
+
 class RunningSum:
     """A round's sum of encrypted updates, added to as each one arrives: a deployed server adds
     an update when it accepts it, so the sum is ready when the round closes. Ciphertexts are
@@ -461,12 +471,7 @@ class RunningSum:
             self._added[client_id] = payload
 
     def _check_room(self, client_id: Hashable) -> None:
-        m = self.summer.spec.max_clients
-        if len(self._added) >= m:
-            raise UpdateRejected(
-                f"this aggregate already holds max_clients={m} contributions, the most its "
-                "parameters sum exactly; rebuild the aggregator with a larger max_clients",
-                client_id=client_id, stage="aggregate")
+        check_room(self.summer.spec, len(self._added), client_id, "aggregate")
 
     def aggregate(self, payloads: Mapping[Hashable, Any],
                   rejected: Mapping[Hashable, str] | None = None) -> Aggregate:
