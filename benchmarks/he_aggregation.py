@@ -19,7 +19,9 @@ coeff [60, 40, 60], scale 2^40, server multiplies by the weights):
   added as it arrives) and ``close_s`` (what is left when the last one is in: adding it and
   serializing the sum).
 
-Medians over ``--repeat`` runs (implementations alternate within each run).
+Medians over ``--repeat`` runs (implementations alternate within each run). The process runs
+with the memory settings of every ``hefl`` command (``hefl.tuning``: small pages, freed memory
+reused), so that the figures are the deployment's.
 
     python benchmarks/he_aggregation.py --params 1000000 --clients 10
     python benchmarks/he_aggregation.py --params 100000 --clients 10 --json
@@ -175,6 +177,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    from hefl.tuning import reuse_freed_memory, small_pages
+
+    small_pages()  # the memory settings every hefl command runs with (hefl.tuning)
+    reuse_freed_memory()
     from hefl.crypto import make_aggregator
     from hefl.crypto.baseline import NvflareBaseline
 
