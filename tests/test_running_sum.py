@@ -83,9 +83,9 @@ def test_any_doubt_about_what_was_added_gives_a_fresh_sum_of_the_payloads(fed, d
         assert fresh.payload.ciphertexts != agg.server.aggregate(ups).payload.ciphertexts
 
 
-def test_bad_updates_and_the_max_clients_bound_are_refused_and_nothing_is_added(fed):
-    agg, ups, _ = fed
-    run = agg.server.running()
+def _add_refusing_the_bad(run, ups):
+    """Add every update of ``ups`` to ``run``, after a corrupt and a short one (each refused),
+    and then refuse a seventh (max_clients = 6)."""
     u = ups["c0"]
     corrupt = EncryptedUpdate(u.fingerprint, u.key_id,
                               (b"\xff" * len(u.ciphertexts[0]),) + u.ciphertexts[1:])
@@ -97,20 +97,55 @@ def test_bad_updates_and_the_max_clients_bound_are_refused_and_nothing_is_added(
         run.add(c, p)
     with pytest.raises(UpdateRejected, match="max_clients=6"):
         run.add("seventh", ups["c0"])
+
+
+def test_bad_updates_and_the_max_clients_bound_are_refused_and_nothing_is_added(fed):
+    agg, ups, _ = fed
+    run = agg.server.running()
+    _add_refusing_the_bad(run, ups)
     res = run.aggregate(ups)
     assert res.contributors == tuple(ups)
     assert res.payload.ciphertexts == agg.server.aggregate(ups).payload.ciphertexts
 
 
+def test_a_sum_not_kept_checks_each_update_as_it_arrives_and_adds_nothing(fed, monkeypatch):
+    """``keep=False`` (a deployed server whose key holder recomputes the sum): the same
+    refusals at arrival, the same contributors, no addition and no serialized sum; any doubt
+    about what was added still gives the fresh sum of the payloads."""
+    from hefl.crypto.seal import Seal
+
+    agg, ups, _ = fed
+    added: list[object] = []
+    monkeypatch.setattr(Seal, "add_inplace", lambda self, acc, ct: added.append(ct))
+    run = agg.server.running(keep=False)
+    _add_refusing_the_bad(run, ups)
+    res = run.aggregate(ups, {"bad": "SEAL refused it"})
+    assert res.payload is None and not added
+    assert res.contributors == tuple(ups) and res.rejected == {"bad": "SEAL refused it"}
+    monkeypatch.undo()
+    late = {c: ups[c] for c in list(ups)[:4]}
+    fresh = run.aggregate(late)
+    assert fresh.payload.ciphertexts == agg.server.aggregate(late).payload.ciphertexts
+
+
 def test_a_deployed_round_closes_on_the_sum_made_as_updates_arrived(tmp_path, monkeypatch):
+    from hefl.crypto.secure_sum import RunningSum
+
     fresh: list[object] = []  # the summers that summed a round from scratch
+    kept: list[bool] = []  # what each round's running sum was told
     aggregate = SummingServer.aggregate
+    init = RunningSum.__init__
 
     def spy(self, payloads):
         fresh.append(self)
         return aggregate(self, payloads)
 
+    def spy_init(self, summer, *, keep=True):
+        kept.append(keep)
+        init(self, summer, keep=keep)
+
     monkeypatch.setattr(SummingServer, "aggregate", spy)
+    monkeypatch.setattr(RunningSum, "__init__", spy_init)
     demo = encrypted_demo(tmp_path, rounds=2)
     run = run_in_memory(demo, options(demo))
     records, _ = run.finish()
@@ -118,8 +153,10 @@ def test_a_deployed_round_closes_on_the_sum_made_as_updates_arrived(tmp_path, mo
     assert all(not r.skipped for r in records)
     assert all(r.aggregate_s > 0 for r in records)
     # neither the server nor the key holder (which sums in one pass with its decryption,
-    # KeyHolder.decode_updates) summed a round from scratch
+    # KeyHolder.decode_updates) summed a round from scratch; and the server, whose sum the
+    # key holder never reads, only checked the updates
     assert not fresh
+    assert kept and not any(kept)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -416,9 +416,10 @@ class SummingServer:
                 rejected[cid] = e.reason if isinstance(e, UpdateRejected) else str(e)
         return total.aggregate(payloads, rejected)
 
-    def running(self) -> RunningSum:
-        """An empty sum that updates are added to as they arrive (``RunningSum``)."""
-        return RunningSum(self)
+    def running(self, *, keep: bool = True) -> RunningSum:
+        """An empty sum that updates are added to as they arrive (``RunningSum``; ``keep``:
+        whether it sums them or only checks them)."""
+        return RunningSum(self, keep=keep)
 
     def dumps(self, total: EncryptedSum) -> bytes:
         return total.to_bytes()
@@ -442,10 +443,16 @@ class RunningSum:
     an update when it accepts it, so the sum is ready when the round closes. Ciphertexts are
     loaded (and so checked by SEAL) once, outside the lock; additions are exact, so the order
     of arrival does not matter. ``add`` may be called from several threads.
+
+    With ``keep=False`` the updates are checked as they arrive but not summed, and the round
+    closes with an ``Aggregate`` whose payload is None: for a deployment whose key holder
+    recomputes the sum from the signed updates (``hefl.net.decrypt``), where the server's own
+    sum would never be read (only threshold members fuse their partials with it).
     """
 
-    def __init__(self, summer: SummingServer) -> None:
+    def __init__(self, summer: SummingServer, *, keep: bool = True) -> None:
         self.summer = summer
+        self.keep = keep
         self._lock = threading.Lock()
         self._acc: list[Any] | None = None
         self._added: dict[Hashable, Any] = {}  # id -> the payload object added
@@ -463,7 +470,9 @@ class RunningSum:
                 self._spoiled = True
                 return
             self._check_room(client_id)  # again: another thread may have added meanwhile
-            if self._acc is None:
+            if not self.keep:
+                pass
+            elif self._acc is None:
                 self._acc = cts
             else:
                 for a, c in zip(self._acc, cts, strict=True):
@@ -477,17 +486,20 @@ class RunningSum:
                   rejected: Mapping[Hashable, str] | None = None) -> Aggregate:
         """The sum of ``payloads`` (``Summer.aggregate``): this one when they are exactly the
         updates added (the same objects; ``rejected``: those that failed to add), else the
-        summer's own sum of them (an update added after its round closed, or added twice)."""
+        summer's own sum of them (an update added after its round closed, or added twice).
+        Not kept (``keep=False``): the same contributors and rejections, payload None."""
         with self._lock:
             rejected = dict(rejected or {})
             ok = [c for c in payloads if c in self._added]
             exact = (not self._spoiled and len(ok) == len(self._added)
                      and all(payloads[c] is self._added[c] for c in ok)
                      and all(c in rejected for c in payloads if c not in self._added))
-            if exact:
+            if exact and self.keep:
                 blobs = tuple(save(c) for c in self._acc) if self._acc is not None else ()
         if not exact:
             return self.summer.aggregate(payloads)
+        if not self.keep:
+            return Aggregate(None, tuple(ok), rejected)
         s = self.summer
         total = EncryptedSum(s.spec.fingerprint, s.public.key_id, len(ok), blobs)
         return Aggregate(total, tuple(ok), rejected)

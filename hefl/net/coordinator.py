@@ -428,7 +428,10 @@ class Coordinator:
             task = FitTask(r, attempt, f"{self.run_id}/{r}/{attempt}/{self.life}", plan,
                            participants, wire.vector_bytes(params),
                            dp_count=max(self.min_clients, need) if shares else 0,
-                           running=self.summer.running() if self.encrypted else None)
+                           # a key holder recomputes the sum from the signed updates; only
+                           # threshold members fuse their partials with the server's own sum
+                           running=self.summer.running(keep=bool(self.committee))
+                           if self.encrypted else None)
             floor = task.dp_count or self.min_clients
             self.task = task
             self.cond.notify_all()
