@@ -418,19 +418,30 @@ class Seal:
         self.evaluator.transform_from_ntt_inplace(ct)
         return self.polys(ct, 2)[0]
 
-    def decrypt_raw(self, x: Any, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
-        """Decode the ciphertext whose decryption polynomial is ``c0`` (NTT form, data level):
-        ``x`` (an NTT-form ciphertext, consumed) is overwritten with ``(c0, c1)`` and SEAL
-        decrypts it under the zero key, which gives ``c0`` itself (BFV: SEAL's scale-and-round;
-        CKKS: SEAL's decoding).
+    def decrypt_shifted(self, x: Any, d: np.ndarray) -> np.ndarray:
+        """Decode the polynomial ``c0 + d`` (NTT form, data level), where ``c0`` is the first
+        part of ``x`` (an NTT-form ciphertext, consumed): SEAL adds ``(d, d)`` to ``x`` and
+        decrypts the result under the zero key, which gives its first part itself (BFV:
+        SEAL's scale-and-round; CKKS: SEAL's decoding). ``x``'s coefficients are never read
+        out of SEAL.
 
         Raises:
-            CryptoError: BFV: ``c0`` is not within the noise budget (a wrong or garbled sum).
+            CryptoError: BFV: ``c0 + d`` is not within the noise budget (a wrong or garbled sum).
         """
-        load_array(x.dyn_array(), np.concatenate([c0.ravel(), c1.ravel()]))
+        shift = sealapi.Ciphertext()
+        self.evaluator.negate(self._ntt_template, shift)  # a copy of its form; data replaced
+        load_array(shift.dyn_array(), np.concatenate([d.ravel(), d.ravel()]))
+        shift.scale = x.scale
+        self.evaluator.add_inplace(x, shift)
         if self.spec.scheme == "bfv":
             self.evaluator.transform_from_ntt_inplace(x)
         return self.decrypt(self._zero_decryptor, x)
+
+    @cached_property
+    def _ntt_template(self) -> Any:
+        """A 2-part NTT-form ciphertext at the data level, whose coefficients get replaced."""
+        ones = np.ones(len(self.coeff_moduli) * self.spec.poly_degree, dtype=np.uint64)
+        return self._coefficient_ciphertext(1.0, ones, ones)
 
     @cached_property
     def _zero_decryptor(self) -> Any:

@@ -30,7 +30,7 @@ Decryption of ``ct = (c0, c1)`` by a set ``T`` of ``t`` members (``partial_decry
     noise ``z_i`` of deviation ``spec.flood_std`` (``hefl.crypto.flooding``: it hides the
     ciphertext noise, which carries terms in ``s``; Mouchet et al.'s "smudging"). One honest
     member's noise suffices, so each partial carries all of it. Then ``c0 + sum_T h_i =
-    Delta m + e + sum z_i`` and SEAL decodes it (``Seal.decrypt_raw``; BFV rounds it exactly while
+    Delta m + e + sum z_i`` and SEAL decodes it (``Seal.decrypt_shifted``; BFV rounds it exactly while
     ``spec.decryption_noise_bound < Delta/2``, which ``bfv_spec`` guarantees).
 
 What this does not give: members' partials are not proven correct (no zero-knowledge proofs), so
@@ -431,11 +431,11 @@ def fuse_values(seal: Seal, values: Sequence[np.ndarray], ciphertexts: Sequence[
         CryptoError: BFV: the fused polynomial is outside the noise budget (a garbled partial).
     """
     moduli = seal.coeff_moduli
+    col = _col(moduli)
     slots = []
     for i, ct in enumerate(ciphertexts):
-        x = seal.ntt_copy(ct)
-        acc, c1 = seal.polys(x, 2)
-        for v in values:
-            acc = _add(acc, v[i] % _col(moduli), moduli)
-        slots.append(seal.decrypt_raw(x, acc, c1))
+        h = values[0][i] % col
+        for v in values[1:]:
+            h = _add(h, v[i] % col, moduli)
+        slots.append(seal.decrypt_shifted(seal.ntt_copy(ct), h))  # c0 + sum of the partials
     return np.stack(slots)
