@@ -470,13 +470,12 @@ class RunningSum:
                 self._spoiled = True
                 return
             self._check_room(client_id)  # again: another thread may have added meanwhile
-            if not self.keep:
-                pass
-            elif self._acc is None:
-                self._acc = cts
-            else:
-                for a, c in zip(self._acc, cts, strict=True):
-                    seal.add_inplace(a, c)
+            if self.keep:  # else only checked
+                if self._acc is None:
+                    self._acc = cts
+                else:
+                    for a, c in zip(self._acc, cts, strict=True):
+                        seal.add_inplace(a, c)
             self._added[client_id] = payload
 
     def _check_room(self, client_id: Hashable) -> None:
