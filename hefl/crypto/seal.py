@@ -411,10 +411,7 @@ class Seal:
 
     def from_ntt(self, poly: np.ndarray) -> np.ndarray:
         """SEAL's inverse NTT of one polynomial (primes, N) at the data level."""
-        flat = poly.ravel()
-        ones = np.ones_like(flat)  # SEAL refuses a transparent (zero second part) ciphertext
-        ct = self._coefficient_ciphertext(1.0, ones, ones)
-        load_array(ct.dyn_array(), np.concatenate([flat, flat]))
+        ct = self._ntt_ciphertext(poly, poly)
         self.evaluator.transform_from_ntt_inplace(ct)
         return self.polys(ct, 2)[0]
 
@@ -428,18 +425,25 @@ class Seal:
         Raises:
             CryptoError: BFV: ``c0 + d`` is not within the noise budget (a wrong or garbled sum).
         """
-        shift = sealapi.Ciphertext()
-        self.evaluator.negate(self._ntt_template, shift)  # a copy of its form; data replaced
-        load_array(shift.dyn_array(), np.concatenate([d.ravel(), d.ravel()]))
+        shift = self._ntt_ciphertext(d, d)
         shift.scale = x.scale
         self.evaluator.add_inplace(x, shift)
         if self.spec.scheme == "bfv":
             self.evaluator.transform_from_ntt_inplace(x)
         return self.decrypt(self._zero_decryptor, x)
 
+    def _ntt_ciphertext(self, c0: np.ndarray, c1: np.ndarray) -> Any:
+        """The NTT-form ciphertext ``(c0, c1)`` at the data level (scale 1), its parts loaded
+        as given: a copy of ``_ntt_template``'s form with its data replaced."""
+        ct = sealapi.Ciphertext()
+        self.evaluator.negate(self._ntt_template, ct)
+        load_array(ct.dyn_array(), np.concatenate([c0.ravel(), c1.ravel()]))
+        return ct
+
     @cached_property
     def _ntt_template(self) -> Any:
-        """A 2-part NTT-form ciphertext at the data level, whose coefficients get replaced."""
+        """A 2-part NTT-form ciphertext at the data level (SEAL refuses to make a transparent
+        one, whose second part is zero, so both parts are ones)."""
         ones = np.ones(len(self.coeff_moduli) * self.spec.poly_degree, dtype=np.uint64)
         return self._coefficient_ciphertext(1.0, ones, ones)
 

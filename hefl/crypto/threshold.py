@@ -30,8 +30,8 @@ Decryption of ``ct = (c0, c1)`` by a set ``T`` of ``t`` members (``partial_decry
     noise ``z_i`` of deviation ``spec.flood_std`` (``hefl.crypto.flooding``: it hides the
     ciphertext noise, which carries terms in ``s``; Mouchet et al.'s "smudging"). One honest
     member's noise suffices, so each partial carries all of it. Then ``c0 + sum_T h_i =
-    Delta m + e + sum z_i`` and SEAL decodes it (``Seal.decrypt_shifted``; BFV rounds it exactly while
-    ``spec.decryption_noise_bound < Delta/2``, which ``bfv_spec`` guarantees).
+    Delta m + e + sum z_i`` and SEAL decodes it (``Seal.decrypt_shifted``; BFV rounds it
+    exactly while ``spec.decryption_noise_bound < Delta/2``, which ``bfv_spec`` guarantees).
 
 What this does not give: members' partials are not proven correct (no zero-knowledge proofs), so
 a member can spoil a decryption. Garbage fails the range checks and the committee names it by
